@@ -1,0 +1,1 @@
+"""tailsfw: the Tails network filter, enforced with nftables."""

@@ -1,0 +1,82 @@
+"""tailsfwctl: what a person or a boot script runs."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from . import compiler, policy, users
+from .facts import Facts
+from .nft import Nft, NftError
+
+DEFAULT_POLICY = Path("/etc/tailsfw/policy.toml")
+
+
+def build(policy_path: Path) -> compiler.Ruleset:
+    pol = policy.load(policy_path)
+    ruleset = compiler.compile_policy(pol, Facts(uids=users.lookup_uids(pol)))
+    for warning in ruleset.warnings:
+        print(f"tailsfwctl: warning: {warning}", file=sys.stderr)
+    return ruleset
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    ruleset = build(args.policy)
+    if args.format == "json":
+        print(ruleset.to_json())
+        return 0
+    # nft's text form is nft's to write: load into a throw-away network
+    # namespace (never this one) and list it back.
+    script = "nft -j -f - && nft list ruleset"
+    done = subprocess.run(
+        ["unshare", "--map-root-user", "--net", "sh", "-c", script],
+        input=ruleset.to_json(),
+        text=True,
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        print(f"tailsfwctl: cannot render as nft text: {done.stderr.strip()}", file=sys.stderr)
+        return 1
+    print(done.stdout, end="")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    ruleset = build(args.policy)
+    Nft().apply(ruleset.document())
+    print(f"tailsfwctl: ruleset {ruleset.digest()[:12]} in force")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tailsfwctl", description="Control the Tails network filter.")
+    sub = p.add_subparsers(dest="command", required=True)
+    render = sub.add_parser("render", help="print the ruleset that would be loaded")
+    render.add_argument("--format", choices=("json", "nft"), default="json")
+    render.set_defaults(func=cmd_render)
+    apply = sub.add_parser("apply", help="load the ruleset in one transaction")
+    apply.set_defaults(func=cmd_apply)
+    for s in (render, apply):
+        s.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (policy.PolicyError, compiler.CompileError) as e:
+        print(f"tailsfwctl: {e}; the ruleset in force is unchanged", file=sys.stderr)
+    except NftError as e:
+        print(
+            f"tailsfwctl: nft refused the ruleset: {e}; the ruleset in force is unchanged",
+            file=sys.stderr,
+        )
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

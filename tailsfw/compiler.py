@@ -1,0 +1,434 @@
+"""The compiler, pure: (policy, facts) -> the nftables JSON ruleset.
+
+No I/O here.  The same policy and facts always give the same ruleset, with
+sorted elements and stable names, so rulesets can be compared and hashed.
+
+Shape of the IPv4 output path (the hot path; see docs/how-it-works.md):
+
+    output:  ct state vmap {established: accept, related: jump related}
+             ip daddr vmap @destinations    127.0.0.1 -> local, LAN -> lan
+             meta skuid vmap @direct        clearnet, debian-tor -> their chain
+             jump reject                    counted, logged, rejected
+
+Each dispatch is one lookup, so a packet's cost does not grow with the
+number of users, ports or networks the policy names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .facts import Facts
+from .policy import DirectRule, Family, LocalRule, Policy
+
+TABLE = "tailsfw"
+FAMILIES = {"ipv4": "ip", "ipv6": "ip6"}
+LOOPBACK = {"ipv4": "127.0.0.1", "ipv6": "::1"}
+# Tails' "syn": of these four flags only SYN is set (a new connection).
+SYN_MASK = ["fin", "syn", "rst", "ack"]
+LOAD_ORDER = ("table", "chain", "set", "map", "rule")
+
+Json = dict[str, Any]
+
+
+class CompileError(ValueError):
+    """The policy cannot be compiled with these facts."""
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """The nftables objects of both tables, in load order, and what was left out."""
+
+    objects: tuple[Json, ...]
+    warnings: tuple[str, ...]
+
+    def commands(self) -> list[Json]:
+        """Replace every tailsfw table, in one transaction.
+
+        `add` then `delete` removes an existing table and cannot fail when
+        there is none; the new objects are added in the same batch, so the
+        kernel swaps the old ruleset for the new one atomically.
+        """
+        tables = [o["table"] for o in self.objects if "table" in o]
+        replace: list[Json] = []
+        for table in tables:
+            replace += [{"add": {"table": table}}, {"delete": {"table": table}}]
+        return replace + [{"add": o} for o in self.objects]
+
+    def document(self) -> Json:
+        return {"nftables": [{"metainfo": {"json_schema_version": 1}}, *self.commands()]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.document(), indent=1, sort_keys=True)
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+def compile_policy(policy: Policy, facts: Facts) -> Ruleset:
+    uids, warnings = _resolve_users(policy, facts)
+    c = _Compiler(policy, uids)
+    c.ipv4(_lan_networks(policy, facts))
+    c.ipv6()
+    # nft resolves names as it reads: chains before the maps that jump to
+    # them, maps before the rules that look them up.
+    objects = sorted(c.objects, key=lambda o: LOAD_ORDER.index(next(iter(o))))
+    return Ruleset(objects=tuple(objects), warnings=tuple(warnings))
+
+
+def _resolve_users(policy: Policy, facts: Facts) -> tuple[dict[str, int], list[str]]:
+    """User key -> uid.  A user with no uid is left out, with a warning."""
+    taken = {facts.uids[u.account]: u.key for u in policy.users if u.account in facts.uids}
+    uids: dict[str, int] = {}
+    warnings: list[str] = []
+    for user in policy.users:
+        if user.account in facts.uids:
+            uids[user.key] = facts.uids[user.account]
+        elif user.fallback_uid is None:
+            warnings.append(
+                f"user {user.key!r}: account {user.account!r} does not exist and has no "
+                "fallback uid: its exceptions are left out, everything else is enforced"
+            )
+        elif user.fallback_uid in taken:
+            warnings.append(
+                f"user {user.key!r}: account {user.account!r} does not exist and its "
+                f"fallback uid {user.fallback_uid} belongs to user {taken[user.fallback_uid]!r}: "
+                "its exceptions are left out, everything else is enforced"
+            )
+        else:
+            uids[user.key] = user.fallback_uid
+            warnings.append(
+                f"user {user.key!r}: account {user.account!r} does not exist yet: "
+                f"using its fallback uid {user.fallback_uid}"
+            )
+    return uids, warnings
+
+
+def _lan_networks(policy: Policy, facts: Facts) -> list[ipaddress.IPv4Network]:
+    """The policy's LAN networks; in "connected" mode only their on-link parts."""
+    if policy.lan.mode == "rfc1918":
+        return list(policy.lan.networks)
+    parts = [
+        net for net in facts.connected for lan in policy.lan.networks if net.subnet_of(lan)
+    ] + [lan for lan in policy.lan.networks for net in facts.connected if lan.subnet_of(net)]
+    return list(ipaddress.collapse_addresses(parts))
+
+
+# -- nft JSON vocabulary -----------------------------------------------------
+
+
+def _meta(key: str) -> Json:
+    return {"meta": {"key": key}}
+
+
+def _payload(protocol: str, field: str) -> Json:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _match(left: Any, right: Any, op: str = "==") -> Json:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _flags(mask: Any, value: Any, op: str = "==") -> Json:
+    return _match({"&": [_payload("tcp", "flags"), mask]}, value, op)
+
+
+def _vmap(key: Any, data: Any) -> Json:
+    return {"vmap": {"key": key, "data": data}}
+
+
+def _jump(chain: str) -> Json:
+    return {"jump": {"target": chain}}
+
+
+ACCEPT: Json = {"accept": None}
+RETURN: Json = {"return": None}
+COUNTER: Json = {"counter": None}
+
+
+def _ports(ports: Sequence[int]) -> Any:
+    return ports[0] if len(ports) == 1 else {"set": sorted(ports)}
+
+
+def _network(net: ipaddress.IPv4Network) -> Any:
+    if net.prefixlen == net.max_prefixlen:
+        return str(net.network_address)
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+# -- the compiler ------------------------------------------------------------
+
+
+class _Compiler:
+    def __init__(self, policy: Policy, uids: Mapping[str, int]) -> None:
+        self.policy = policy
+        self.uids = uids
+        self.objects: list[Json] = []
+        self.family = "ip"
+
+    # object builders, all in the current family's table
+
+    def _base(self) -> Json:
+        return {"family": self.family, "table": TABLE}
+
+    def table(self) -> None:
+        self.objects.append({"table": {"family": self.family, "name": TABLE}})
+
+    def chain(self, name: str, hook: str | None = None, kind: str = "filter") -> None:
+        chain: Json = {**self._base(), "name": name}
+        if hook is not None:
+            # Base chains drop what no rule accepts; nat only rewrites.
+            policy, prio = ("accept", -100) if kind == "nat" else ("drop", 0)
+            chain.update(type=kind, hook=hook, prio=prio, policy=policy)
+        self.objects.append({"chain": chain})
+
+    def rule(self, chain: str, *expr: Json, comment: str | None = None) -> None:
+        rule: Json = {**self._base(), "chain": chain, "expr": list(expr)}
+        if comment:
+            rule["comment"] = comment
+        self.objects.append({"rule": rule})
+
+    def vmap_object(
+        self,
+        name: str,
+        key_type: Any,
+        elements: Iterable[tuple[Any, Json]],
+        flags: Sequence[str] = (),
+    ) -> None:
+        body: Json = {**self._base(), "name": name, "type": key_type, "map": "verdict"}
+        if flags:
+            body["flags"] = list(flags)
+        elems = [[{"concat": list(k)} if isinstance(k, tuple) else k, v] for k, v in elements]
+        if elems:
+            body["elem"] = elems
+        self.objects.append({"map": body})
+
+    # shared pieces
+
+    def reject_chain(self) -> None:
+        """One place where everything refused is counted, logged and rejected."""
+        log = {"log": {"prefix": self.policy.log.prefix, "group": self.policy.log.group}}
+        self.chain("reject")
+        if self.family == "ip":
+            # ICMP port unreachable: programs fail at once with "connection refused".
+            self.rule("reject", COUNTER, log, {"reject": None}, comment="Tails rule 6")
+        else:
+            # An ICMPv6 error is only honoured by TCP on its next SYN (1 s
+            # later): answer TCP with a reset so it fails at once, as in IPv4.
+            self.rule("reject", COUNTER, log, comment="Tails rule 6")
+            self.rule("reject", _match(_meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}})
+            self.rule("reject", {"reject": {"type": "icmpv6", "expr": "port-unreachable"}})
+
+    def related_chain(self, name: str, direction: str, *final: Json) -> None:
+        """RELATED is only accepted on lo, for the errors our own rejects send."""
+        lo = _match(_meta(direction), "lo")
+        self.chain(name)
+        icmp = "icmp" if self.family == "ip" else "ipv6-icmp"
+        self.rule(name, lo, _match(_meta("l4proto"), icmp), ACCEPT)
+        if self.family == "ip6":
+            self.rule(name, lo, _flags("rst", "rst"), ACCEPT)
+        self.rule(name, *final)
+
+    def local_chain(self, family: Family) -> bool:
+        """New connections to the loopback address, by protocol, port and user.
+
+        Two verdict maps: (protocol, port, uid) for the ports the policy
+        names, then (protocol, uid) for "any port".  What neither decides
+        returns to the output chain and meets the rules that follow.
+        """
+        rules = [r for r in self.policy.local if r.family == family]
+        if not rules:
+            return False
+        exact, anyport = self._local_verdicts(rules)
+        self.vmap_object(
+            "local_ports",
+            ["inet_proto", "inet_service", "uid"],
+            ((k, exact[k]) for k in sorted(exact)),
+        )
+        if anyport:
+            self.vmap_object(
+                "local_any", ["inet_proto", "uid"], ((k, anyport[k]) for k in sorted(anyport))
+            )
+        self.chain("local")
+        self.rule("local", _match(_meta("oif"), "lo", "!="), RETURN)
+        if family == "ipv6":
+            self.rule("local", _match(_payload("ip6", "saddr"), "::1", "!="), RETURN)
+        if any(r.protocol == "tcp" for r in rules):
+            self.rule("local", _flags(SYN_MASK, "syn", "!="), RETURN, comment="TCP: SYN only")
+        proto_port_uid = {"concat": [_meta("l4proto"), _payload("th", "dport"), _meta("skuid")]}
+        self.rule("local", _vmap(proto_port_uid, "@local_ports"), comment="Tails rule 2")
+        if anyport:
+            proto_uid = {"concat": [_meta("l4proto"), _meta("skuid")]}
+            self.rule("local", _vmap(proto_uid, "@local_any"))
+        return True
+
+    def _local_verdicts(
+        self, rules: Sequence[LocalRule]
+    ) -> tuple[dict[tuple[str, int, int], Json], dict[tuple[str, int], Json]]:
+        exact: dict[tuple[str, int, int], Json] = {}
+        anyport: dict[tuple[str, int], Json] = {}
+        for rule in rules:
+            for verdict, users in ((ACCEPT, rule.allow), (_jump("reject"), rule.reject)):
+                for uid in self._uids(users):
+                    if rule.ports is None:
+                        anyport.setdefault((rule.protocol, uid), verdict)
+                    for port in rule.ports or ():
+                        exact.setdefault((rule.protocol, port, uid), verdict)
+        return exact, anyport
+
+    def _uids(self, users: Iterable[str]) -> list[int]:
+        return [self.uids[u] for u in users if u in self.uids]
+
+    def direct_chains(self) -> None:
+        """One chain per user allowed out directly, dispatched by uid."""
+        rules = [(self.uids[r.user], r) for r in self.policy.direct if r.user in self.uids]
+        for _, rule in rules:
+            self._direct_chain(rule)
+        self.vmap_object(
+            "direct", "uid", ((uid, _jump(_direct_name(r))) for uid, r in sorted(rules, key=_first))
+        )
+
+    def _direct_chain(self, rule: DirectRule) -> None:
+        name = _direct_name(rule)
+        self.chain(name)
+        if not rule.loopback:
+            self.rule(name, _match(_meta("oif"), "lo"), RETURN, comment="never loopback")
+        if rule.udp_ports:
+            self.rule(name, _match(_payload("udp", "dport"), _ports(rule.udp_ports)), ACCEPT)
+        if rule.tcp == "any":
+            self.rule(name, _match(_meta("l4proto"), "tcp"), ACCEPT)
+        elif rule.tcp == "new":
+            self.rule(name, _flags(SYN_MASK, "syn"), ACCEPT)
+
+    # the two tables
+
+    def ipv4(self, lan: Sequence[ipaddress.IPv4Network]) -> None:
+        self.family = "ip"
+        self.table()
+        self.chain("input", "input")
+        self.rule("input", _match({"ct": {"key": "state"}}, "established"), ACCEPT)
+        self.rule("input", _match(_meta("iif"), "lo"), ACCEPT)
+        self.rule("input", COUNTER, {"drop": None})
+        self.chain("forward", "forward")
+        self.rule("forward", COUNTER, {"drop": None})
+        self.reject_chain()
+        self.related_chain("related", "oif", _jump("reject"))
+        has_local = self.local_chain("ipv4")
+        self.lan_chains()
+        self.direct_chains()
+        destinations: list[tuple[Any, Json]] = [(_network(n), _jump("lan")) for n in lan]
+        if has_local:
+            destinations.append((LOOPBACK["ipv4"], _jump("local")))
+        self.vmap_object(
+            "destinations", "ipv4_addr", sorted(destinations, key=_address_key), flags=["interval"]
+        )
+        self.output_chain("ipv4")
+        self.nat_chain()
+
+    def ipv6(self) -> None:
+        self.family = "ip6"
+        self.table()
+        self.related_chain("related_in", "iif", COUNTER, {"drop": None})
+        self.chain("input", "input")
+        self.rule(
+            "input",
+            _vmap(
+                {"ct": {"key": "state"}},
+                {"set": [["established", ACCEPT], ["related", _jump("related_in")]]},
+            ),
+        )
+        ports = sorted(
+            {
+                p
+                for r in self.policy.local
+                if r.family == "ipv6" and r.protocol == "tcp" and r.allow
+                for p in r.ports or ()
+            }
+        )
+        if ports:
+            self.rule(
+                "input",
+                _match(_meta("iif"), "lo"),
+                _match(_payload("ip6", "saddr"), "::1"),
+                _match(_payload("ip6", "daddr"), "::1"),
+                _match(_payload("tcp", "dport"), _ports(ports)),
+                ACCEPT,
+            )
+        self.rule("input", COUNTER, {"drop": None})
+        self.chain("forward", "forward")
+        self.rule("forward", COUNTER, {"drop": None})
+        self.reject_chain()
+        self.related_chain("related", "oif", _jump("reject"))
+        has_local = self.local_chain("ipv6")
+        destinations = [(LOOPBACK["ipv6"], _jump("local"))] if has_local else []
+        self.vmap_object("destinations", "ipv6_addr", destinations)
+        self.output_chain("ipv6")
+
+    def output_chain(self, family: Family) -> None:
+        self.chain("output", "output")
+        ct = {"ct": {"key": "state"}}
+        self.rule(
+            "output",
+            _vmap(ct, {"set": [["established", ACCEPT], ["related", _jump("related")]]}),
+            comment="Tails rule 1",
+        )
+        daddr = _payload(FAMILIES[family], "daddr")
+        self.rule("output", _vmap(daddr, "@destinations"))
+        if family == "ipv4":
+            self.rule("output", _vmap(_meta("skuid"), "@direct"), comment="Tails rules 3, 4")
+        self.rule("output", _jump("reject"))
+
+    def lan_chains(self) -> None:
+        """Every user reaches the LAN, but for DNS and NetBIOS (Tails rule 5).
+
+        Direct users come first in Tails' order, so a blocked port asks
+        the direct map before rejecting.
+        """
+        lan = self.policy.lan
+        blocked = sorted(
+            [("tcp", p) for p in lan.reject_tcp_ports] + [("udp", p) for p in lan.reject_udp_ports]
+        )
+        self.chain("lan_blocked")
+        self.rule("lan_blocked", _vmap(_meta("skuid"), "@direct"))
+        self.rule("lan_blocked", _jump("reject"))
+        self.chain("lan")
+        if blocked:
+            key = {"concat": [_meta("l4proto"), _payload("th", "dport")]}
+            self.rule(
+                "lan",
+                _vmap(key, {"set": [[{"concat": list(b)}, _jump("lan_blocked")] for b in blocked]}),
+                comment="Tails rule 5",
+            )
+        self.rule("lan", ACCEPT)
+
+    def nat_chain(self) -> None:
+        self.chain("nat_output", "output", kind="nat")
+        for r in self.policy.redirects:
+            expr = [
+                _match(_payload("ip", "daddr"), _network(r.destination)),
+                _match(_meta("l4proto"), r.protocol),
+            ]
+            if r.port is not None:
+                expr.append(_match(_payload("th", "dport"), r.port))
+            self.rule("nat_output", *expr, {"redirect": {"port": r.to_port}})
+
+
+def _direct_name(rule: DirectRule) -> str:
+    return "direct_" + rule.user.replace("-", "_").replace(".", "_")
+
+
+def _first(item: tuple[int, DirectRule]) -> int:
+    return item[0]
+
+
+def _address_key(item: tuple[Any, Json]) -> tuple[int, int]:
+    key = item[0]
+    net = ipaddress.ip_network(
+        key if isinstance(key, str) else f"{key['prefix']['addr']}/{key['prefix']['len']}"
+    )
+    return int(net.network_address), net.prefixlen

@@ -1,0 +1,36 @@
+"""The only module that talks to libnftables (Debian's python3-nftables).
+
+One `Nftables` context is reused: the first command on a fresh context is
+several times slower than the next ones.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from nftables import Nftables
+
+
+class NftError(RuntimeError):
+    """libnftables refused a command; the message carries nft's own text."""
+
+
+class Nft:
+    def __init__(self) -> None:
+        self._nft = Nftables()
+        self._nft.set_json_output(True)
+        self._nft.set_handle_output(False)
+
+    def apply(self, document: dict[str, Any]) -> None:
+        """Run a JSON document as one transaction: all of it, or nothing."""
+        rc, _, error = self._nft.json_cmd(document)
+        if rc != 0:
+            raise NftError(error.strip() or f"nft failed with code {rc}")
+
+    def list_ruleset(self) -> list[dict[str, Any]]:
+        rc, output, error = self._nft.cmd("list ruleset")
+        if rc != 0:
+            raise NftError(error.strip() or f"nft failed with code {rc}")
+        data: dict[str, Any] = json.loads(output) if output else {"nftables": []}
+        return list(data["nftables"])
