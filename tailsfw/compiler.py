@@ -60,14 +60,42 @@ class Ruleset:
             replace += [{"add": {"table": table}}, {"delete": {"table": table}}]
         return replace + [{"add": o} for o in self.objects]
 
-    def document(self) -> Json:
-        return {"nftables": [{"metainfo": {"json_schema_version": 1}}, *self.commands()]}
+    def changes_since(self, old: Ruleset) -> list[Json] | None:
+        """The commands that turn `old` into this ruleset by set elements alone.
+
+        None when anything but elements differs (then replace the tables);
+        an empty list when nothing differs (then commit nothing).
+        """
+        if [_shape(o) for o in old.objects] != [_shape(o) for o in self.objects]:
+            return None
+        commands: list[Json] = []
+        for before, after in zip(old.objects, self.objects, strict=True):
+            kind = next(iter(after))
+            if kind in ("set", "map") and before != after:
+                body = after[kind]
+                name = {k: body[k] for k in ("family", "table", "name")}
+                commands.append({"flush": {kind: name}})
+                if body.get("elem"):
+                    commands.append({"add": {"element": {**name, "elem": body["elem"]}}})
+        return commands
+
+    def document(self, commands: list[Json] | None = None) -> Json:
+        """A JSON document for libnftables: by default, the full replacement."""
+        if commands is None:
+            commands = self.commands()
+        return {"nftables": [{"metainfo": {"json_schema_version": 1}}, *commands]}
 
     def to_json(self) -> str:
         return json.dumps(self.document(), indent=1, sort_keys=True)
 
     def digest(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+def _shape(obj: Json) -> Json:
+    """An object without its elements: what a set-only update cannot change."""
+    kind, body = next(iter(obj.items()))
+    return {kind: {k: v for k, v in body.items() if k != "elem"}}
 
 
 def compile_policy(policy: Policy, facts: Facts) -> Ruleset:
