@@ -1,0 +1,236 @@
+"""The compiler: the structure of the ruleset, and why each piece is there."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+
+from tailsfw import policy
+from tailsfw.compiler import Ruleset, compile_policy
+from tailsfw.facts import Facts
+
+DEFAULT = Path(__file__).parents[2] / "etc" / "tailsfw" / "policy.toml"
+UIDS = {
+    "root": 0, "amnesia": 1000, "clearnet": 110, "debian-tor": 107, "_apt": 42, "proxy": 13,
+    "nobody": 65534, "tails-upgrade-frontend": 120, "htp": 121,
+    "tails-iuk-get-target-file": 122, "Debian-gdm": 123,
+}  # fmt: skip
+ACCEPT = {"accept": None}
+REJECT = {"jump": {"target": "reject"}}
+
+
+@pytest.fixture(scope="module")
+def pol() -> policy.Policy:
+    return policy.load(DEFAULT)
+
+
+def build(pol: policy.Policy, **uids: int | None) -> Ruleset:
+    merged = {k: v for k, v in {**UIDS, **uids}.items() if v is not None}
+    return compile_policy(pol, Facts(uids=MappingProxyType(merged)))
+
+
+def objects(rs: Ruleset, kind: str, family: str) -> list[dict[str, Any]]:
+    return [o[kind] for o in rs.objects if kind in o and o[kind]["family"] == family]
+
+
+def named(rs: Ruleset, kind: str, family: str, name: str) -> dict[str, Any]:
+    (found,) = [o for o in objects(rs, kind, family) if o["name"] == name]
+    return found
+
+
+def elements(rs: Ruleset, family: str, name: str) -> dict[Any, Any]:
+    """A map's elements as {key: verdict}, concatenations as tuples."""
+    out = {}
+    for key, verdict in named(rs, "map", family, name).get("elem", []):
+        if isinstance(key, dict) and "concat" in key:
+            key = tuple(key["concat"])
+        elif isinstance(key, dict):
+            key = f"{key['prefix']['addr']}/{key['prefix']['len']}"
+        out[key] = verdict
+    return out
+
+
+def rules(rs: Ruleset, family: str, chain: str) -> list[list[dict[str, Any]]]:
+    return [r["expr"] for r in objects(rs, "rule", family) if r["chain"] == chain]
+
+
+def test_only_the_tailsfw_tables_are_touched(pol: policy.Policy) -> None:
+    rs = build(pol)
+    assert [o["table"] for o in rs.objects if "table" in o] == [
+        {"family": "ip", "name": "tailsfw"},
+        {"family": "ip6", "name": "tailsfw"},
+    ]
+    for obj in rs.objects:
+        (body,) = obj.values()
+        assert body.get("table", body.get("name")) == "tailsfw"
+    # The replacement deletes and re-adds exactly these tables, in one batch.
+    cmds = rs.commands()
+    assert [next(iter(c)) for c in cmds[:4]] == ["add", "delete", "add", "delete"]
+    assert all("table" in c[next(iter(c))] for c in cmds[:4])
+
+
+def test_every_base_filter_chain_drops_by_default(pol: policy.Policy) -> None:
+    rs = build(pol)
+    for family in ("ip", "ip6"):
+        base = {c["name"]: c for c in objects(rs, "chain", family) if "hook" in c}
+        for name, chain in base.items():
+            expected = "accept" if chain["type"] == "nat" else "drop"
+            assert chain["policy"] == expected, (family, name)
+        # ... and ends in a counted verdict, so no packet falls off uncounted.
+        for name in ("input", "forward"):
+            assert rules(rs, family, name)[-1] == [{"counter": None}, {"drop": None}]
+        assert rules(rs, family, "output")[-1] == [REJECT]
+    assert set(c["name"] for c in objects(rs, "chain", "ip6") if "hook" in c) == {
+        "input",
+        "forward",
+        "output",
+    }  # no nat for IPv6
+
+
+def test_rejects_are_counted_and_logged_with_the_policy_prefix(pol: policy.Policy) -> None:
+    rs = build(pol)
+    log = {"log": {"prefix": "Dropped outbound packet: ", "group": 0}}
+    assert rules(rs, "ip", "reject") == [[{"counter": None}, log, {"reject": None}]]
+    v6 = rules(rs, "ip6", "reject")
+    assert v6[0] == [{"counter": None}, log]
+    assert v6[1][-1] == {"reject": {"type": "tcp reset"}}
+
+
+def test_output_dispatches_by_lookups_not_rule_walks(pol: policy.Policy) -> None:
+    """Issue 4: the cost of a packet does not grow with the allowlists."""
+    out = rules(build(pol), "ip", "output")
+    assert [next(iter(e[0])) for e in out] == ["vmap", "vmap", "vmap", "jump"]
+    assert out[0][0]["vmap"]["key"] == {"ct": {"key": "state"}}
+    assert out[1][0]["vmap"]["data"] == "@destinations"
+    assert out[2][0]["vmap"]["data"] == "@direct"
+
+
+def test_only_clearnet_and_debian_tor_leave_by_themselves(pol: policy.Policy) -> None:
+    rs = build(pol)
+    assert elements(rs, "ip", "direct") == {
+        107: {"jump": {"target": "direct_debian_tor"}},
+        110: {"jump": {"target": "direct_clearnet"}},
+    }
+    # clearnet never on loopback; Tor only new TCP connections and DNS.
+    assert rules(rs, "ip", "direct_clearnet")[0][0]["match"]["right"] == "lo"
+    tor = rules(rs, "ip", "direct_debian_tor")
+    assert tor[0][0]["match"]["right"] == 53
+    assert tor[1][0]["match"]["right"] == "syn"
+    assert not [m for m in objects(rs, "map", "ip6") if m["name"] == "direct"]
+
+
+def test_lan_is_rfc1918_and_loopback_goes_to_the_local_chain(pol: policy.Policy) -> None:
+    rs = build(pol)
+    assert elements(rs, "ip", "destinations") == {
+        "10.0.0.0/8": {"jump": {"target": "lan"}},
+        "127.0.0.1": {"jump": {"target": "local"}},
+        "172.16.0.0/12": {"jump": {"target": "lan"}},
+        "192.168.0.0/16": {"jump": {"target": "lan"}},
+    }
+    (blocked, accept) = rules(rs, "ip", "lan")
+    keys = [tuple(k["concat"]) for k, _ in blocked[0]["vmap"]["data"]["set"]]
+    assert keys == [("tcp", 53), ("udp", 53), ("udp", 137)]
+    assert accept == [ACCEPT]
+    # A blocked LAN port still lets Tor and clearnet through: Tails rules 3
+    # and 4 come before rule 5.
+    assert rules(rs, "ip", "lan_blocked") == [
+        [{"vmap": {"key": {"meta": {"key": "skuid"}}, "data": "@direct"}}],
+        [REJECT],
+    ]
+
+
+def test_ipv6_allows_only_the_accessibility_daemon_on_loopback(pol: policy.Policy) -> None:
+    rs = build(pol)
+    assert elements(rs, "ip6", "destinations") == {"::1": {"jump": {"target": "local"}}}
+    assert elements(rs, "ip6", "local_ports") == {
+        ("tcp", 4101, 1000): ACCEPT,
+        ("tcp", 4101, 123): ACCEPT,
+    }
+
+
+def test_nat_has_only_the_two_redirects(pol: policy.Policy) -> None:
+    nat = rules(build(pol), "ip", "nat_output")
+    assert [r[-1] for r in nat] == [{"redirect": {"port": 9040}}, {"redirect": {"port": 5353}}]
+    assert nat[0][0]["match"]["right"] == {"prefix": {"addr": "127.192.0.0", "len": 10}}
+    assert nat[1][0]["match"]["right"] == "127.0.0.1"
+
+
+def test_local_ports_first_match_and_any_port(pol: policy.Policy) -> None:
+    rs = build(pol)
+    exact = elements(rs, "ip", "local_ports")
+    assert exact[("tcp", 9050, 42)] == ACCEPT  # _apt to Tor's SocksPort
+    assert exact[("tcp", 9063, 1000)] == REJECT  # amnesia rejected before "any port"
+    assert exact[("tcp", 9052, 1000)] == REJECT
+    assert exact[("udp", 53, 42)] == REJECT  # _apt never resolves on its own
+    assert exact[("udp", 5353, 121)] == ACCEPT
+    assert ("tcp", 9050, 1000) not in exact  # amnesia reaches 9050 by "any port"
+    assert elements(rs, "ip", "local_any") == {("tcp", 1000): ACCEPT}
+
+
+def test_same_input_same_document(pol: policy.Policy) -> None:
+    a = build(pol)
+    reordered = dict(reversed(list(UIDS.items())))
+    b = compile_policy(pol, Facts(uids=MappingProxyType(reordered)))
+    assert a.to_json() == b.to_json()
+    assert a.digest() == b.digest()
+
+
+def test_a_missing_user_costs_only_its_own_exceptions(pol: policy.Policy) -> None:
+    full = build(pol)
+    rs = build(pol, htp=None)
+    assert any("'htp'" in w and "left out" in w for w in rs.warnings)
+    exact = elements(rs, "ip", "local_ports")
+    assert [k for k in exact if k[2] == 121] == []
+    # Everything that does not name htp is unchanged.
+    others = {k: v for k, v in elements(full, "ip", "local_ports").items() if k[2] != 121}
+    assert exact == others
+    assert elements(rs, "ip", "direct") == elements(full, "ip", "direct")
+    assert rules(rs, "ip", "output") == rules(full, "ip", "output")
+
+
+def test_a_missing_account_with_a_fallback_uid_uses_it(pol: policy.Policy) -> None:
+    rs = build(pol, amnesia=None)
+    assert elements(rs, "ip", "local_any") == {("tcp", 1000): ACCEPT}
+    assert any("fallback uid 1000" in w for w in rs.warnings)
+    taken = build(pol, amnesia=None, htp=1000)
+    assert any("belongs to user 'htp'" in w for w in taken.warnings)
+    assert "local_any" not in [m["name"] for m in objects(taken, "map", "ip")]
+
+
+def connected(pol: policy.Policy, *nets: str) -> Ruleset:
+    lan = policy.Lan(pol.lan.networks, pol.lan.reject_tcp_ports, pol.lan.reject_udp_ports,
+                     mode="connected")  # fmt: skip
+    strict = policy.Policy(pol.source, pol.log, pol.users, pol.local, pol.direct, lan,
+                           pol.redirects)  # fmt: skip
+    facts = Facts(uids=MappingProxyType(UIDS),
+                  connected=frozenset(ipaddress.IPv4Network(n) for n in nets))  # fmt: skip
+    return compile_policy(strict, facts)
+
+
+def test_connected_lan_mode_keeps_only_on_link_private_networks(pol: policy.Policy) -> None:
+    rs = connected(pol, "192.168.77.0/24", "198.51.100.0/24", "10.1.0.0/16", "10.1.2.0/24")
+    lan = [k for k, v in elements(rs, "ip", "destinations").items() if v["jump"]["target"] == "lan"]
+    assert lan == ["10.1.0.0/16", "192.168.77.0/24"]
+    none = connected(pol)
+    assert list(elements(none, "ip", "destinations")) == ["127.0.0.1"]
+
+
+def test_changes_since_touches_only_what_changed(pol: policy.Policy) -> None:
+    a = connected(pol, "192.168.77.0/24")
+    assert a.changes_since(a) == []
+    b = connected(pol, "192.168.77.0/24", "10.9.0.0/16")
+    changes = b.changes_since(a)
+    assert changes is not None
+    assert [next(iter(c)) for c in changes] == ["flush", "add"]
+    assert changes[0]["flush"] == {"map": {"family": "ip", "table": "tailsfw",
+                                           "name": "destinations"}}  # fmt: skip
+    assert len(changes[1]["add"]["element"]["elem"]) == 3
+    # A user appearing only adds elements; a new chain needs the replacement.
+    appeared = build(pol).changes_since(build(pol, htp=None))
+    assert appeared is not None
+    assert [c["flush"]["map"]["name"] for c in appeared if "flush" in c] == ["local_ports"]
+    assert build(pol).changes_since(build(pol, clearnet=None)) is None
