@@ -5,10 +5,10 @@ sorted elements and stable names, so rulesets can be compared and hashed.
 
 Shape of the IPv4 output path (the hot path; see docs/how-it-works.md):
 
-    output:  ct state vmap {established: accept, related: jump related}
+    output:  ct state vmap {established: accept, related: jump out_related}
              ip daddr vmap @destinations    127.0.0.1 -> local, LAN -> lan
              meta skuid vmap @direct        clearnet, debian-tor -> their chain
-             jump reject                    counted, logged, rejected
+             jump refuse                    counted, logged, rejected
 
 Each dispatch is one lookup, so a packet's cost does not grow with the
 number of users, ports or networks the policy names.
@@ -32,6 +32,9 @@ LOOPBACK = {"ipv4": "127.0.0.1", "ipv6": "::1"}
 # Tails' "syn": of these four flags only SYN is set (a new connection).
 SYN_MASK = ["fin", "syn", "rst", "ack"]
 LOAD_ORDER = ("table", "chain", "set", "map", "rule")
+# Where everything refused goes.  Chain names avoid nft keywords ("reject",
+# "related"), so that `nft list ruleset` output loads back with `nft -f`.
+REFUSE = "refuse"
 
 Json = dict[str, Any]
 
@@ -241,16 +244,16 @@ class _Compiler:
     def reject_chain(self) -> None:
         """One place where everything refused is counted, logged and rejected."""
         log = {"log": {"prefix": self.policy.log.prefix, "group": self.policy.log.group}}
-        self.chain("reject")
+        self.chain(REFUSE)
         if self.family == "ip":
             # ICMP port unreachable: programs fail at once with "connection refused".
-            self.rule("reject", COUNTER, log, {"reject": None}, comment="Tails rule 6")
+            self.rule(REFUSE, COUNTER, log, {"reject": None}, comment="Tails rule 6")
         else:
             # An ICMPv6 error is only honoured by TCP on its next SYN (1 s
             # later): answer TCP with a reset so it fails at once, as in IPv4.
-            self.rule("reject", COUNTER, log, comment="Tails rule 6")
-            self.rule("reject", _match(_meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}})
-            self.rule("reject", {"reject": {"type": "icmpv6", "expr": "port-unreachable"}})
+            self.rule(REFUSE, COUNTER, log, comment="Tails rule 6")
+            self.rule(REFUSE, _match(_meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}})
+            self.rule(REFUSE, {"reject": {"type": "icmpv6", "expr": "port-unreachable"}})
 
     def related_chain(self, name: str, direction: str, *final: Json) -> None:
         """RELATED is only accepted on lo, for the errors our own rejects send."""
@@ -301,7 +304,7 @@ class _Compiler:
         exact: dict[tuple[str, int, int], Json] = {}
         anyport: dict[tuple[str, int], Json] = {}
         for rule in rules:
-            for verdict, users in ((ACCEPT, rule.allow), (_jump("reject"), rule.reject)):
+            for verdict, users in ((ACCEPT, rule.allow), (_jump(REFUSE), rule.reject)):
                 for uid in self._uids(users):
                     if rule.ports is None:
                         anyport.setdefault((rule.protocol, uid), verdict)
@@ -345,7 +348,7 @@ class _Compiler:
         self.chain("forward", "forward")
         self.rule("forward", COUNTER, {"drop": None})
         self.reject_chain()
-        self.related_chain("related", "oif", _jump("reject"))
+        self.related_chain("out_related", "oif", _jump(REFUSE))
         has_local = self.local_chain("ipv4")
         self.lan_chains()
         self.direct_chains()
@@ -361,13 +364,13 @@ class _Compiler:
     def ipv6(self) -> None:
         self.family = "ip6"
         self.table()
-        self.related_chain("related_in", "iif", COUNTER, {"drop": None})
+        self.related_chain("in_related", "iif", COUNTER, {"drop": None})
         self.chain("input", "input")
         self.rule(
             "input",
             _vmap(
                 {"ct": {"key": "state"}},
-                {"set": [["established", ACCEPT], ["related", _jump("related_in")]]},
+                {"set": [["established", ACCEPT], ["related", _jump("in_related")]]},
             ),
         )
         ports = sorted(
@@ -391,7 +394,7 @@ class _Compiler:
         self.chain("forward", "forward")
         self.rule("forward", COUNTER, {"drop": None})
         self.reject_chain()
-        self.related_chain("related", "oif", _jump("reject"))
+        self.related_chain("out_related", "oif", _jump(REFUSE))
         has_local = self.local_chain("ipv6")
         destinations = [(LOOPBACK["ipv6"], _jump("local"))] if has_local else []
         self.vmap_object("destinations", "ipv6_addr", destinations)
@@ -402,14 +405,14 @@ class _Compiler:
         ct = {"ct": {"key": "state"}}
         self.rule(
             "output",
-            _vmap(ct, {"set": [["established", ACCEPT], ["related", _jump("related")]]}),
+            _vmap(ct, {"set": [["established", ACCEPT], ["related", _jump("out_related")]]}),
             comment="Tails rule 1",
         )
         daddr = _payload(FAMILIES[family], "daddr")
         self.rule("output", _vmap(daddr, "@destinations"))
         if family == "ipv4":
             self.rule("output", _vmap(_meta("skuid"), "@direct"), comment="Tails rules 3, 4")
-        self.rule("output", _jump("reject"))
+        self.rule("output", _jump(REFUSE))
 
     def lan_chains(self) -> None:
         """Every user reaches the LAN, but for DNS and NetBIOS (Tails rule 5).
@@ -423,7 +426,7 @@ class _Compiler:
         )
         self.chain("lan_blocked")
         self.rule("lan_blocked", _vmap(_meta("skuid"), "@direct"))
-        self.rule("lan_blocked", _jump("reject"))
+        self.rule("lan_blocked", _jump(REFUSE))
         self.chain("lan")
         if blocked:
             key = {"concat": [_meta("l4proto"), _payload("th", "dport")]}

@@ -20,7 +20,7 @@ UIDS = {
     "tails-iuk-get-target-file": 122, "Debian-gdm": 123,
 }  # fmt: skip
 ACCEPT = {"accept": None}
-REJECT = {"jump": {"target": "reject"}}
+REJECT = {"jump": {"target": "refuse"}}
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +94,8 @@ def test_every_base_filter_chain_drops_by_default(pol: policy.Policy) -> None:
 def test_rejects_are_counted_and_logged_with_the_policy_prefix(pol: policy.Policy) -> None:
     rs = build(pol)
     log = {"log": {"prefix": "Dropped outbound packet: ", "group": 0}}
-    assert rules(rs, "ip", "reject") == [[{"counter": None}, log, {"reject": None}]]
-    v6 = rules(rs, "ip6", "reject")
+    assert rules(rs, "ip", "refuse") == [[{"counter": None}, log, {"reject": None}]]
+    v6 = rules(rs, "ip6", "refuse")
     assert v6[0] == [{"counter": None}, log]
     assert v6[1][-1] == {"reject": {"type": "tcp reset"}}
 
