@@ -5,13 +5,19 @@ sorted elements and stable names, so rulesets can be compared and hashed.
 
 Shape of the IPv4 output path (the hot path; see docs/how-it-works.md):
 
-    output:  ct state vmap {established: accept, related: jump out_related}
+    output:  ct state established accept
+             ct state related jump out_related
              ip daddr vmap @destinations    127.0.0.1 -> local, LAN -> lan
              meta skuid vmap @direct        clearnet, debian-tor -> their chain
              jump refuse                    counted, logged, rejected
 
 Each dispatch is one lookup, so a packet's cost does not grow with the
 number of users, ports or networks the policy names.
+
+One invariant keeps replacements leak-free: a lookup that misses never leads
+to accept.  While a transaction commits, a packet still walking the old
+rules sees the old maps' elements already retired; every miss must then end
+in `refuse`, as it does here.
 """
 
 from __future__ import annotations
@@ -110,6 +116,37 @@ def compile_policy(policy: Policy, facts: Facts) -> Ruleset:
     # them, maps before the rules that look them up.
     objects = sorted(c.objects, key=lambda o: LOAD_ORDER.index(next(iter(o))))
     return Ruleset(objects=tuple(objects), warnings=tuple(warnings))
+
+
+def lockdown() -> Ruleset:
+    """Drop everything but loopback, in both families: the fail-closed ruleset.
+
+    Loaded by tailsfwd when it starts with no tailsfw ruleset in force and
+    cannot load its policy.  It depends on nothing (no policy, no facts), so
+    it cannot fail for the reason the policy did.
+    """
+    objects: list[Json] = []
+    for family in FAMILIES.values():
+        base = {"family": family, "table": TABLE}
+        objects.append({"table": {"family": family, "name": TABLE}})
+        for hook in ("input", "forward", "output"):
+            objects.append(
+                {
+                    "chain": {
+                        **base,
+                        "name": hook,
+                        "type": "filter",
+                        "hook": hook,
+                        "prio": 0,
+                        "policy": "drop",
+                    }
+                }
+            )
+        for hook, key in (("input", "iif"), ("output", "oif")):
+            rule = {**base, "chain": hook, "expr": [_match(_meta(key), "lo"), ACCEPT]}
+            objects.append({"rule": {**rule, "comment": "lockdown: loopback only"}})
+    warning = "lockdown: no policy could be loaded; everything but loopback is dropped"
+    return Ruleset(objects=tuple(objects), warnings=(warning,))
 
 
 def _resolve_users(policy: Policy, facts: Facts) -> tuple[dict[str, int], list[str]]:
@@ -231,13 +268,26 @@ class _Compiler:
         elements: Iterable[tuple[Any, Json]],
         flags: Sequence[str] = (),
     ) -> None:
-        body: Json = {**self._base(), "name": name, "type": key_type, "map": "verdict"}
+        elems = [[_key(k), v] for k, v in elements]
+        self.set_object(name, key_type, elems, flags, kind="map")
+
+    def set_object(
+        self,
+        name: str,
+        key_type: Any,
+        elements: Iterable[Any],
+        flags: Sequence[str] = (),
+        kind: str = "set",
+    ) -> None:
+        body: Json = {**self._base(), "name": name, "type": key_type}
+        if kind == "map":
+            body["map"] = "verdict"
         if flags:
             body["flags"] = list(flags)
-        elems = [[{"concat": list(k)} if isinstance(k, tuple) else k, v] for k, v in elements]
+        elems = [_key(e) for e in elements]
         if elems:
             body["elem"] = elems
-        self.objects.append({"map": body})
+        self.objects.append({kind: body})
 
     # shared pieces
 
@@ -318,19 +368,42 @@ class _Compiler:
     def direct_chains(self) -> None:
         """One chain per user allowed out directly, dispatched by uid."""
         rules = [(self.uids[r.user], r) for r in self.policy.direct if r.user in self.uids]
-        for _, rule in rules:
-            self._direct_chain(rule)
+        for uid, rule in rules:
+            self._direct_chain(rule, uid)
         self.vmap_object(
             "direct", "uid", ((uid, _jump(_direct_name(r))) for uid, r in sorted(rules, key=_first))
         )
+        owners = sorted(uid for uid, r in rules if r.udp_ports)
+        self.set_object("direct_owners", ["mark", "uid"], ((uid, uid) for uid in owners))
 
-    def _direct_chain(self, rule: DirectRule) -> None:
+    def established_chain(self) -> None:
+        """Established traffic, but a direct user's UDP flow only for that user.
+
+        Conntrack knows flows, not users: once clearnet's DNS query to a
+        server is answered, any user who sends from the same port to the same
+        server matches that established entry, and UDP ports are free again
+        as soon as a socket closes (and visible in /proc/net/udp).  Direct
+        UDP flows carry their owner's uid in the ct mark; only that user's
+        packets may use them.  TCP needs no mark: a new SYN never rides on
+        an old entry, and an unprivileged user cannot send on another's.
+        """
+        mark = {"ct": {"key": "mark"}}
+        self.chain("established")
+        self.rule("established", _match(mark, 0), ACCEPT)
+        owned = {"concat": [mark, _meta("skuid")]}
+        self.rule("established", _match(owned, "@direct_owners"), ACCEPT)
+        self.rule("established", _jump(REFUSE), comment="another user's flow")
+
+    def _direct_chain(self, rule: DirectRule, uid: int) -> None:
         name = _direct_name(rule)
         self.chain(name)
         if not rule.loopback:
             self.rule(name, _match(_meta("oif"), "lo"), RETURN, comment="never loopback")
         if rule.udp_ports:
-            self.rule(name, _match(_payload("udp", "dport"), _ports(rule.udp_ports)), ACCEPT)
+            # The flow is marked with its owner: see `established_chain`.
+            owner = {"mangle": {"key": {"ct": {"key": "mark"}}, "value": uid}}
+            udp = _match(_payload("udp", "dport"), _ports(rule.udp_ports))
+            self.rule(name, udp, owner, ACCEPT)
         if rule.tcp == "any":
             self.rule(name, _match(_meta("l4proto"), "tcp"), ACCEPT)
         elif rule.tcp == "new":
@@ -352,6 +425,7 @@ class _Compiler:
         has_local = self.local_chain("ipv4")
         self.lan_chains()
         self.direct_chains()
+        self.established_chain()
         destinations: list[tuple[Any, Json]] = [(_network(n), _jump("lan")) for n in lan]
         if has_local:
             destinations.append((LOOPBACK["ipv4"], _jump("local")))
@@ -366,13 +440,7 @@ class _Compiler:
         self.table()
         self.related_chain("in_related", "iif", COUNTER, {"drop": None})
         self.chain("input", "input")
-        self.rule(
-            "input",
-            _vmap(
-                {"ct": {"key": "state"}},
-                {"set": [["established", ACCEPT], ["related", _jump("in_related")]]},
-            ),
-        )
+        self.conntrack("input", "in_related")
         ports = sorted(
             {
                 p
@@ -400,14 +468,23 @@ class _Compiler:
         self.vmap_object("destinations", "ipv6_addr", destinations)
         self.output_chain("ipv6")
 
+    def conntrack(self, chain: str, related: str) -> None:
+        """Established first (Tails rule 1); related only to its own chain.
+
+        Plain comparisons, not a verdict map: while a transaction commits, a
+        packet still walking the old rules can miss in the old maps (the
+        kernel retires their elements), and established traffic must not be
+        refused for it.
+        """
+        state = {"ct": {"key": "state"}}
+        owned = self.family == "ip" and chain == "output"
+        verdict = _jump("established") if owned else ACCEPT
+        self.rule(chain, _match(state, "established"), verdict, comment="Tails rule 1")
+        self.rule(chain, _match(state, "related"), _jump(related))
+
     def output_chain(self, family: Family) -> None:
         self.chain("output", "output")
-        ct = {"ct": {"key": "state"}}
-        self.rule(
-            "output",
-            _vmap(ct, {"set": [["established", ACCEPT], ["related", _jump("out_related")]]}),
-            comment="Tails rule 1",
-        )
+        self.conntrack("output", "out_related")
         daddr = _payload(FAMILIES[family], "daddr")
         self.rule("output", _vmap(daddr, "@destinations"))
         if family == "ipv4":
@@ -428,14 +505,18 @@ class _Compiler:
         self.rule("lan_blocked", _vmap(_meta("skuid"), "@direct"))
         self.rule("lan_blocked", _jump(REFUSE))
         self.chain("lan")
-        if blocked:
-            key = {"concat": [_meta("l4proto"), _payload("th", "dport")]}
+        # Plain comparisons, never a lookup: this chain ends in accept, and
+        # while a transaction commits a packet walking the old rules can miss
+        # in an old set (the kernel retires its elements first); a miss here
+        # would let LAN DNS out.  Seen in the lab, 1 packet in 600 re-applies.
+        for proto, port in blocked:
             self.rule(
                 "lan",
-                _vmap(key, {"set": [[{"concat": list(b)}, _jump("lan_blocked")] for b in blocked]}),
-                comment="Tails rule 5",
+                _match(_meta("l4proto"), proto),
+                _match(_payload("th", "dport"), port),
+                _jump("lan_blocked"),
             )
-        self.rule("lan", ACCEPT)
+        self.rule("lan", ACCEPT, comment="Tails rule 5")
 
     def nat_chain(self) -> None:
         self.chain("nat_output", "output", kind="nat")
@@ -447,6 +528,11 @@ class _Compiler:
             if r.port is not None:
                 expr.append(_match(_payload("th", "dport"), r.port))
             self.rule("nat_output", *expr, {"redirect": {"port": r.to_port}})
+
+
+def _key(key: Any) -> Any:
+    """Tuples are concatenations; anything else is already nft JSON."""
+    return {"concat": list(key)} if isinstance(key, tuple) else key
 
 
 def _direct_name(rule: DirectRule) -> str:

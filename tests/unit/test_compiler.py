@@ -103,10 +103,39 @@ def test_rejects_are_counted_and_logged_with_the_policy_prefix(pol: policy.Polic
 def test_output_dispatches_by_lookups_not_rule_walks(pol: policy.Policy) -> None:
     """Issue 4: the cost of a packet does not grow with the allowlists."""
     out = rules(build(pol), "ip", "output")
-    assert [next(iter(e[0])) for e in out] == ["vmap", "vmap", "vmap", "jump"]
-    assert out[0][0]["vmap"]["key"] == {"ct": {"key": "state"}}
-    assert out[1][0]["vmap"]["data"] == "@destinations"
-    assert out[2][0]["vmap"]["data"] == "@direct"
+    assert [next(iter(e[0])) for e in out] == ["match", "match", "vmap", "vmap", "jump"]
+    established = {"match": {"op": "==", "left": {"ct": {"key": "state"}}, "right": "established"}}
+    assert out[0] == [established, {"jump": {"target": "established"}}]
+    assert out[2][0]["vmap"]["data"] == "@destinations"
+    assert out[3][0]["vmap"]["data"] == "@direct"
+
+
+def test_a_direct_users_udp_flow_is_only_its_own(pol: policy.Policy) -> None:
+    """Conntrack knows flows, not users: clearnet's answered DNS flow must
+    not carry another user's datagrams from the same port."""
+    rs = build(pol)
+    mark = {"ct": {"key": "mark"}}
+    tor_udp = rules(rs, "ip", "direct_debian_tor")[0]
+    assert {"mangle": {"key": mark, "value": 107}} in tor_udp
+    assert named(rs, "set", "ip", "direct_owners")["elem"] == [
+        {"concat": [107, 107]}, {"concat": [110, 110]}
+    ]  # fmt: skip
+    unowned, owned, other = rules(rs, "ip", "established")
+    assert unowned == [{"match": {"op": "==", "left": mark, "right": 0}}, ACCEPT]
+    assert owned[0]["match"]["right"] == "@direct_owners"
+    assert other == [REJECT]
+
+
+def test_a_lookup_miss_never_leads_to_accept(pol: policy.Policy) -> None:
+    """While a transaction commits, packets on the old rules miss in the old
+    maps: a chain that ends in accept must decide by plain comparisons."""
+    rs = build(pol)
+    for family in ("ip", "ip6"):
+        for chain in {r["chain"] for r in objects(rs, "rule", family)}:
+            body = rules(rs, family, chain)
+            if body[-1] == [ACCEPT]:
+                text = repr(body)
+                assert "vmap" not in text and "@" not in text and "'set'" not in text, chain
 
 
 def test_only_clearnet_and_debian_tor_leave_by_themselves(pol: policy.Policy) -> None:
@@ -131,9 +160,10 @@ def test_lan_is_rfc1918_and_loopback_goes_to_the_local_chain(pol: policy.Policy)
         "172.16.0.0/12": {"jump": {"target": "lan"}},
         "192.168.0.0/16": {"jump": {"target": "lan"}},
     }
-    (blocked, accept) = rules(rs, "ip", "lan")
-    keys = [tuple(k["concat"]) for k, _ in blocked[0]["vmap"]["data"]["set"]]
+    *blocked, accept = rules(rs, "ip", "lan")
+    keys = [(r[0]["match"]["right"], r[1]["match"]["right"]) for r in blocked]
     assert keys == [("tcp", 53), ("udp", 53), ("udp", 137)]
+    assert all(r[-1] == {"jump": {"target": "lan_blocked"}} for r in blocked)
     assert accept == [ACCEPT]
     # A blocked LAN port still lets Tor and clearnet through: Tails rules 3
     # and 4 come before rule 5.

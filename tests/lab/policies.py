@@ -1,0 +1,33 @@
+"""Test policies: the shipped policy, its users mapped to the lab's accounts."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+REPO = Path(__file__).parents[2]
+DEFAULT_POLICY = REPO / "etc" / "tailsfw" / "policy.toml"
+TAILSFWCTL = str(REPO / ".venv" / "bin" / "tailsfwctl")
+
+Edit = Callable[[dict[str, Any]], None]
+
+
+def write_lab_policy(accounts: Mapping[str, str], path: Path, edit: Edit | None = None) -> Path:
+    """Write the default policy with each user's account replaced by the lab's.
+
+    `accounts` maps a policy user key to the lab account that plays it;
+    `edit` may change the decoded policy further (a broken policy, a
+    missing user...) before it is written.
+    """
+    with DEFAULT_POLICY.open("rb") as f:
+        data = tomllib.load(f)
+    for key, user in data["users"].items():
+        user["account"] = accounts[key]
+    if edit is not None:
+        edit(data)
+    path.write_text(tomli_w.dumps(data))
+    return path

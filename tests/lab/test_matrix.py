@@ -1,0 +1,221 @@
+"""The leak matrix and the fail-closed cases, with real packets (issue 2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.lab import matrix
+from tests.lab.policies import TAILSFWCTL, write_lab_policy
+from tests.lab.topology import PYTHON, Lab
+
+VENV_PYTHON = str(Path(TAILSFWCTL).with_name("python"))
+
+
+def apply(lab: Lab, policy: Path) -> subprocess.CompletedProcess[str]:
+    """`tailsfwctl apply` in the lab host; never raises (callers check)."""
+    return subprocess.run(
+        ["ip", "netns", "exec", lab.host_ns, TAILSFWCTL, "apply", "--policy", str(policy)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def lab_policy(lab: Lab, path: Path, **edits: Any) -> Path:
+    def edit(data: dict[str, Any]) -> None:
+        for key, value in edits.items():
+            section, _, name = key.partition("__")
+            data[section][name] = value
+
+    accounts = {role: lab.accounts[role].name for role in lab.roles}
+    return write_lab_policy(accounts, path, edit)
+
+
+@pytest.fixture
+def enforced(lab: Lab, tmp_path: Path) -> Path:
+    path = lab_policy(lab, tmp_path / "policy.toml")
+    done = apply(lab, path)
+    assert done.returncode == 0, done.stderr
+    return path
+
+
+def assert_cases(lab: Lab, users: tuple[str, ...], names: set[str] | None = None) -> None:
+    cases = [
+        c for c in matrix.run(lab, users)
+        if names is None or c.destination.name in names
+    ]  # fmt: skip
+    assert cases
+    problems = [c for c in cases if c.problem]
+    assert not problems, "\n" + matrix.table(cases)
+
+
+@pytest.mark.parametrize("user", matrix.USERS)
+def test_leak_matrix(lab: Lab, enforced: Path, user: str) -> None:
+    """Each user against every destination: as the spec says, and not one
+    packet reaches the peer when it should not."""
+    assert_cases(lab, (user,))
+
+
+def test_the_oracle_is_not_trivial() -> None:
+    """The matrix must have both outcomes for most users, or it proves little."""
+    for user in matrix.USERS:
+        outcomes = {matrix.expected(user, d) for d in matrix.DESTINATIONS}
+        assert outcomes == {"open", "refused"}, user
+
+
+SAMPLE = {"internet tcp/443", "internet udp/53", "lan dns udp/53", "127.0.0.1 tcp/9050",
+          "127.0.0.1 tcp/9062", "127.0.0.1 udp/53 (dns)", "::1 tcp/4101"}  # fmt: skip
+
+
+def test_a_missing_user_costs_only_its_own_exceptions(lab: Lab, tmp_path: Path) -> None:
+    path = lab_policy(lab, tmp_path / "p.toml", users__htp={"account": "tfwt-no-such-user"})
+    done = apply(lab, path)
+    assert done.returncode == 0, done.stderr
+    assert "'htp'" in done.stderr and "left out" in done.stderr
+    # htp's account is now just another user: its exceptions are gone...
+    assert lab.probe("htp", "tcp", 4, "127.0.0.1", 9062).result == "refused"
+    assert lab.probe("htp", "udp", 4, "127.0.0.1", 53).result == "refused"
+    # ... and everything else is enforced as before.
+    assert_cases(lab, ("amnesia", "debian-tor", "tails-upgrade-frontend"), SAMPLE)
+
+
+@pytest.mark.parametrize(
+    ("edits", "message"),
+    [
+        ({"lan__networks": ["10.0.0.0/33"]}, "lan.networks[0]: bad IPv4 network"),
+        ({"log__group": "zero"}, "log.group: must be an integer"),
+        ({"tor": {"port": 1}}, "top level: unknown key 'tor'"),
+    ],
+)
+def test_a_broken_policy_leaves_the_ruleset_in_force(
+    lab: Lab, enforced: Path, tmp_path: Path, edits: dict[str, Any], message: str
+) -> None:
+    if "tor" in edits:
+        path = tmp_path / "bad.toml"
+        path.write_text(enforced.read_text() + "\n[tor]\nport = 1\n")
+    else:
+        path = lab_policy(lab, tmp_path / "bad.toml", **edits)
+    done = apply(lab, path)
+    assert done.returncode != 0
+    assert message in done.stderr and "the ruleset in force is unchanged" in done.stderr
+    assert_cases(lab, ("amnesia", "clearnet"), SAMPLE)
+
+
+def test_a_ruleset_the_kernel_refuses_leaves_the_ruleset_in_force(
+    lab: Lab, enforced: Path, tmp_path: Path
+) -> None:
+    """The transaction is all or nothing: a valid policy whose ruleset the
+    kernel refuses (here: a chain left without its map) changes nothing."""
+    script = textwrap.dedent(
+        f"""
+        from tailsfw import compiler, policy, users
+        from tailsfw.facts import Facts
+        from tailsfw.nft import Nft, NftError
+        pol = policy.load({str(enforced)!r})
+        rs = compiler.compile_policy(pol, Facts(uids=users.lookup_uids(pol)))
+        broken = [o for o in rs.objects if o.get("map", {{}}).get("name") != "direct"]
+        try:
+            Nft().apply(compiler.Ruleset(tuple(broken), ()).document())
+        except NftError as e:
+            print("refused:", e)
+        """
+    )
+    done = lab.host([VENV_PYTHON, "-c", script])
+    assert done.stdout.startswith("refused:"), done.stdout + done.stderr
+    assert_cases(lab, ("amnesia", "debian-tor"), SAMPLE)
+
+
+TRAFFIC = textwrap.dedent(
+    """
+    import socket, sys, time
+    end = time.monotonic() + float(sys.argv[1])
+    attempts = 0
+    while time.monotonic() < end:
+        for dst in (("198.51.100.10", 443), ("203.0.113.10", 80), ("192.168.77.1", 53)):
+            attempts += 1
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                u.sendto(b"leak?", dst)
+            except OSError:
+                pass
+            u.close()
+            t = socket.socket()
+            t.settimeout(0.05)
+            try:
+                t.connect(dst)
+            except OSError:
+                pass
+            t.close()
+    print(attempts)
+    """
+)
+
+
+def test_reapplying_200_times_under_traffic_lets_nothing_through(lab: Lab, enforced: Path) -> None:
+    reapply = textwrap.dedent(
+        f"""
+        from tailsfw import compiler, policy, users
+        from tailsfw.facts import Facts
+        from tailsfw.nft import Nft
+        pol = policy.load({str(enforced)!r})
+        nft = Nft()
+        for _ in range(200):
+            nft.apply(compiler.compile_policy(pol, Facts(uids=users.lookup_uids(pol))).document())
+        print("done")
+        """
+    )
+    before = lab.peer_packets()
+    traffic = [
+        subprocess.Popen(
+            ["ip", "netns", "exec", lab.host_ns, *lab.setpriv(role), PYTHON, "-c", TRAFFIC, "4"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for role in ("amnesia", "root", "other")
+    ]
+    done = lab.host([VENV_PYTHON, "-c", reapply], timeout=120)
+    attempts = [int(p.communicate(timeout=30)[0]) for p in traffic]
+    assert done.stdout.strip() == "done"
+    assert min(attempts) > 50, attempts
+    assert lab.peer_packets() - before == 0
+    print(f"{sum(attempts)} blocked attempts during 200 re-applies", file=sys.stderr)
+
+
+SEND_FROM_PORT = textwrap.dedent(
+    """
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", int(sys.argv[2])))
+    s.settimeout(1)
+    try:
+        s.sendto(b"query", (sys.argv[1], 53))
+        print("answered" if s.recv(100) else "empty")
+    except OSError as e:
+        print(type(e).__name__)
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("owner", "dst"), [("clearnet", "198.51.100.10"), ("debian-tor", "192.168.77.1")]
+)
+def test_no_user_rides_a_direct_users_udp_flow(
+    lab: Lab, enforced: Path, owner: str, dst: str
+) -> None:
+    """Once clearnet's DNS query is answered, conntrack holds an established
+    flow; amnesia sending from the same port to the same server must not
+    match it (UDP ports are free again as soon as the owner's socket closes)."""
+    port = 40053 if owner == "clearnet" else 40054
+    first = lab.run_as(owner, [PYTHON, "-c", SEND_FROM_PORT, dst, str(port)])
+    assert first.stdout.strip() == "answered", first.stderr
+    before = lab.peer_packets()
+    rider = lab.run_as("amnesia", [PYTHON, "-c", SEND_FROM_PORT, dst, str(port)])
+    assert rider.stdout.strip() == "PermissionError", rider.stdout + rider.stderr
+    assert lab.peer_packets() - before == 0
+    again = lab.run_as(owner, [PYTHON, "-c", SEND_FROM_PORT, dst, str(port)])
+    assert again.stdout.strip() == "answered"  # the owner keeps its flow
