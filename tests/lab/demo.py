@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tests.lab import matrix
 from tests.lab.conftest import LAB_ROLES, UNAVAILABLE
-from tests.lab.policies import TAILSFWCTL, write_lab_policy
+from tests.lab.policies import TAILSFWCTL, lab_policy
 from tests.lab.topology import Lab
 
 
@@ -26,8 +26,7 @@ def main() -> int:
     start = time.monotonic()
     with Lab(LAB_ROLES) as lab, tempfile.TemporaryDirectory(prefix="tailsfw-demo") as tmp:
         print(f"lab: host namespace {lab.host_ns}, peer (LAN + Internet) {lab.peer_ns}")
-        accounts = {role: lab.accounts[role].name for role in LAB_ROLES}
-        policy = write_lab_policy(accounts, Path(tmp) / "policy.toml")
+        policy = lab_policy(lab, Path(tmp) / "policy.toml")
         done = lab.host([TAILSFWCTL, "apply", "--policy", str(policy)])
         print(done.stdout.strip())
         print(f"\nleak matrix: {len(matrix.USERS)} users x {len(matrix.DESTINATIONS)} destinations"

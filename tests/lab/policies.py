@@ -5,9 +5,12 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
+
+if TYPE_CHECKING:
+    from tests.lab.topology import Lab
 
 REPO = Path(__file__).parents[2]
 DEFAULT_POLICY = REPO / "etc" / "tailsfw" / "policy.toml"
@@ -31,3 +34,8 @@ def write_lab_policy(accounts: Mapping[str, str], path: Path, edit: Edit | None 
         edit(data)
     path.write_text(tomli_w.dumps(data))
     return path
+
+
+def lab_policy(lab: Lab, path: Path, edit: Edit | None = None) -> Path:
+    """The shipped policy, played by the lab's accounts."""
+    return write_lab_policy({role: lab.accounts[role].name for role in lab.roles}, path, edit)

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.lab import matrix
-from tests.lab.policies import TAILSFWCTL, write_lab_policy
+from tests.lab import matrix, policies
+from tests.lab.policies import TAILSFWCTL
 from tests.lab.topology import PYTHON, Lab
+from tests.lab.traffic import leak_attempts
 
 VENV_PYTHON = str(Path(TAILSFWCTL).with_name("python"))
 
@@ -31,8 +31,7 @@ def lab_policy(lab: Lab, path: Path, **edits: Any) -> Path:
             section, _, name = key.partition("__")
             data[section][name] = value
 
-    accounts = {role: lab.accounts[role].name for role in lab.roles}
-    return write_lab_policy(accounts, path, edit)
+    return policies.lab_policy(lab, path, edit)
 
 
 @pytest.fixture
@@ -129,32 +128,6 @@ def test_a_ruleset_the_kernel_refuses_leaves_the_ruleset_in_force(
     assert_cases(lab, ("amnesia", "debian-tor"), SAMPLE)
 
 
-TRAFFIC = textwrap.dedent(
-    """
-    import socket, sys, time
-    end = time.monotonic() + float(sys.argv[1])
-    attempts = 0
-    while time.monotonic() < end:
-        for dst in (("198.51.100.10", 443), ("203.0.113.10", 80), ("192.168.77.1", 53)):
-            attempts += 1
-            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            try:
-                u.sendto(b"leak?", dst)
-            except OSError:
-                pass
-            u.close()
-            t = socket.socket()
-            t.settimeout(0.05)
-            try:
-                t.connect(dst)
-            except OSError:
-                pass
-            t.close()
-    print(attempts)
-    """
-)
-
-
 def test_reapplying_200_times_under_traffic_lets_nothing_through(lab: Lab, enforced: Path) -> None:
     reapply = textwrap.dedent(
         f"""
@@ -169,20 +142,12 @@ def test_reapplying_200_times_under_traffic_lets_nothing_through(lab: Lab, enfor
         """
     )
     before = lab.peer_packets()
-    traffic = [
-        subprocess.Popen(
-            ["ip", "netns", "exec", lab.host_ns, *lab.setpriv(role), PYTHON, "-c", TRAFFIC, "4"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for role in ("amnesia", "root", "other")
-    ]
-    done = lab.host([VENV_PYTHON, "-c", reapply], timeout=120)
-    attempts = [int(p.communicate(timeout=30)[0]) for p in traffic]
+    with leak_attempts(lab, 4) as tried:
+        done = lab.host([VENV_PYTHON, "-c", reapply], timeout=120)
     assert done.stdout.strip() == "done"
-    assert min(attempts) > 50, attempts
+    assert min(tried.attempts) > 50, tried.attempts
+    assert tried.connected == [0, 0, 0]
     assert lab.peer_packets() - before == 0
-    print(f"{sum(attempts)} blocked attempts during 200 re-applies", file=sys.stderr)
 
 
 SEND_FROM_PORT = textwrap.dedent(

@@ -1,0 +1,70 @@
+"""`make bench`: every benchmark, printed as a table and saved to bench/results.json.
+
+Each part builds its own namespaces and removes them; figures are medians
+(or percentiles) measured side by side in one run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import daemon, datapath
+from tests.lab.conftest import LAB_ROLES, UNAVAILABLE
+from tests.lab.policies import lab_policy
+from tests.lab.topology import Lab
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
+VENV_PYTHON = sys.executable
+# (limit, True when the figure must stay at or below it)
+TARGETS: dict[str, tuple[float, bool]] = {
+    "apply_full_vs_nft_json": (1.5, True),
+    "react_addr_ms_p99": (20.0, True),
+    "daemon_rss_mb": (40.0, True),
+    "start_to_ready_ms": (500.0, True),
+    **{f"datapath_{p.name}_vs_floor": (0.97, False) for p in datapath.PATHS if p.allowed},
+}
+
+
+def apply_figures() -> dict[str, Any]:
+    """bench/apply.py, run inside a lab host namespace."""
+    with Lab(LAB_ROLES) as lab, tempfile.TemporaryDirectory(prefix="tailsfw-bench") as tmp:
+        policy = lab_policy(lab, Path(tmp) / "policy.toml")
+        done = lab.host([VENV_PYTHON, "-m", "bench.apply", str(policy)], timeout=300)
+        figures: dict[str, Any] = json.loads(done.stdout)
+        return figures
+
+
+def row(key: str, value: Any) -> str:
+    target = TARGETS.get(key)
+    mark = ""
+    if target is not None:
+        limit, at_most = target
+        ok = value <= limit if at_most else value >= limit
+        mark = f"{'<=' if at_most else '>='} {limit:g} {'ok' if ok else 'MISSED'}"
+    return f"{key:<44} {value:>12}  {mark}"
+
+
+def main() -> int:
+    if UNAVAILABLE:
+        print(UNAVAILABLE, file=sys.stderr)
+        return 2
+    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    parts: list[Callable[[], dict[str, Any]]] = [
+        apply_figures,
+        datapath.measure,
+        lambda: daemon.measure(300),
+    ]
+    for part in parts:
+        results.update(part())
+        RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    print("\n".join(row(k, results[k]) for k in sorted(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
