@@ -25,7 +25,6 @@ HERE = Path(__file__).resolve().parent
 SECONDS = 1.0
 ROUNDS = 7
 FLOOR = """
-flush ruleset
 table ip floor {
     chain output { type filter hook output priority filter; policy accept;
         ct state established accept
@@ -56,7 +55,6 @@ PATHS = (
     Flow("amnesia_internet_udp_reject", "amnesia", "198.51.100.10", 5000, allowed=False),
     Flow("tor_internet_dns", "debian-tor", "198.51.100.10", 53),
 )
-CONFIGS = ("none", "floor", "tailsfw")
 
 
 def build_flooder(directory: Path) -> str:
@@ -66,30 +64,35 @@ def build_flooder(directory: Path) -> str:
     return str(binary)
 
 
-def measure() -> dict[str, float]:
+def sample(rulesets: dict[str, str | None], rounds: int = ROUNDS) -> dict[tuple[str, str], float]:
+    """Median datagrams per second of each path under each ruleset.
+
+    A ruleset is an nft script loaded on a flushed host, or None for the
+    lab policy loaded by `tailsfwctl apply`.  Rulesets take turns, in an
+    order that rotates every round, so that load on the machine hits all.
+    """
     with Lab(LAB_ROLES) as lab, tempfile.TemporaryDirectory(prefix="tailsfw-bench") as tmp:
         flooder = build_flooder(Path(tmp))
         policy = lab_policy(lab, Path(tmp) / "policy.toml")
         lab.peer(["nft", "-f", "-"], input=PEER_DROP)
-
-        def load(config: str) -> None:
-            lab.host(["nft", "-f", "-"], input="flush ruleset\n" if config == "none" else FLOOR)
-            if config == "tailsfw":
-                lab.host(["nft", "flush", "ruleset"])
-                lab.host([TAILSFWCTL, "apply", "--policy", str(policy)])
-
+        names = list(rulesets)
         samples: dict[tuple[str, str], list[float]] = {}
-        for round_ in range(ROUNDS):
-            order = CONFIGS[round_ % 3 :] + CONFIGS[: round_ % 3]
-            for config in order:
-                load(config)
+        for round_ in range(rounds):
+            shift = round_ % len(names)
+            for name in names[shift:] + names[:shift]:
+                script = rulesets[name]
+                lab.host(["nft", "-f", "-"], input="flush ruleset\n" + (script or ""))
+                if script is None:
+                    lab.host([TAILSFWCTL, "apply", "--policy", str(policy)])
                 for path in PATHS:
                     out = lab.run_as(path.user, [flooder, path.dst, str(path.port), str(SECONDS)])
                     attempts, _, elapsed = out.stdout.split()
-                    samples.setdefault((config, path.name), []).append(
-                        int(attempts) / float(elapsed)
-                    )
-    pps = {key: statistics.median(values) for key, values in samples.items()}
+                    samples.setdefault((name, path.name), []).append(int(attempts) / float(elapsed))
+    return {key: statistics.median(values) for key, values in samples.items()}
+
+
+def measure() -> dict[str, float]:
+    pps = sample({"none": "", "floor": FLOOR, "tailsfw": None})
     figures: dict[str, float] = {
         "datapath_none_pps": round(pps[("none", PATHS[0].name)]),
         "datapath_floor_pps": round(pps[("floor", PATHS[0].name)]),

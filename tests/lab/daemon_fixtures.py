@@ -349,15 +349,13 @@ def tailsfw_tables(namespace: str) -> set[str]:
 
 
 def lan_networks(namespace: str) -> set[ipaddress.IPv4Network]:
-    """The networks that the ruleset in force sends to the `lan` chain."""
+    """The on-link LAN networks in force: the `lan` set ("connected" mode)."""
     listing = json.loads(
-        ns_run(namespace, ["nft", "-j", "list", "map", "ip", "tailsfw", "destinations"]).stdout
+        ns_run(namespace, ["nft", "-j", "list", "set", "ip", "tailsfw", "lan"]).stdout
     )
     networks: set[ipaddress.IPv4Network] = set()
     for item in listing["nftables"]:
-        for key, verdict in item.get("map", {}).get("elem", []):
-            if verdict.get("jump", {}).get("target") != "lan":
-                continue
+        for key in item.get("set", {}).get("elem", []):
             if isinstance(key, dict) and "prefix" in key:
                 key = f"{key['prefix']['addr']}/{key['prefix']['len']}"
             elif isinstance(key, dict) and "range" in key:

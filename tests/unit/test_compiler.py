@@ -100,82 +100,105 @@ def test_rejects_are_counted_and_logged_with_the_policy_prefix(pol: policy.Polic
     assert v6[1][-1] == {"reject": {"type": "tcp reset"}}
 
 
-def test_output_dispatches_by_lookups_not_rule_walks(pol: policy.Policy) -> None:
-    """Issue 4: the cost of a packet does not grow with the allowlists."""
+def match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def jump(chain: str) -> dict[str, Any]:
+    return {"jump": {"target": chain}}
+
+
+STATE = {"ct": {"key": "state"}}
+MARK = {"ct": {"key": "mark"}}
+SKUID = {"meta": {"key": "skuid"}}
+DADDR = {"payload": {"protocol": "ip", "field": "daddr"}}
+
+
+def prefix(net: str) -> dict[str, Any]:
+    addr, length = net.split("/")
+    return {"prefix": {"addr": addr, "len": int(length)}}
+
+
+def test_output_follows_tails_rule_order(pol: policy.Policy) -> None:
+    """Rules 1 to 6, in order; every packet meets plain comparisons only,
+    and the uid is read once, only by packets that no earlier rule took."""
     out = rules(build(pol), "ip", "output")
-    assert [next(iter(e[0])) for e in out] == ["match", "match", "vmap", "vmap", "jump"]
-    established = {"match": {"op": "==", "left": {"ct": {"key": "state"}}, "right": "established"}}
-    assert out[0] == [established, {"jump": {"target": "established"}}]
-    assert out[2][0]["vmap"]["data"] == "@destinations"
-    assert out[3][0]["vmap"]["data"] == "@direct"
+    assert out[0] == [match(STATE, ["established", "related"], "in"), jump("conntracked")]
+    assert out[1] == [match(DADDR, "127.0.0.1"), jump("local")]
+    assert out[2:5] == [
+        [match(DADDR, prefix(net)), jump("lan")]
+        for net in ("192.168.0.0/16", "10.0.0.0/8", "172.16.0.0/12")
+    ]  # in the policy's order: the most common first
+    assert out[5] == [DIRECT_DISPATCH]
+    assert out[6] == [REJECT]
+
+
+DIRECT_DISPATCH = {
+    "vmap": {
+        "key": SKUID,
+        "data": {"set": [[107, jump("direct_debian_tor")], [110, jump("direct_clearnet")]]},
+    }
+}
 
 
 def test_a_direct_users_udp_flow_is_only_its_own(pol: policy.Policy) -> None:
     """Conntrack knows flows, not users: clearnet's answered DNS flow must
     not carry another user's datagrams from the same port."""
     rs = build(pol)
-    mark = {"ct": {"key": "mark"}}
     tor_udp = rules(rs, "ip", "direct_debian_tor")[0]
-    assert {"mangle": {"key": mark, "value": 107}} in tor_udp
-    assert named(rs, "set", "ip", "direct_owners")["elem"] == [
-        {"concat": [107, 107]}, {"concat": [110, 110]}
-    ]  # fmt: skip
-    unowned, owned, other = rules(rs, "ip", "established")
-    assert unowned == [{"match": {"op": "==", "left": mark, "right": 0}}, ACCEPT]
-    assert owned[0]["match"]["right"] == "@direct_owners"
-    assert other == [REJECT]
+    assert {"mangle": {"key": MARK, "value": 107}} in tor_udp
+    assert rules(rs, "ip", "conntracked") == [
+        [match(STATE, "established"), match(MARK, 0), ACCEPT],  # nearly all traffic
+        [match(STATE, "related"), jump("out_related")],
+        [match(MARK, 107), match(SKUID, 107), ACCEPT],
+        [match(MARK, 110), match(SKUID, 110), ACCEPT],
+        [REJECT],
+    ]
 
 
 def test_a_lookup_miss_never_leads_to_accept(pol: policy.Policy) -> None:
     """While a transaction commits, packets on the old rules miss in the old
     maps: a chain that ends in accept must decide by plain comparisons."""
-    rs = build(pol)
-    for family in ("ip", "ip6"):
-        for chain in {r["chain"] for r in objects(rs, "rule", family)}:
-            body = rules(rs, family, chain)
-            if body[-1] == [ACCEPT]:
-                text = repr(body)
-                assert "vmap" not in text and "@" not in text and "'set'" not in text, chain
+    for rs in (build(pol), connected(pol, "192.168.77.0/24")):
+        for family in ("ip", "ip6"):
+            for chain in {r["chain"] for r in objects(rs, "rule", family)}:
+                body = rules(rs, family, chain)
+                if body[-1] == [ACCEPT]:
+                    text = repr(body)
+                    assert "vmap" not in text and "@" not in text and "'set'" not in text, chain
 
 
 def test_only_clearnet_and_debian_tor_leave_by_themselves(pol: policy.Policy) -> None:
     rs = build(pol)
-    assert elements(rs, "ip", "direct") == {
-        107: {"jump": {"target": "direct_debian_tor"}},
-        110: {"jump": {"target": "direct_clearnet"}},
-    }
     # clearnet never on loopback; Tor only new TCP connections and DNS.
     assert rules(rs, "ip", "direct_clearnet")[0][0]["match"]["right"] == "lo"
     tor = rules(rs, "ip", "direct_debian_tor")
     assert tor[0][0]["match"]["right"] == 53
     assert tor[1][0]["match"]["right"] == "syn"
-    assert not [m for m in objects(rs, "map", "ip6") if m["name"] == "direct"]
+    direct = [c["name"] for c in objects(rs, "chain", "ip") if c["name"].startswith("direct")]
+    assert sorted(direct) == ["direct_clearnet", "direct_debian_tor"]
+    assert "skuid" not in repr(rules(rs, "ip6", "output"))
 
 
-def test_lan_is_rfc1918_and_loopback_goes_to_the_local_chain(pol: policy.Policy) -> None:
+def test_lan_refuses_dns_and_netbios_but_not_to_direct_users(pol: policy.Policy) -> None:
     rs = build(pol)
-    assert elements(rs, "ip", "destinations") == {
-        "10.0.0.0/8": {"jump": {"target": "lan"}},
-        "127.0.0.1": {"jump": {"target": "local"}},
-        "172.16.0.0/12": {"jump": {"target": "lan"}},
-        "192.168.0.0/16": {"jump": {"target": "lan"}},
-    }
-    *blocked, accept = rules(rs, "ip", "lan")
-    keys = [(r[0]["match"]["right"], r[1]["match"]["right"]) for r in blocked]
+    span, *refused, accept = rules(rs, "ip", "lan")
+    # One range comparison accepts what is outside the refused ports.
+    th = {"payload": {"protocol": "th", "field": "dport"}}
+    assert span == [match(th, {"range": [53, 137]}, "!="), ACCEPT]
+    keys = [(r[0]["match"]["left"]["payload"]["protocol"], r[0]["match"]["right"]) for r in refused]
     assert keys == [("tcp", 53), ("udp", 53), ("udp", 137)]
-    assert all(r[-1] == {"jump": {"target": "lan_blocked"}} for r in blocked)
+    assert all(r[-1] == jump("lan_refused") for r in refused)
     assert accept == [ACCEPT]
-    # A blocked LAN port still lets Tor and clearnet through: Tails rules 3
-    # and 4 come before rule 5.
-    assert rules(rs, "ip", "lan_blocked") == [
-        [{"vmap": {"key": {"meta": {"key": "skuid"}}, "data": "@direct"}}],
-        [REJECT],
-    ]
+    # Tails rules 3 and 4 come before rule 5: a refused LAN port still asks
+    # the direct users' chains.
+    assert rules(rs, "ip", "lan_refused") == [[DIRECT_DISPATCH], [REJECT]]
 
 
 def test_ipv6_allows_only_the_accessibility_daemon_on_loopback(pol: policy.Policy) -> None:
     rs = build(pol)
-    assert elements(rs, "ip6", "destinations") == {"::1": {"jump": {"target": "local"}}}
+    daddr6 = {"payload": {"protocol": "ip6", "field": "daddr"}}
+    assert rules(rs, "ip6", "output")[1:] == [[match(daddr6, "::1"), jump("local")], [REJECT]]
     assert elements(rs, "ip6", "local_ports") == {
         ("tcp", 4101, 1000): ACCEPT,
         ("tcp", 4101, 123): ACCEPT,
@@ -218,7 +241,6 @@ def test_a_missing_user_costs_only_its_own_exceptions(pol: policy.Policy) -> Non
     # Everything that does not name htp is unchanged.
     others = {k: v for k, v in elements(full, "ip", "local_ports").items() if k[2] != 121}
     assert exact == others
-    assert elements(rs, "ip", "direct") == elements(full, "ip", "direct")
     assert rules(rs, "ip", "output") == rules(full, "ip", "output")
 
 
@@ -243,10 +265,15 @@ def connected(pol: policy.Policy, *nets: str) -> Ruleset:
 
 def test_connected_lan_mode_keeps_only_on_link_private_networks(pol: policy.Policy) -> None:
     rs = connected(pol, "192.168.77.0/24", "198.51.100.0/24", "10.1.0.0/16", "10.1.2.0/24")
-    lan = [k for k, v in elements(rs, "ip", "destinations").items() if v["jump"]["target"] == "lan"]
-    assert lan == ["10.1.0.0/16", "192.168.77.0/24"]
-    none = connected(pol)
-    assert list(elements(none, "ip", "destinations")) == ["127.0.0.1"]
+    assert named(rs, "set", "ip", "lan")["elem"] == [
+        prefix("10.1.0.0/16"),
+        prefix("192.168.77.0/24"),
+    ]
+    # The policy's network first: other packets are spared the lookup.
+    assert rules(rs, "ip", "output")[2] == [
+        match(DADDR, prefix("192.168.0.0/16")), match(DADDR, "@lan"), jump("lan")
+    ]  # fmt: skip
+    assert "elem" not in named(connected(pol), "set", "ip", "lan")
 
 
 def test_changes_since_touches_only_what_changed(pol: policy.Policy) -> None:
@@ -254,11 +281,11 @@ def test_changes_since_touches_only_what_changed(pol: policy.Policy) -> None:
     assert a.changes_since(a) == []
     b = connected(pol, "192.168.77.0/24", "10.9.0.0/16")
     changes = b.changes_since(a)
-    assert changes is not None
-    assert [next(iter(c)) for c in changes] == ["flush", "add"]
-    assert changes[0]["flush"] == {"map": {"family": "ip", "table": "tailsfw",
-                                           "name": "destinations"}}  # fmt: skip
-    assert len(changes[1]["add"]["element"]["elem"]) == 3
+    assert changes == [
+        {"flush": {"set": {"family": "ip", "table": "tailsfw", "name": "lan"}}},
+        {"add": {"element": {"family": "ip", "table": "tailsfw", "name": "lan",
+                             "elem": [prefix("10.9.0.0/16"), prefix("192.168.77.0/24")]}}},
+    ]  # fmt: skip
     # A user appearing only adds elements; a new chain needs the replacement.
     appeared = build(pol).changes_since(build(pol, htp=None))
     assert appeared is not None

@@ -150,7 +150,7 @@ def test_commits_only_what_changed(tmp_path: Path, proc_sys: Path) -> None:
     assert daemon.enforce(pol, uids) == "sets"
     update = fake(daemon).documents[-1]
     assert commands(update) == ["flush", "add"]
-    assert update["nftables"][2]["add"]["element"]["name"] == "destinations"
+    assert update["nftables"][2]["add"]["element"]["name"] == "lan"
     assert daemon.counters.commits == 2 and daemon.counters.set_updates == 1
 
 

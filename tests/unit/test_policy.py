@@ -26,7 +26,7 @@ def test_default_policy_states_the_tails_filter() -> None:
     assert p.user("amnesia").fallback_uid == 1000
     assert [d.user for d in p.direct] == ["clearnet", "debian-tor"]
     assert p.lan.networks == tuple(
-        ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
+        ipaddress.IPv4Network(n) for n in ("192.168.0.0/16", "10.0.0.0/8", "172.16.0.0/12")
     )
     assert p.lan.reject_udp_ports == (53, 137)
     assert [(r.protocol, str(r.destination), r.port, r.to_port) for r in p.redirects] == [
