@@ -85,7 +85,10 @@ def sample(rulesets: dict[str, str | None], rounds: int = ROUNDS) -> dict[tuple[
                 if script is None:
                     lab.host([TAILSFWCTL, "apply", "--policy", str(policy)])
                 for path in PATHS:
-                    out = lab.run_as(path.user, [flooder, path.dst, str(path.port), str(SECONDS)])
+                    # One CPU: the sender and the veth's softirq share it, as
+                    # on a laptop, and the scheduler adds no noise.
+                    argv = [flooder, path.dst, str(path.port), str(SECONDS)]
+                    out = lab.run_as(path.user, ["taskset", "-c", "1", *argv])
                     attempts, _, elapsed = out.stdout.split()
                     samples.setdefault((name, path.name), []).append(int(attempts) / float(elapsed))
     return {key: statistics.median(values) for key, values in samples.items()}

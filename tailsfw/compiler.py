@@ -422,23 +422,20 @@ class _Compiler:
         in an old set (the kernel retires its elements first); a miss here
         let LAN DNS out (seen in the lab: 1 run in 20 of 200 re-applies).
         """
-        lan = self.policy.lan
         self.chain("lan_refused")
         if direct is not None:
             self.rule("lan_refused", direct)
         self.rule("lan_refused", _jump(REFUSE))
         self.chain("lan")
-        refused = [(p, port) for p, ports in (("tcp", lan.reject_tcp_ports),
-                   ("udp", lan.reject_udp_ports)) for port in ports]  # fmt: skip
-        if refused:
-            # Most packets are outside the refused ports' span: one range
-            # comparison accepts them (for other protocols `th dport` reads
-            # other bytes, and the LAN accepts those protocols anyway).
-            span = {"range": [min(p for _, p in refused), max(p for _, p in refused)]}
-            self.rule("lan", _match(_payload("th", "dport"), span, "!="), ACCEPT)
-        for proto, port in refused:
+        for proto, port in self.lan_refused_ports():
             self.rule("lan", _match(_payload(proto, "dport"), port), _jump("lan_refused"))
         self.rule("lan", ACCEPT, comment="Tails rule 5")
+
+    def lan_refused_ports(self) -> list[tuple[str, int]]:
+        lan = self.policy.lan
+        return [("tcp", p) for p in lan.reject_tcp_ports] + [
+            ("udp", p) for p in lan.reject_udp_ports
+        ]
 
     # the two tables
 
@@ -479,11 +476,21 @@ class _Compiler:
                       comment="Tails rule 2")  # fmt: skip
         # The LAN before the direct users: the LAN path then never reads the
         # uid, and `lan_refused` keeps Tails' order for the refused ports.
+        ports = [port for _, port in self.lan_refused_ports()]
         for net in self.policy.lan.networks:
             # In "connected" mode the set holds what is on-link; the policy's
             # network first spares every other packet the lookup.
-            on_link = [_match(daddr, "@lan")] if connected else []
-            self.rule("output", _match(daddr, _network(net)), *on_link, _jump("lan"))
+            to_lan = [_match(daddr, _network(net))]
+            if connected:
+                to_lan.append(_match(daddr, "@lan"))
+            if ports:
+                # Most LAN packets are outside the refused ports' span: one
+                # range comparison accepts them here, without a jump (for
+                # other protocols `th dport` reads other bytes; the LAN
+                # accepts those protocols anyway).
+                span = _match(_payload("th", "dport"), {"range": [min(ports), max(ports)]}, "!=")
+                self.rule("output", *to_lan, span, ACCEPT)
+            self.rule("output", *to_lan, _jump("lan"))
         if dispatch is not None:
             self.rule("output", dispatch, comment="Tails rules 3, 4")
         self.rule("output", _jump(REFUSE))
