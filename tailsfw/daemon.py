@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -34,9 +32,11 @@ from . import compiler, users
 from .facts import Facts
 from .netlink import RCVBUF, NetlinkSource, Snapshot
 from .nft import Nft, NftError
+from .notify import Notifier, watchdog_interval
 from .policy import Policy, PolicyError
 from .policy import load as load_policy
-from .sysctl import DEFAULT_ROOT, Sysctl, SysctlState
+from .status import Counters, Status, write_status
+from .sysctl import DEFAULT_ROOT, Sysctl
 
 log = logging.getLogger("tailsfwd")
 
@@ -54,7 +54,6 @@ MAX_DELAY = 0.020
 RETRY_DELAY = 1.0
 FIRST_SNAPSHOT_TIMEOUT = 5.0
 EXIT_FAILED = 1
-NOTIFY_WAIT = 1.0
 
 
 class NftApi(Protocol):
@@ -110,98 +109,6 @@ class Coalescer:
             return False
         self.first = self.last = None
         return True
-
-
-@dataclass
-class Counters:
-    commits: int = 0  # transactions that changed the ruleset in force
-    replacements: int = 0  # ... of which replaced the tables
-    set_updates: int = 0  # ... of which changed set elements only
-    unchanged: int = 0  # recompiles that needed no commit
-    refused: int = 0  # commits nft refused (the ruleset in force stayed)
-    reloads: int = 0
-    reloads_refused: int = 0
-
-
-@dataclass(frozen=True)
-class Status:
-    """What tailsfwd reports, in its state file and (shorter) to systemd."""
-
-    pid: int
-    state: str  # starting | enforcing | lockdown | failed
-    policy: str
-    ruleset: str
-    lan_mode: str
-    connected: list[str]
-    interfaces: dict[int, str]
-    warnings: list[str]
-    last_error: str
-    counters: Counters
-    sysctls: list[SysctlState]
-    netlink_reads: int
-    updated: float = field(default_factory=time.time)
-
-    def line(self) -> str:
-        """The STATUS= line: what is in force, in a few words."""
-        if self.state != "enforcing":
-            return f"{self.state.upper()}: {self.last_error or 'see the journal'}"
-        text = (
-            f"ruleset {self.ruleset[:12]} in force; lan {self.lan_mode};"
-            f" {len(self.connected)} on-link networks; {len(self.warnings)} warnings;"
-            f" {self.counters.commits} commits"
-        )
-        return f"{text}; last error: {self.last_error}" if self.last_error else text
-
-
-class Notifier:
-    """sd_notify(3) that never blocks the loop for long.
-
-    A datagram socket blocks while the receiver's queue is full; a stuck or
-    slow manager must not stop the loop that keeps the rules.  STATUS and
-    WATCHDOG messages are dropped then (the next one supersedes them);
-    READY=1 waits a little, since systemd would fail the start without it.
-    """
-
-    def __init__(self, address: str | None = None) -> None:
-        address = os.environ.get("NOTIFY_SOCKET") if address is None else address
-        self._address = None
-        if address:
-            # "@name" is a Linux abstract socket, "\0name" on the wire.
-            self._address = "\0" + address[1:] if address.startswith("@") else address
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-
-    def __call__(self, **fields: str) -> None:
-        address = self._address
-        if address is None:
-            return
-        message = "\n".join(f"{k}={v}" for k, v in fields.items()).encode()
-        try:
-            self._sock.sendto(message, socket.MSG_DONTWAIT, address)
-        except BlockingIOError:
-            if "READY" in fields:
-                self._send_waiting(message, address)
-            else:
-                log.debug("sd_notify: the manager's queue is full: message dropped")
-        except OSError as e:
-            log.warning("sd_notify to %s: %s", self._address, e)
-
-    def _send_waiting(self, message: bytes, address: str) -> None:
-        self._sock.settimeout(NOTIFY_WAIT)
-        try:
-            self._sock.sendto(message, address)
-        except OSError as e:
-            log.warning("sd_notify READY=1 to %s: %s", address, e)
-        finally:
-            self._sock.setblocking(True)
-
-
-def watchdog_interval() -> float | None:
-    """Half of systemd's watchdog timeout, if it watches this process."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
-        return None
-    return int(usec) / 2 / 1_000_000
 
 
 class StartError(RuntimeError):
@@ -537,19 +444,6 @@ def tailsfw_families(ruleset: list[dict[str, Any]]) -> set[str]:
         for o in ruleset
         if "table" in o and o["table"].get("name") == compiler.TABLE
     }
-
-
-def write_status(path: Path, status: Status) -> None:
-    """Replace the state file atomically: a reader never sees half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(asdict(status), indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
-def read_status(path: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(path.read_text())
-    return data
 
 
 def _set(future: asyncio.Future[None]) -> None:

@@ -22,10 +22,12 @@ import pytest
 import tomli_w
 
 from tailsfw import compiler, users
-from tailsfw.daemon import Daemon, Notifier, Options, read_status, stderr_is_journal
+from tailsfw.daemon import Daemon, Options, stderr_is_journal
 from tailsfw.netlink import Address, Link, Snapshot
 from tailsfw.nft import NftError
+from tailsfw.notify import Notifier
 from tailsfw.policy import load
+from tailsfw.status import read_status
 
 DEFAULT = Path(__file__).parents[2] / "etc" / "tailsfw" / "policy.toml"
 Doc = dict[str, Any]

@@ -1,0 +1,65 @@
+"""What tailsfwd reports: counters, the status it writes, and reading it back."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .sysctl import SysctlState
+
+
+@dataclass
+class Counters:
+    commits: int = 0  # transactions that changed the ruleset in force
+    replacements: int = 0  # ... of which replaced the tables
+    set_updates: int = 0  # ... of which changed set elements only
+    unchanged: int = 0  # recompiles that needed no commit
+    refused: int = 0  # commits nft refused (the ruleset in force stayed)
+    reloads: int = 0
+    reloads_refused: int = 0
+
+
+@dataclass(frozen=True)
+class Status:
+    """What tailsfwd reports, in its state file and (shorter) to systemd."""
+
+    pid: int
+    state: str  # starting | enforcing | lockdown | failed
+    policy: str
+    ruleset: str
+    lan_mode: str
+    connected: list[str]
+    interfaces: dict[int, str]
+    warnings: list[str]
+    last_error: str
+    counters: Counters
+    sysctls: list[SysctlState]
+    netlink_reads: int
+    updated: float = field(default_factory=time.time)
+
+    def line(self) -> str:
+        """The STATUS= line: what is in force, in a few words."""
+        if self.state != "enforcing":
+            return f"{self.state.upper()}: {self.last_error or 'see the journal'}"
+        text = (
+            f"ruleset {self.ruleset[:12]} in force; lan {self.lan_mode};"
+            f" {len(self.connected)} on-link networks; {len(self.warnings)} warnings;"
+            f" {self.counters.commits} commits"
+        )
+        return f"{text}; last error: {self.last_error}" if self.last_error else text
+
+
+def write_status(path: Path, status: Status) -> None:
+    """Replace the state file atomically: a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(asdict(status), indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def read_status(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
