@@ -1,0 +1,37 @@
+"""tailsfwctl without a kernel: render, and the errors a person sees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tailsfw import cli
+
+DEFAULT = Path(__file__).parents[2] / "etc" / "tailsfw" / "policy.toml"
+
+
+def test_render_json_prints_the_document(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["render", "--policy", str(DEFAULT)]) == 0
+    out = capsys.readouterr()
+    document = json.loads(out.out)
+    assert document["nftables"][0] == {"metainfo": {"json_schema_version": 1}}
+    assert {"add": {"table": {"family": "ip", "name": "tailsfw"}}} in document["nftables"]
+
+
+def test_a_broken_policy_is_named_and_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "policy.toml"
+    bad.write_text(DEFAULT.read_text().replace("group = 0", "group = -1"))
+    # render, never apply: a unit test must not reach this machine's kernel.
+    assert cli.main(["render", "--policy", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}: log.group: -1 is out of range" in err
+    assert "the ruleset in force is unchanged" in err
+
+
+def test_a_missing_policy_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["render", "--policy", str(tmp_path / "none.toml")]) == 1
+    assert "none.toml: cannot read the policy" in capsys.readouterr().err
