@@ -184,3 +184,15 @@ def test_no_user_rides_a_direct_users_udp_flow(
     assert lab.peer_packets() - before == 0
     again = lab.run_as(owner, [PYTHON, "-c", SEND_FROM_PORT, dst, str(port)])
     assert again.stdout.strip() == "answered"  # the owner keeps its flow
+
+
+def test_render_nft_is_text_that_nft_loads_back(lab: Lab, tmp_path: Path) -> None:
+    path = lab_policy(lab, tmp_path / "p.toml")
+    done = subprocess.run(
+        [TAILSFWCTL, "render", "--format", "nft", "--policy", str(path)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "table ip tailsfw {" in done.stdout and "table ip6 tailsfw {" in done.stdout
+    text = tmp_path / "ruleset.nft"
+    text.write_text("flush ruleset\n" + done.stdout)
+    lab.host(["nft", "--check", "-f", str(text)])  # raises with nft's message if not
