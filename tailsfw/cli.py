@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (policy.PolicyError, compiler.CompileError) as e:
+    except policy.PolicyError as e:
         print(f"tailsfwctl: {e}; the ruleset in force is unchanged", file=sys.stderr)
     except NftError as e:
         print(

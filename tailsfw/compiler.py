@@ -47,10 +47,6 @@ REFUSE = "refuse"
 Json = dict[str, Any]
 
 
-class CompileError(ValueError):
-    """The policy cannot be compiled with these facts."""
-
-
 @dataclass(frozen=True)
 class Ruleset:
     """The nftables objects of both tables, in load order, and what was left out."""
@@ -127,28 +123,16 @@ def lockdown() -> Ruleset:
     cannot load its policy.  It depends on nothing (no policy, no facts), so
     it cannot fail for the reason the policy did.
     """
-    objects: list[Json] = []
+    c = _Builder()
     for family in FAMILIES.values():
-        base = {"family": family, "table": TABLE}
-        objects.append({"table": {"family": family, "name": TABLE}})
+        c.family = family
+        c.table()
         for hook in ("input", "forward", "output"):
-            objects.append(
-                {
-                    "chain": {
-                        **base,
-                        "name": hook,
-                        "type": "filter",
-                        "hook": hook,
-                        "prio": 0,
-                        "policy": "drop",
-                    }
-                }
-            )
+            c.chain(hook, hook)
         for hook, key in (("input", "iif"), ("output", "oif")):
-            rule = {**base, "chain": hook, "expr": [_match(_meta(key), "lo"), ACCEPT]}
-            objects.append({"rule": {**rule, "comment": "lockdown: loopback only"}})
+            c.rule(hook, _match(_meta(key), "lo"), ACCEPT, comment="lockdown: loopback only")
     warning = "lockdown: no policy could be loaded; everything but loopback is dropped"
-    return Ruleset(objects=tuple(objects), warnings=(warning,))
+    return Ruleset(objects=tuple(c.objects), warnings=(warning,))
 
 
 def _resolve_users(policy: Policy, facts: Facts) -> tuple[dict[str, int], list[str]]:
@@ -235,14 +219,12 @@ def _network(net: ipaddress.IPv4Network) -> Any:
 # -- the compiler ------------------------------------------------------------
 
 
-class _Compiler:
-    def __init__(self, policy: Policy, uids: Mapping[str, int]) -> None:
-        self.policy = policy
-        self.uids = uids
+class _Builder:
+    """nft objects, all in the current family's tailsfw table, in order."""
+
+    def __init__(self) -> None:
         self.objects: list[Json] = []
         self.family = "ip"
-
-    # object builders, all in the current family's table
 
     def _base(self) -> Json:
         return {"family": self.family, "table": TABLE}
@@ -291,6 +273,13 @@ class _Compiler:
         if elems:
             body["elem"] = elems
         self.objects.append({kind: body})
+
+
+class _Compiler(_Builder):
+    def __init__(self, policy: Policy, uids: Mapping[str, int]) -> None:
+        super().__init__()
+        self.policy = policy
+        self.uids = uids
 
     # shared pieces
 

@@ -150,8 +150,8 @@ class Daemon:
     def enforce(self, policy: Policy, uids: Mapping[str, int]) -> str:
         """Compile with the latest facts and commit what changed.
 
-        Returns "unchanged", "sets" or "replaced".  Raises NftError or
-        CompileError with the ruleset in force untouched (every commit is
+        Returns "unchanged", "sets" or "replaced".  Raises NftError
+        with the ruleset in force untouched (every commit is
         one transaction).
         """
         ruleset = compiler.compile_policy(
@@ -294,7 +294,7 @@ class Daemon:
         assert self.policy is not None
         try:
             outcome = self.enforce(self.policy, self.uids)
-        except (NftError, compiler.CompileError) as e:
+        except NftError as e:
             self._refused(f"commit refused: {e}")
             return
         except Exception as e:  # a bug must not stop the loop that keeps the rules

@@ -95,12 +95,6 @@ class Policy:
     lan: Lan
     redirects: tuple[Redirect, ...]
 
-    def user(self, key: str) -> User:
-        for user in self.users:
-            if user.key == key:
-                return user
-        raise KeyError(key)
-
 
 def load(path: str | Path) -> Policy:
     """Read and validate a policy file."""

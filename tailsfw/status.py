@@ -6,7 +6,6 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .sysctl import SysctlState
 
@@ -58,8 +57,3 @@ def write_status(path: Path, status: Status) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(asdict(status), indent=1, sort_keys=True) + "\n")
     tmp.replace(path)
-
-
-def read_status(path: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(path.read_text())
-    return data

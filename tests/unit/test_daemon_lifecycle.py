@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -27,7 +28,6 @@ from tailsfw.netlink import Address, Link, Snapshot
 from tailsfw.nft import NftError
 from tailsfw.notify import Notifier
 from tailsfw.policy import load
-from tailsfw.status import read_status
 
 DEFAULT = Path(__file__).parents[2] / "etc" / "tailsfw" / "policy.toml"
 Doc = dict[str, Any]
@@ -205,7 +205,8 @@ def test_lockdown_when_nothing_is_in_force(tmp_path: Path, proc_sys: Path) -> No
     assert daemon.fail_closed(ValueError("broken")) == 1
     assert fake(daemon).documents == [compiler.lockdown().document()]
     assert daemon.state == "lockdown"
-    assert read_status(tmp_path / "state" / "status.json")["state"] == "lockdown"
+    status = json.loads((tmp_path / "state" / "status.json").read_text())
+    assert status["state"] == "lockdown"
 
 
 def test_a_tailsfw_ruleset_in_force_stays(tmp_path: Path, proc_sys: Path) -> None:

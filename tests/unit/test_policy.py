@@ -23,7 +23,7 @@ def default_data() -> dict[str, Any]:
 def test_default_policy_states_the_tails_filter() -> None:
     p = policy.load(DEFAULT)
     assert p.log.prefix == "Dropped outbound packet: "
-    assert p.user("amnesia").fallback_uid == 1000
+    assert [u.fallback_uid for u in p.users if u.key == "amnesia"] == [1000]
     assert [d.user for d in p.direct] == ["clearnet", "debian-tor"]
     assert p.lan.networks == tuple(
         ipaddress.IPv4Network(n) for n in ("192.168.0.0/16", "10.0.0.0/8", "172.16.0.0/12")
