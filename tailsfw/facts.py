@@ -19,3 +19,5 @@ class Facts:
     uids: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     # IPv4 networks on-link on some interface (for `lan.mode = "connected"`).
     connected: frozenset[ipaddress.IPv4Network] = frozenset()
+    # The clearnet DNS servers NetworkManager gave, in its order, checked.
+    dns: tuple[ipaddress.IPv4Address, ...] = ()

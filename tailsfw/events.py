@@ -1,0 +1,75 @@
+"""What the outside worlds report: one small frozen dataclass per kind of fact.
+
+Each source (netlink, NetworkManager, files, nftables' own notifications,
+the account database) yields these; the daemon folds them into `Facts` or
+reacts to them.  Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Protocol
+
+from .netlink import Snapshot
+
+
+@dataclass(frozen=True)
+class LinksChanged:
+    """netlink: the links and addresses, whole (a new snapshot)."""
+
+    snapshot: Snapshot
+
+
+@dataclass(frozen=True)
+class DnsServers:
+    """NetworkManager: the clearnet DNS servers, in its order, already checked.
+
+    `refused` names every value that was not a usable IPv4 address, and why;
+    `available` is False while NetworkManager (or the bus) is gone: the last
+    good list then stays in force.
+    """
+
+    servers: tuple[ipaddress.IPv4Address, ...]
+    refused: tuple[str, ...] = ()
+    available: bool = True
+
+
+@dataclass(frozen=True)
+class FileChanged:
+    """A file we keep (resolv.conf, ...) was changed, replaced or deleted by another."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class RulesetTouched:
+    """Another process committed a change to a tailsfw table (or may have:
+    `pid` 0 when notifications were lost and the kernel must be checked)."""
+
+    pid: int
+    process: str
+    what: str
+
+
+@dataclass(frozen=True)
+class AccountsChanged:
+    """The account database: account name -> uid, for the accounts the policy names."""
+
+    uids: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+
+
+Event = LinksChanged | DnsServers | FileChanged | RulesetTouched | AccountsChanged
+
+
+class Source(Protocol):
+    """One outside world.  `events()` reads the whole state first, then follows
+    changes, and reads everything again after any gap; it never ends while
+    the daemon runs, and never raises for the world's own failures."""
+
+    name: str
+
+    def events(self) -> AsyncIterator[Event]: ...
