@@ -167,6 +167,7 @@ class Daemon:
         self.started = False
         self.reload_pending = False
         self._pending_cause = ""
+        self._reads = 0  # netlink's full reads, as last reported
         self._subscribers: list[Callable[[Status], None]] = []
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._timer: asyncio.TimerHandle | None = None
@@ -310,6 +311,7 @@ class Daemon:
             self._fold(event)
             if isinstance(event, LinksChanged):
                 break
+        self._reads = self.parts.netlink.reads
         self._converge_sysctls()
         facts = self._with_uids(policy)
         self._converge_ruleset(desired(policy, facts), "start")
@@ -367,6 +369,9 @@ class Daemon:
                 self.parts.files.forget()
             self._converge_files()
             return
+        if isinstance(event, LinksChanged) and self.parts.netlink.reads != self._reads:
+            self._reads = self.parts.netlink.reads
+            self.publish()  # a full re-read (after lost events) is worth reporting
         if self.facts is before:
             return
         interfaces_changed = self.facts.interfaces != before.interfaces
