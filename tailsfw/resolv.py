@@ -75,15 +75,17 @@ def render_clearnet(servers: Sequence[ipaddress.IPv4Address]) -> str:
 def write_in_place(path: Path, text: str) -> bool:
     """Make `path` a regular file of mode 0644, ours, holding `text`; True if it changed.
 
-    A regular file keeps its inode: it is emptied and the new text written.  A reader that reads meanwhile sees the old text, an empty
-    file, or the new text, and nothing else: for a text within one page the
-    kernel grows the file's size only once the bytes are copied, so a
-    reader never sees part of a write.  It never sees a mix of old and new
-    lines either (writing over the old text, then cutting it, would show
-    the new text followed by the old one's tail, and a concurrent copy of
-    the same bytes may even tear a line into an address of neither).  An
-    empty file means "ask 127.0.0.1" to every resolver: Tor's DNS, never an
-    address outside, for the microseconds the window lasts.
+    A regular file keeps its inode: it is emptied and the new text written.
+    A reader that reads meanwhile sees the old text, an empty file, or the
+    new text: the kernel grows the file's size only once a page's bytes are
+    copied, so a reader never sees part of a page being written (a text
+    longer than a page may show whole first pages; resolvers use only the
+    first three `nameserver` lines, always in the first page).  An empty
+    file means "ask 127.0.0.1" to every resolver: Tor's DNS, never an
+    address outside, for the microseconds the window lasts.  Writing over
+    the old text and then cutting it would instead show the new text
+    followed by the old one's tail, and a read racing the copy could even
+    tear a line into an address of neither.
 
     Symlinks are never followed (a link planted at `path` would aim our
     write anywhere).  A symlink, FIFO, socket or device at `path`, or no
