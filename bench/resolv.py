@@ -34,8 +34,8 @@ from typing import Any
 
 from bench.daemon import percentile
 from tailsfw.accounts import AccountsSource
-from tailsfw.resolv import TOR_RESOLV_TEXT, ResolvFiles, render_clearnet
-from tests.files import SERVERS, TAMPERINGS, holds, restore_loop, time_until
+from tailsfw.resolv import ResolvFiles
+from tests.files import SERVERS, TAMPERINGS, holds, kept, restore_loop, time_until
 
 ROUNDS = 50  # per tampering and file: 600 restores
 CALLS = 2000
@@ -53,11 +53,9 @@ def restore_times(work: Path) -> list[float]:
     assert loop.stdin is not None and loop.stdout is not None
     try:
         loop.stdout.readline()  # started
-        kept = {etc / "resolv.conf": TOR_RESOLV_TEXT,
-                etc / "resolv-over-clearnet.conf": render_clearnet(SERVERS)}  # fmt: skip
         times = []
         for _ in range(ROUNDS):
-            for path, text in kept.items():
+            for path, text in kept(etc).items():
                 for tamper in TAMPERINGS.values():
                     tamper(path)
                     times.append(time_until(lambda: holds(path, text)))  # noqa: B023

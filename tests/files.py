@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
-from tailsfw.resolv import ResolvFiles, ResolvWatch
+from tailsfw.resolv import TOR_RESOLV_TEXT, ResolvFiles, ResolvWatch, render_clearnet
 
 SERVERS = (ipaddress.IPv4Address("192.168.77.1"), ipaddress.IPv4Address("10.0.0.53"))
 POLL = 0.0001  # seconds between two looks at the file
@@ -135,9 +135,17 @@ TAMPERINGS: dict[str, Callable[[Path], None]] = {
 }
 
 
+def kept(etc: Path) -> dict[Path, str]:
+    """The files a restore loop over `etc` keeps, and the text each must hold."""
+    return {
+        etc / "resolv.conf": TOR_RESOLV_TEXT,
+        etc / "resolv-over-clearnet.conf": render_clearnet(SERVERS),
+    }
+
+
 @contextlib.contextmanager
 def restore_loop(etc: Path) -> Iterator[RestoreLoop]:
     """A restore loop over `etc`/resolv.conf and `etc`/resolv-over-clearnet.conf."""
-    files = ResolvFiles(etc / "resolv.conf", etc / "resolv-over-clearnet.conf")
+    files = ResolvFiles(*kept(etc))
     with RestoreLoop(files, SERVERS) as loop:
         yield loop

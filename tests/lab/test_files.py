@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pwd
 import subprocess
 import time
 from pathlib import Path
 
 from tailsfw.accounts import AccountsSource
+from tests.files import holds, kept, restore_loop, time_until
 from tests.lab.daemon_fixtures import REPO, VENV_PYTHON
 from tests.lab.topology import USER_PREFIX
 
@@ -76,3 +79,16 @@ def test_accounts_follow_the_real_useradd_and_userdel(tmp_path: Path) -> None:
     times = asyncio.run(run())
     assert max(times) < TARGET_MS, times
     assert account not in Path("/etc/passwd").read_text()
+
+
+def test_a_chown_is_undone_within_100ms(tmp_path: Path) -> None:
+    """Whoever owns a kept file could rewrite it: the owner is put back (root)."""
+    nobody = pwd.getpwnam("nobody")
+    with restore_loop(tmp_path) as loop:
+        for path, text in kept(tmp_path).items():
+            time_until(lambda: holds(path, text))  # noqa: B023
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+            ms = time_until(lambda: path.stat().st_uid == 0 and path.stat().st_gid == 0)  # noqa: B023
+            assert ms < TARGET_MS
+            assert holds(path, text)
+        assert not loop.errors

@@ -17,7 +17,7 @@ import pytest
 
 from tailsfw.events import FileChanged
 from tailsfw.resolv import TOR_RESOLV_TEXT, ResolvFiles, ResolvWatch, write_in_place
-from tests.files import SERVERS, TAMPERINGS, holds, restore_loop, time_until
+from tests.files import SERVERS, TAMPERINGS, holds, kept, restore_loop, time_until
 
 CLEARNET_TEXT = "nameserver 192.168.77.1\nnameserver 10.0.0.53\n"
 TARGET_MS = 100.0
@@ -40,7 +40,7 @@ def test_start_writes_both_files(etc: Path) -> None:
 @pytest.mark.parametrize("tamper", sorted(TAMPERINGS))
 def test_tampering_is_undone_within_100ms(etc: Path, name: str, tamper: str) -> None:
     path = etc / name
-    text = TOR_RESOLV_TEXT if name == "resolv.conf" else CLEARNET_TEXT
+    text = kept(etc)[path]
     with restore_loop(etc) as loop:
         time_until(lambda: holds(path, text))
         times = []
@@ -188,3 +188,26 @@ def test_converge_writes_resolv_conf_even_when_the_clearnet_file_fails(etc: Path
     with pytest.raises(OSError, match=r"resolv-over-clearnet\.conf"):
         files.converge(SERVERS)
     assert holds(files.resolv_conf, TOR_RESOLV_TEXT)
+
+
+def test_a_queue_overflow_reports_every_path(etc: Path) -> None:
+    """More events than the kernel queues (fs.inotify.max_queued_events, read
+    only here) while the watcher is not reading: the watched paths are
+    reported although none of their own events was kept."""
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    paths = [etc / "resolv.conf", etc / "resolv-over-clearnet.conf"]
+
+    async def run() -> list[FileChanged]:
+        events = ResolvWatch(paths).events()
+        seen = [await anext(events), await anext(events)]  # the whole state, at start
+        others = [etc / "a", etc / "b"]
+        for other in others:
+            other.touch()
+        # Not awaiting, the watcher cannot read meanwhile; the two names take
+        # turns, so the kernel cannot merge an event with the one before.
+        for i in range(limit + 10):
+            os.chmod(others[i % 2], 0o600)
+        seen += [await asyncio.wait_for(anext(events), 2) for _ in paths]
+        return seen
+
+    assert asyncio.run(run()) == [FileChanged(p) for p in paths] * 2
