@@ -93,7 +93,15 @@ def write_in_place(path: Path, text: str) -> bool:
     rename; readers then see the old entry or the new file, nothing else.
     A directory at `path` is not removed: OSError.
     """
-    data = text.encode()
+    try:
+        return _write(path, text.encode())
+    except OSError as e:
+        if e.filename == str(path):
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+def _write(path: Path, data: bytes) -> bool:
     try:
         # O_PATH opens nothing: a device or FIFO planted here is not touched.
         handle = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -113,8 +121,6 @@ def write_in_place(path: Path, text: str) -> bool:
         os.close(handle)
     try:
         return _rewrite(fd, data)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(path)) from e
     finally:
         os.close(fd)
 
@@ -175,9 +181,9 @@ def _replace(path: Path, data: bytes, was: str) -> None:
         finally:
             os.close(fd)
         os.rename(tmp, path)
-    except OSError as e:
+    except OSError:
         tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     if was == "missing":
         log.info("%s was missing: created", path)
     else:
