@@ -4,7 +4,9 @@ the clearnet file follow its updates?
 Everything happens under the directory given as argument: the clearnet file
 is written, bind-mounted over another file (as Tails mounts it over the
 resolv.conf of the programs allowed clearnet DNS), updated by
-`ResolvFiles.converge`, and read through the mount.  Then, as a control, the
+`ResolvFiles.converge`, and read through the mount.  A write through the
+mount (a program editing its resolv.conf) must be noticed and undone by the
+restore loop, and the time is measured.  Then, as a control, the
 file is replaced by rename, the way an atomic writer would: the mount must
 then show the old text, which proves the check can tell the two apart.
 Prints one JSON object; the mounts vanish with the namespace.
@@ -20,9 +22,10 @@ import sys
 from pathlib import Path
 
 from tailsfw.resolv import ResolvFiles, render_clearnet
+from tests.files import SERVERS, restore_loop, time_until
 
-BEFORE = (ipaddress.IPv4Address("192.168.77.1"),)
-AFTER = (ipaddress.IPv4Address("10.0.0.53"), ipaddress.IPv4Address("192.168.77.1"))
+BEFORE = (ipaddress.IPv4Address("172.16.0.53"),)
+AFTER = SERVERS
 RENAMED = "nameserver 203.0.113.53\n"
 
 
@@ -36,6 +39,10 @@ def main(work: Path) -> dict[str, object]:
     subprocess.run(["mount", "--bind", str(files.clearnet_conf), str(mounted)], check=True)
     rewritten = files.converge(AFTER)
     seen_after_update = mounted.read_text()
+    with restore_loop(etc):
+        with mounted.open("a") as f:
+            f.write(RENAMED)
+        restore_ms = time_until(lambda: mounted.read_text() == render_clearnet(AFTER))
     new = etc / "renamed"
     new.write_text(RENAMED)
     os.replace(new, files.clearnet_conf)
@@ -43,6 +50,7 @@ def main(work: Path) -> dict[str, object]:
         "rewritten": rewritten,
         "expected": render_clearnet(AFTER),
         "seen_after_update": seen_after_update,
+        "restore_through_mount_ms": restore_ms,
         "seen_after_rename": mounted.read_text(),
         "file_after_rename": files.clearnet_conf.read_text(),
     }
