@@ -91,6 +91,11 @@ def read_passwd(path: Path) -> bytes:
     return data
 
 
+def read_uids(accounts: Collection[str], passwd: Path = PASSWD) -> Mapping[str, int]:
+    """Account name -> uid for those of `accounts` in `passwd` now (OSError if unreadable)."""
+    return MappingProxyType(parse_passwd(read_passwd(passwd), accounts))
+
+
 class AccountsSource:
     """The uids of the policy's accounts: the whole state first, then every change."""
 
@@ -107,7 +112,7 @@ class AccountsSource:
         # falls between the two.
         async for _ in watch_paths([self.passwd]):
             try:
-                uids = parse_passwd(read_passwd(self.passwd), self.accounts)
+                uids = read_uids(self.accounts, self.passwd)
             except OSError as e:
                 # Keep what is in force; the next change of the file retries.
                 self.last_error = str(e)
@@ -116,4 +121,4 @@ class AccountsSource:
             self.last_error = ""
             if uids != last:
                 last = uids
-                yield AccountsChanged(MappingProxyType(uids))
+                yield AccountsChanged(uids)

@@ -27,7 +27,7 @@ import logging
 import os
 import secrets
 import stat
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from .events import FileChanged
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 TOR_RESOLV_TEXT = "nameserver 127.0.0.1\n"
 MODE = 0o644
+MAX_SHOWN = 48  # characters of a refused value quoted in the error
+THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")  # "this host": never a server
 
 
 def refusal(server: object) -> str | None:
@@ -54,9 +56,6 @@ def refusal(server: object) -> str | None:
     return None
 
 
-THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
-
-
 def render_clearnet(servers: Sequence[ipaddress.IPv4Address]) -> str:
     """One `nameserver` line per server, in the given order, without repeats.
 
@@ -67,7 +66,9 @@ def render_clearnet(servers: Sequence[ipaddress.IPv4Address]) -> str:
     for server in servers:
         why = refusal(server)
         if why is not None:
-            raise ValueError(f"clearnet DNS server {server!r} refused: {why}")
+            shown = repr(server)
+            shown = shown if len(shown) <= MAX_SHOWN else shown[: MAX_SHOWN - 3] + "..."
+            raise ValueError(f"clearnet DNS server {shown} refused: {why}")
         seen[server] = None
     return "".join(f"nameserver {server}\n" for server in seen)
 
@@ -197,21 +198,23 @@ class ResolvFiles:
         self.resolv_conf = resolv_conf
         self.clearnet_conf = clearnet_conf
 
-    def converge(self, servers: tuple[ipaddress.IPv4Address, ...]) -> list[str]:
+    def converge(self, servers: tuple[ipaddress.IPv4Address, ...] | None) -> list[str]:
         """Rewrite what differs; the paths rewritten.
 
-        resolv.conf comes first and is written even if the clearnet file
-        fails (or `servers` is refused: ValueError); an OSError names the
-        first path that could not be written, after both were tried.
+        `servers` None (NetworkManager has not answered yet) leaves the
+        clearnet file as it is.  resolv.conf comes first and is written even
+        if the clearnet file fails (or `servers` is refused: ValueError); an
+        OSError names the first path that could not be written, after both
+        were tried.
         """
         rewritten = []
         failed: OSError | None = None
-        for path, text in (
-            (self.resolv_conf, TOR_RESOLV_TEXT),
-            (self.clearnet_conf, None),
-        ):
+        texts: list[tuple[Path, Callable[[], str]]] = [(self.resolv_conf, lambda: TOR_RESOLV_TEXT)]
+        if servers is not None:
+            texts.append((self.clearnet_conf, lambda: render_clearnet(servers)))
+        for path, text in texts:
             try:
-                if write_in_place(path, render_clearnet(servers) if text is None else text):
+                if write_in_place(path, text()):
                     rewritten.append(str(path))
             except OSError as e:
                 failed = failed or e

@@ -180,6 +180,10 @@ def test_converge_is_idempotent_and_names_what_it_rewrote(etc: Path) -> None:
     assert files.clearnet_conf.read_text() == "nameserver 192.168.77.1\n"
     assert files.converge(()) == [str(files.clearnet_conf)]
     assert files.clearnet_conf.read_text() == ""
+    files.clearnet_conf.write_text("nameserver 10.0.0.53\n")
+    files.resolv_conf.write_text("nameserver 203.0.113.53\n")
+    assert files.converge(None) == [str(files.resolv_conf)]  # servers not known yet
+    assert files.clearnet_conf.read_text() == "nameserver 10.0.0.53\n"
 
 
 def test_converge_writes_resolv_conf_even_when_the_clearnet_file_fails(etc: Path) -> None:

@@ -58,3 +58,9 @@ def test_refused_naming_the_value(value: Any, why: str) -> None:
     message = str(caught.value)
     assert repr(value) in message and why in message
     assert "\n" not in message.replace("\\n", "")  # one line, the newline escaped
+
+
+def test_a_long_value_is_cut_in_the_message() -> None:
+    with pytest.raises(ValueError) as caught:
+        render_clearnet(["x" * 10_000])  # type: ignore[list-item]
+    assert len(str(caught.value)) < 120
