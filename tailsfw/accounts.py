@@ -16,6 +16,7 @@ source injectable (a passwd in a temp directory) and the parser pure.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import stat
@@ -97,7 +98,12 @@ def read_uids(accounts: Collection[str], passwd: Path = PASSWD) -> Mapping[str, 
 
 
 class AccountsSource:
-    """The uids of the policy's accounts: the whole state first, then every change."""
+    """The uids of the policy's accounts: the whole state first, then every change.
+
+    `follow(accounts)` changes the accounts asked (a reloaded policy may
+    name others): the file is read again at once, and their uids reported
+    if they differ from the last reported.
+    """
 
     name = "accounts"
 
@@ -105,20 +111,40 @@ class AccountsSource:
         self.accounts = frozenset(accounts)
         self.passwd = passwd
         self.last_error = ""
+        self._wake: asyncio.Queue[None] | None = None
+
+    def follow(self, accounts: Collection[str]) -> None:
+        """Ask for these accounts from now on (call from the event loop)."""
+        self.accounts = frozenset(accounts)
+        if self._wake is not None:
+            self._wake.put_nowait(None)
 
     async def events(self) -> AsyncIterator[AccountsChanged]:
+        wake = self._wake = asyncio.Queue()
+        watch = asyncio.create_task(self._watch(wake), name="accounts-watch")
         last: Mapping[str, int] | None = None
-        # The watch is set up before each read it triggers, so no change
-        # falls between the two.
+        try:
+            while True:
+                await wake.get()
+                while not wake.empty():  # one read for all that woke us meanwhile
+                    wake.get_nowait()
+                try:
+                    uids = read_uids(self.accounts, self.passwd)
+                except OSError as e:
+                    # Keep what is in force; the next change of the file retries.
+                    self.last_error = str(e)
+                    log.error("accounts: %s: keeping the last uids", e)
+                    continue
+                self.last_error = ""
+                if uids != last:
+                    last = uids
+                    yield AccountsChanged(uids)
+        finally:
+            self._wake = None
+            watch.cancel()
+
+    async def _watch(self, wake: asyncio.Queue[None]) -> None:
+        # The watch is set up before the read it triggers first, so no
+        # change falls between the two.
         async for _ in watch_paths([self.passwd]):
-            try:
-                uids = read_uids(self.accounts, self.passwd)
-            except OSError as e:
-                # Keep what is in force; the next change of the file retries.
-                self.last_error = str(e)
-                log.error("accounts: %s: keeping the last uids", e)
-                continue
-            self.last_error = ""
-            if uids != last:
-                last = uids
-                yield AccountsChanged(uids)
+            wake.put_nowait(None)

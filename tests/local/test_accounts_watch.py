@@ -122,3 +122,18 @@ def test_a_fifo_in_its_place_neither_hangs_nor_changes_the_uids(passwd: Path) ->
         return source
 
     asyncio.run(run())
+
+
+def test_follow_other_accounts_after_a_reload(passwd: Path) -> None:
+    async def run() -> None:
+        source = AccountsSource(["amnesia"], passwd)
+        changes = Changes(source)
+        assert await changes.next() == {}
+        source.follow(["amnesia", "clearnet"])  # clearnet exists already
+        assert await changes.next() == {"clearnet": 116}
+        source.follow(["amnesia", "clearnet"])
+        assert await changes.quiet()  # nothing changed: nothing reported
+        replace(passwd, ROOT + CLEARNET + AMNESIA)  # and later changes are followed
+        assert await changes.next() == {"clearnet": 116, "amnesia": 1000}
+
+    asyncio.run(run())
