@@ -181,7 +181,9 @@ async def watch_paths(
     any gap: a queue overflow, a directory that went away), so a reader
     that re-reads what it is told about never misses a change.  A directory
     that cannot be watched (missing, no inotify left) is retried with a
-    growing delay; this never raises for such failures.
+    growing delay, and until every directory can be watched none is
+    followed (the kept files all live in /etc); this never raises for such
+    failures.
     """
     everything = frozenset(paths)
     delay = retry
