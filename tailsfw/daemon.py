@@ -30,12 +30,13 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 from . import users
+from .accounts import PASSWD, AccountsSource
 from .desired import Desired, desired
 from .enforce import FailState, NftApi, Outcome, RulesetEffect, fail_closed
 from .events import DnsServers, Event, FileChanged, LinksChanged, RulesetTouched, Source
@@ -45,6 +46,7 @@ from .nft import Nft, NftError
 from .notify import Notifier, watchdog_interval
 from .policy import Policy, PolicyError
 from .policy import load as load_policy
+from .resolv import ResolvFiles, ResolvWatch
 from .status import Counters, Status, write_status
 from .sysctl import DEFAULT_ROOT, Sysctl
 
@@ -52,6 +54,8 @@ log = logging.getLogger("tailsfwd")
 
 DEFAULT_POLICY = Path("/etc/tailsfw/policy.toml")
 DEFAULT_STATE_DIR = Path("/run/tailsfw")
+DEFAULT_RESOLV_CONF = Path("/etc/resolv.conf")
+DEFAULT_CLEARNET_CONF = Path("/etc/resolv-over-clearnet.conf")
 STATUS_FILE = "status.json"
 # Coalescing (measured by bench/daemon.py): a burst is committed 2 ms after
 # its last change (NetworkManager's address, route and link events come
@@ -70,6 +74,10 @@ class NetlinkApi(Source, Protocol):
     reads: int  # full reads of the link and address state
 
 
+class AccountsApi(Source, Protocol):
+    def follow(self, accounts: Collection[str]) -> None: ...
+
+
 class FilesApi(Protocol):
     """The resolv files effect (tailsfw.resolv.ResolvFiles)."""
 
@@ -85,6 +93,9 @@ class Options:
     quiet: float = QUIET
     max_delay: float = MAX_DELAY
     netlink_rcvbuf: int = RCVBUF
+    resolv_conf: Path = DEFAULT_RESOLV_CONF
+    clearnet_conf: Path = DEFAULT_CLEARNET_CONF
+    passwd: Path = PASSWD
 
 
 @dataclass
@@ -133,8 +144,9 @@ class Parts:
     netlink: NetlinkApi
     sysctl: Sysctl
     notify: Notifier
-    sources: Sequence[Source] = ()  # besides netlink
+    sources: Sequence[Source] = ()  # besides netlink and accounts
     files: FilesApi | None = None
+    accounts: AccountsApi | None = None  # follows the policy's accounts live
     lookup_uids: Callable[[Policy], Mapping[str, int]] = users.lookup_uids
 
 
@@ -260,7 +272,11 @@ class Daemon:
     # -- effects ------------------------------------------------------------
 
     def _with_uids(self, policy: Policy) -> Facts:
-        return replace(self.facts, uids=self.parts.lookup_uids(policy))
+        """The facts with the uids of `policy`'s accounts, which are followed from now on."""
+        facts = replace(self.facts, uids=self.parts.lookup_uids(policy))
+        if self.parts.accounts is not None:
+            self.parts.accounts.follow(users.accounts_of(policy))
+        return facts
 
     def _converge_ruleset(self, wanted: Desired, cause: str) -> Outcome:
         outcome = self.ruleset.converge(wanted.ruleset)
@@ -283,7 +299,7 @@ class Daemon:
             return
         try:
             rewritten = files.converge(self.facts.dns if self.facts.dns_known else None)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: a server refused by the render
             self.counters.files_refused += 1
             log.error("cannot write the resolv files: %s", e)
             return
@@ -449,7 +465,8 @@ class Daemon:
             loop.add_signal_handler(sig, _set, stop)
         # Installed before the start: SIGHUP's default action would kill us.
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        sources = [self.parts.netlink, *self.parts.sources]
+        accounts = [self.parts.accounts] if self.parts.accounts is not None else []
+        sources = [self.parts.netlink, *accounts, *self.parts.sources]
         pumps = {asyncio.create_task(self._pump(s), name=s.name) for s in sources}
         try:
             return await self._run(stop, pumps)
@@ -575,6 +592,16 @@ def parse_args(argv: list[str] | None = None) -> Options:
     )
     p.add_argument("--quiet-ms", type=float, default=QUIET * 1000, help=argparse.SUPPRESS)
     p.add_argument("--max-delay-ms", type=float, default=MAX_DELAY * 1000, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--resolv-conf", type=Path, default=DEFAULT_RESOLV_CONF, help="kept on Tor's DNS"
+    )
+    p.add_argument(
+        "--clearnet-resolv-conf",
+        type=Path,
+        default=DEFAULT_CLEARNET_CONF,
+        help="NetworkManager's DNS servers, for the clearnet users",
+    )
+    p.add_argument("--passwd", type=Path, default=PASSWD, help="the account database")
     # Tests shrink it to make the kernel drop events (ENOBUFS) on purpose.
     p.add_argument("--netlink-rcvbuf", type=int, default=RCVBUF, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -585,16 +612,24 @@ def parse_args(argv: list[str] | None = None) -> Options:
         quiet=args.quiet_ms / 1000,
         max_delay=args.max_delay_ms / 1000,
         netlink_rcvbuf=args.netlink_rcvbuf,
+        resolv_conf=args.resolv_conf,
+        clearnet_conf=args.clearnet_resolv_conf,
+        passwd=args.passwd,
     )
 
 
 def real_parts(options: Options) -> Parts:
     """The composition root: the real outside worlds."""
+    files = (options.resolv_conf, options.clearnet_conf)
     return Parts(
         nft=Nft(),
         netlink=NetlinkSource(options.netlink_rcvbuf),
         sysctl=Sysctl(options.proc_sys),
         notify=Notifier(),
+        sources=[ResolvWatch(files)],
+        files=ResolvFiles(*files),
+        accounts=AccountsSource((), options.passwd),
+        lookup_uids=lambda policy: users.lookup_uids(policy, options.passwd),
     )
 
 

@@ -214,15 +214,26 @@ class DaemonProcess:
         return self.workdir / "state"
 
     @property
+    def resolv_conf(self) -> Path:
+        return self.workdir / "resolv.conf"
+
+    @property
+    def clearnet_conf(self) -> Path:
+        return self.workdir / "resolv-over-clearnet.conf"
+
+    @property
     def stderr_path(self) -> Path:
         return self.workdir / "tailsfwd.stderr"
 
     def start(self) -> DaemonProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.notify = NotifySocket(self.workdir / "notify.sock")
+        # Never this machine's resolv files: the daemon's are in the work directory.
         argv = [
             "ip", "netns", "exec", self.namespace, VENV_PYTHON, "-m", "tailsfw.daemon",
-            "--policy", str(self.policy), "--state-dir", str(self.state_dir), *self.args,
+            "--policy", str(self.policy), "--state-dir", str(self.state_dir),
+            "--resolv-conf", str(self.resolv_conf),
+            "--clearnet-resolv-conf", str(self.clearnet_conf), *self.args,
         ]  # fmt: skip
         env = {**os.environ, "NOTIFY_SOCKET": str(self.notify.path)}
         env.pop("JOURNAL_STREAM", None)  # log to stderr, which we keep

@@ -23,8 +23,9 @@ import pytest
 from tailsfw import compiler
 from tailsfw.daemon import MAX_DELAY, stderr_is_journal
 from tailsfw.desired import desired
-from tailsfw.events import DnsServers, Event, RulesetTouched
+from tailsfw.events import AccountsChanged, DnsServers, Event, FileChanged, RulesetTouched
 from tailsfw.notify import Notifier
+from tailsfw.resolv import ResolvFiles
 from tests.unit.daemon_fakes import Rig, links, rig, run, signal_self, write_policy
 
 Net = ipaddress.IPv4Network
@@ -149,6 +150,36 @@ def test_dns_servers_are_facts_and_kept_while_networkmanager_is_gone(tmp_path: P
     step(r, DnsServers((), available=False))
     status = r.daemon.status()
     assert status.clearnet_dns == ["192.168.1.1"] and status.networkmanager == "absent"
+
+
+def test_the_resolv_files_follow_networkmanager_and_are_restored(tmp_path: Path) -> None:
+    resolv, clearnet = tmp_path / "resolv.conf", tmp_path / "resolv-over-clearnet.conf"
+    resolv.write_text("nameserver 192.168.1.1\n")
+    clearnet.write_text("nameserver 192.168.9.9\n")  # a previous run's: kept until NM speaks
+    r = rig(tmp_path, links("192.168.1.2/24"), files=ResolvFiles(resolv, clearnet))
+    start(r)
+    assert resolv.read_text() == "nameserver 127.0.0.1\n"
+    assert clearnet.read_text() == "nameserver 192.168.9.9\n"
+    inode = clearnet.stat().st_ino
+    servers = tuple(map(ipaddress.IPv4Address, ("192.168.1.1", "10.0.0.53")))
+    step(r, DnsServers(servers))
+    assert clearnet.read_text() == "nameserver 192.168.1.1\nnameserver 10.0.0.53\n"
+    assert clearnet.stat().st_ino == inode  # in place: bind mounts see it
+    step(r, DnsServers((), available=False))  # NetworkManager gone: the last list stays
+    assert clearnet.read_text() == "nameserver 192.168.1.1\nnameserver 10.0.0.53\n"
+    resolv.write_text("nameserver 8.8.8.8\n")
+    step(r, FileChanged(resolv))
+    assert resolv.read_text() == "nameserver 127.0.0.1\n"
+    assert r.daemon.status().counters.files_rewritten == 3
+
+
+def test_accounts_changes_reach_the_ruleset(tmp_path: Path) -> None:
+    r = rig(tmp_path, links("192.168.1.2/24"))
+    start(r)
+    assert "4321" not in json.dumps(r.kernel.dump())
+    step(r, AccountsChanged({"clearnet": 4321}))
+    assert r.kernel.holds(compiled(r).document())
+    assert "4321" in json.dumps(r.kernel.dump())
 
 
 # -- fail closed at start -----------------------------------------------------
