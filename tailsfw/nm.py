@@ -51,6 +51,7 @@ DBUS_PATH = "/org/freedesktop/DBus"
 MAX_SERVERS = 32  # kept; more are refused (glibc reads 3, NetworkManager writes them all)
 MAX_REFUSED = 16  # reasons kept in one DnsServers; the rest are counted in one line
 MAX_OBJECTS = 64  # active connections / devices read; more are refused
+MAX_TEXT = 64  # longer than any IP address text, even IPv6 with a scope
 MAX_SHOWN = 48  # characters of a refused value quoted in its reason
 # NetworkManager's default ipv4.dns-priority (0 on D-Bus means "the default").
 DEFAULT_PRIORITY = 100
@@ -93,9 +94,7 @@ def check_address(value: object) -> ipaddress.IPv4Address:
     """The value as a DNS server's IPv4 address, or Refused naming why not."""
     if not isinstance(value, str):
         raise Refused(f"{show(value)}: not a string")
-    if len(value) > len("255.255.255.255") or any(
-        not c.isprintable() or c.isspace() for c in value
-    ):
+    if len(value) > MAX_TEXT or any(not c.isprintable() or c.isspace() for c in value):
         raise Refused(f"{show(value)}: not an IPv4 address (spaces, control characters or long)")
     try:
         address = ipaddress.IPv4Address(value)
