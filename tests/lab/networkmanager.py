@@ -44,6 +44,7 @@ from tests.lab.dbus_fixtures import NM, PrivateBus, private_bus, wait_for_name
 from tests.lab.topology import COMMAND_PATH, command_env, run
 
 CONNECTION_ID = "tfwlab"
+PEER_LAN = ipaddress.IPv4Interface("192.168.88.1/24")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Link:
 
     host_if: str = "nm0"
     peer_if: str = "nmp0"
-    peer: ipaddress.IPv4Interface = ipaddress.IPv4Interface("192.168.88.1/24")
+    peer: ipaddress.IPv4Interface = PEER_LAN
 
     @property
     def dhcp_range(self) -> tuple[str, str]:
