@@ -28,7 +28,7 @@ import contextlib
 import ipaddress
 import logging
 import struct
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -271,7 +271,7 @@ class NetworkManagerSource:
 
     # -- the consumer side
 
-    async def events(self) -> AsyncIterator[DnsServers]:
+    async def events(self) -> AsyncGenerator[DnsServers, None]:
         self._changed = asyncio.Event()
         task = asyncio.create_task(self._run(), name="networkmanager")
         try:
