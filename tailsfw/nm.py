@@ -298,7 +298,7 @@ class NetworkManagerSource:
         self._changed.set()
 
     def _unavailable(self, why: str) -> None:
-        if self._value.available or not self.last_error:
+        if self._value.available or why != self.last_error:
             log.warning("NetworkManager: %s: keeping the last DNS servers", why)
         self.last_error = why
         self._publish(DnsServers(self._value.servers, (), available=False))
@@ -326,7 +326,8 @@ class NetworkManagerSource:
                 why = f"bus {self.bus_address or 'system'}: {describe(e)}"
             finally:
                 if bus is not None:
-                    bus.disconnect()
+                    with contextlib.suppress(Exception):
+                        bus.disconnect()
             self._unavailable(why)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.retry[1])
@@ -369,12 +370,17 @@ class NetworkManagerSource:
                     self._unavailable("NetworkManager is not on the bus")
                 else:
                     try:
-                        self._publish(await self._read(bus))
+                        value = await self._read(bus)
+                        if not self._value.available:
+                            log.info("NetworkManager: read, %d DNS servers", len(value.servers))
+                        self._publish(value)
                         failures = 0
                         self.reads += 1
                     except ReadFailed as e:
+                        # Often an object that went away under the read: its
+                        # signal is on its way.  Persistent: say so.
                         failures += 1
-                        self.last_error = str(e)
+                        log.info("NetworkManager: %s (attempt %d)", e, failures)
                         if failures >= 3:
                             self._unavailable(str(e))
                         timeout = min(self.retry[0] * 2**failures, self.retry[1])
@@ -387,6 +393,8 @@ class NetworkManagerSource:
                     waker.cancel()
         finally:
             disconnected.cancel()
+            if disconnected.done() and not disconnected.cancelled():
+                disconnected.exception()  # seen: the caller reconnects
 
     async def _name_owner(self, bus: MessageBus) -> str | None:
         try:

@@ -239,3 +239,16 @@ def test_hostile_values_never_pass_and_the_source_stays_up(
         # Still followed after all that.
         nm.update(config, IP4, NameserverData=nameserver_data("192.0.2.99"))
         log.wait(has("192.0.2.99"))
+
+
+def test_no_bus_at_start_then_bus_and_networkmanager(
+    bus: PrivateBus, nm: MockNetworkManager
+) -> None:
+    bus.close()
+    with EventLog(source(bus)) as log:
+        log.wait(has(available=False), timeout=0.5)
+        bus.start()
+        nm.start()
+        nm.connection_with("eth0", "192.0.2.1")
+        nm.set_active(nm.active)
+        log.wait(has("192.0.2.1"))

@@ -3,14 +3,17 @@ NetworkManager's order, the bounds (no bus)."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import struct
+import time
 
 import pytest
 from dbus_fast import Message, MessageType, Variant
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tailsfw.events import DnsServers
 from tailsfw.nm import (
     IP4,
     MAX_REFUSED,
@@ -18,6 +21,7 @@ from tailsfw.nm import (
     NM,
     PROPERTIES,
     Config,
+    NetworkManagerSource,
     Refused,
     check_address,
     dns_servers,
@@ -205,3 +209,22 @@ def test_only_relevant_property_changes_wake_the_reader() -> None:
     assert not signal_is_relevant(signal(PROPERTIES, "sa{sv}as", [IP4, other, []]))
     # A body that does not parse: read again, to be safe.
     assert signal_is_relevant(signal(PROPERTIES, "s", [IP4]))
+
+
+@pytest.mark.parametrize("address", ["unix:path=/nonexistent/tfwnm-bus", "nonsense"])
+def test_without_a_bus_the_first_event_comes_at_once_and_retries_go_on(address: str) -> None:
+    source = NetworkManagerSource(address, retry=(0.01, 0.02))
+
+    async def first_and_retries() -> tuple[DnsServers, float]:
+        events = source.events()
+        started = time.monotonic()
+        first = await anext(events)
+        elapsed = time.monotonic() - started
+        await asyncio.sleep(0.1)  # a few failed attempts, and no event for them
+        await events.aclose()
+        return first, elapsed
+
+    first, elapsed = asyncio.run(first_and_retries())
+    assert first == DnsServers((), (), available=False)
+    assert elapsed < 0.1
+    assert source.connects == 0 and source.last_error.startswith("bus ")
