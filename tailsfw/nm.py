@@ -117,6 +117,13 @@ def check_address(value: object) -> ipaddress.IPv4Address:
     return address
 
 
+def mistyped(value: Variant, what: str, signature: str) -> Refused | None:
+    """A refusal if the value does not have the documented D-Bus type."""
+    if value.signature == signature:
+        return None
+    return Refused(f"{what} of D-Bus type {value.signature!r}, not {signature!r}")
+
+
 def nameserver_values(props: Mapping[str, Variant]) -> Iterator[object]:
     """An IP4Config's nameservers as they come: address strings, or Refused
     for what does not have the documented D-Bus type.
@@ -128,22 +135,20 @@ def nameserver_values(props: Mapping[str, Variant]) -> Iterator[object]:
     """
     data = props.get("NameserverData")
     if isinstance(data, Variant):
-        if data.signature != "aa{sv}":
-            yield Refused(f"NameserverData of D-Bus type {data.signature!r}, not 'aa{{sv}}'")
+        if wrong := mistyped(data, "NameserverData", "aa{sv}"):
+            yield wrong
             return
         for entry in data.value:
             address = entry.get("address")
             if not isinstance(address, Variant):
                 yield Refused("a NameserverData entry without an address")
-            elif address.signature != "s":
-                yield Refused(f"an address of D-Bus type {address.signature!r}, not 's'")
             else:
-                yield address.value
+                yield mistyped(address, "an address", "s") or address.value
         return
     legacy = props.get("Nameservers")
     if isinstance(legacy, Variant):
-        if legacy.signature != "au":
-            yield Refused(f"Nameservers of D-Bus type {legacy.signature!r}, not 'au'")
+        if wrong := mistyped(legacy, "Nameservers", "au"):
+            yield wrong
             return
         for number in legacy.value:
             yield str(ipaddress.IPv4Address(struct.pack("=I", number)))
@@ -492,8 +497,8 @@ def typed(props: Mapping[str, Variant], name: str, signature: str, refused: list
     value = props.get(name)
     if value is None:
         return None
-    if value.signature != signature:
-        refused.append(f"{name} of D-Bus type {value.signature!r}, not {signature!r}")
+    if wrong := mistyped(value, name, signature):
+        refused.append(str(wrong))
         return None
     return value.value
 

@@ -182,6 +182,7 @@ class MockNetworkManager:
         return self
 
     def kill(self) -> None:
+        self.active.clear()
         if self.process is not None:
             self.process.kill()
             self.process.wait()
@@ -254,6 +255,12 @@ class MockNetworkManager:
         config = self.add_config(nameserver_data(*addresses))
         device = self.add_device(interface, config)
         self.active.append(self.add_active([device], default=default))
+        return config
+
+    def serve(self, interface: str, *addresses: Any) -> str:
+        """One more active connection with these servers, in ActiveConnections."""
+        config = self.connection_with(interface, *addresses)
+        self.set_active(self.active)
         return config
 
 

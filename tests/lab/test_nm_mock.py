@@ -75,8 +75,7 @@ def test_absent_at_start_then_appearing(bus: PrivateBus, nm: MockNetworkManager)
         assert first_ms < 300, f"the first event took {first_ms:.0f} ms"
         nm.start()
         log.wait(has())
-        nm.connection_with("eth0", "192.0.2.53")
-        nm.set_active(nm.active)
+        nm.serve("eth0", "192.0.2.53")
         log.wait(has("192.0.2.53"))
 
 
@@ -112,8 +111,7 @@ def test_changes_are_followed(bus: PrivateBus, nm: MockNetworkManager) -> None:
     import dbus
 
     nm.start()
-    config = nm.connection_with("eth0", "192.0.2.1")
-    nm.set_active(nm.active)
+    config = nm.serve("eth0", "192.0.2.1")
     with EventLog(source(bus)) as log:
         log.wait(has("192.0.2.1"))
         # org.freedesktop.DBus.Properties.PropertiesChanged
@@ -149,23 +147,19 @@ def test_old_versions_nameservers_are_read(bus: PrivateBus, nm: MockNetworkManag
 
 def test_restart_keeps_the_last_servers_while_gone(bus: PrivateBus, nm: MockNetworkManager) -> None:
     nm.start()
-    nm.connection_with("eth0", "192.0.2.1")
-    nm.set_active(nm.active)
+    nm.serve("eth0", "192.0.2.1")
     with EventLog(source(bus)) as log:
         log.wait(has("192.0.2.1"))
         nm.kill()
         log.wait(has("192.0.2.1", available=False))
-        nm.active.clear()
         nm.start()
-        nm.connection_with("eth0", "192.0.2.2")
-        nm.set_active(nm.active)
+        nm.serve("eth0", "192.0.2.2")
         log.wait(has("192.0.2.2"))
 
 
 def test_the_bus_going_and_coming_back(bus: PrivateBus, nm: MockNetworkManager) -> None:
     nm.start()
-    nm.connection_with("eth0", "192.0.2.1")
-    nm.set_active(nm.active)
+    nm.serve("eth0", "192.0.2.1")
     with EventLog(source(bus)) as log:
         log.wait(has("192.0.2.1"))
         nm.kill()
@@ -173,11 +167,9 @@ def test_the_bus_going_and_coming_back(bus: PrivateBus, nm: MockNetworkManager) 
         log.wait(has("192.0.2.1", available=False))
         time.sleep(0.3)  # a few failed connections
         bus.start()
-        nm.active.clear()
         nm.start()
         log.wait(has(), timeout=5)  # reconnected, NetworkManager read again
-        nm.connection_with("eth0", "192.0.2.3")
-        nm.set_active(nm.active)
+        nm.serve("eth0", "192.0.2.3")
         log.wait(has("192.0.2.3"))
 
 
@@ -205,8 +197,7 @@ def test_hostile_values_never_pass_and_the_source_stays_up(
     import dbus
 
     nm.start()
-    config = nm.connection_with("eth0", *HOSTILE, "192.0.2.53")
-    nm.set_active(nm.active)
+    config = nm.serve("eth0", *HOSTILE, "192.0.2.53")
     with EventLog(source(bus)) as log:
         event = log.wait(lambda e: e.available and e.servers != ())
         assert event.servers == servers("192.0.2.53")
@@ -249,6 +240,5 @@ def test_no_bus_at_start_then_bus_and_networkmanager(
         log.wait(has(available=False), timeout=0.5)
         bus.start()
         nm.start()
-        nm.connection_with("eth0", "192.0.2.1")
-        nm.set_active(nm.active)
+        nm.serve("eth0", "192.0.2.1")
         log.wait(has("192.0.2.1"))
