@@ -5,6 +5,7 @@ active connections, changes, restarts, a vanishing bus, hostile values."""
 from __future__ import annotations
 
 import ipaddress
+import signal
 import struct
 import tempfile
 import time
@@ -242,3 +243,20 @@ def test_no_bus_at_start_then_bus_and_networkmanager(
         nm.start()
         nm.serve("eth0", "192.0.2.1")
         log.wait(has("192.0.2.1"))
+
+
+def test_a_hung_networkmanager_delays_nothing(bus: PrivateBus, nm: MockNetworkManager) -> None:
+    nm.start()
+    nm.serve("eth0", "192.0.2.1")
+    assert nm.process is not None
+    nm.process.send_signal(signal.SIGSTOP)  # owns its name, answers nothing
+    try:
+        hung = NetworkManagerSource(bus.address, call_timeout=0.2, retry=(0.02, 0.05))
+        with EventLog(hung) as log:
+            log.wait(has(available=False), timeout=0.5)
+            time.sleep(1)  # several reads time out: still no servers, no crash
+            assert hung.reads == 0 and "within 0.2 s" in hung.last_error
+            nm.process.send_signal(signal.SIGCONT)
+            log.wait(has("192.0.2.1"), timeout=5)
+    finally:
+        nm.process.send_signal(signal.SIGCONT)
