@@ -1,8 +1,11 @@
 # tailsfw: two commands for a new user, `make demo` and `make test`.
 VENV := .venv
 PY := $(VENV)/bin/python
+# network-manager is not in the list: on a machine run by systemd its
+# installation would start NetworkManager there.  tests/lab/test_nm.py skips,
+# saying so, without it; install it where no service starts (a container).
 DEBS := nftables python3-nftables python3-venv python3-dev libsystemd-dev pkg-config gcc \
-        iproute2 util-linux passwd procps
+        iproute2 util-linux passwd procps dbus-daemon python3-dbusmock dnsmasq-base
 STAMP := $(VENV)/.installed
 
 .PHONY: venv test lint unit lab demo bench clean

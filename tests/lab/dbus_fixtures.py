@@ -1,0 +1,344 @@
+"""A private D-Bus in a lab namespace, python-dbusmock's NetworkManager on it,
+and a thread that collects what a source yields.
+
+Shared by tests/lab/test_nm_mock.py, tests/lab/networkmanager.py (the real
+NetworkManager) and bench/nm.py:
+
+- `scratch_namespace`: a network namespace of our own (``tfwnm-*``), deleted
+  on exit with whatever still runs in it;
+- `PrivateBus`: ``dbus-daemon --fork`` in that namespace with a unix:path
+  socket in a temp directory (path sockets cross network namespaces), killed
+  by its pid;
+- `MockNetworkManager`: ``python3 -m dbusmock --template networkmanager`` on
+  that bus, with IP4Config objects added by hand (the template has none),
+  killed and started again at will;
+- `EventLog`: an event source run in a thread of its own, every event kept
+  with the time it arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+from tests.lab.topology import COMMAND_PATH, PYTHON, command_env, delete_namespace, run
+
+NS_PREFIX = "tfwnm"
+NM = "org.freedesktop.NetworkManager"
+NM_PATH = "/org/freedesktop/NetworkManager"
+DEVICE = "org.freedesktop.NetworkManager.Device"
+ACTIVE = "org.freedesktop.NetworkManager.Connection.Active"
+IP4 = "org.freedesktop.NetworkManager.IP4Config"
+MOCK = "org.freedesktop.DBus.Mock"
+
+BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_type="method_call"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>
+</busconfig>
+"""
+
+
+def unavailable() -> str | None:
+    """Why a private bus with dbusmock cannot run here, or None."""
+    missing = [t for t in ("dbus-daemon", "ip") if shutil.which(t, path=COMMAND_PATH) is None]
+    done = subprocess.run([PYTHON, "-c", "import dbusmock"], capture_output=True, check=False)
+    if done.returncode != 0:
+        missing.append("python3-dbusmock")
+    try:
+        import dbus  # noqa: F401
+    except ImportError:
+        missing.append("python3-dbus")
+    return "private D-Bus skipped: missing " + ", ".join(missing) if missing else None
+
+
+@contextlib.contextmanager
+def scratch_namespace(prefix: str = NS_PREFIX) -> Iterator[str]:
+    name = f"{prefix}-{secrets.token_hex(3)}"
+    run(["ip", "netns", "add", name])
+    try:
+        run(["ip", "-n", name, "link", "set", "lo", "up"])
+        yield name
+    finally:
+        delete_namespace(name)  # ends what still runs in it, by pid
+
+
+@dataclass
+class PrivateBus:
+    """dbus-daemon in a network namespace, its socket in `directory`."""
+
+    namespace: str
+    directory: Path
+    pid: int = field(init=False, default=0)
+
+    @property
+    def socket(self) -> Path:
+        return self.directory / "bus"
+
+    @property
+    def address(self) -> str:
+        return f"unix:path={self.socket}"
+
+    def start(self) -> PrivateBus:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        config = self.directory / "bus.conf"
+        config.write_text(BUS_CONFIG.format(socket=self.socket))
+        done = run(
+            ["ip", "netns", "exec", self.namespace, "dbus-daemon", f"--config-file={config}",
+             "--fork", "--print-address=1", "--print-pid=1"],
+        )  # fmt: skip
+        self.pid = int(done.stdout.split()[1])
+        return self
+
+    def close(self) -> None:
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self.pid = 0
+        self.socket.unlink(missing_ok=True)
+
+    def env(self) -> dict[str, str]:
+        return {**command_env(), "DBUS_SYSTEM_BUS_ADDRESS": self.address}
+
+    def connection(self) -> Any:
+        """A dbus-python connection to this bus (blocking calls, no main loop)."""
+        import dbus
+
+        return dbus.bus.BusConnection(self.address)
+
+
+@contextlib.contextmanager
+def private_bus(namespace: str, directory: Path) -> Iterator[PrivateBus]:
+    bus = PrivateBus(namespace, directory).start()
+    try:
+        yield bus
+    finally:
+        bus.close()
+
+
+def wait_for_name(bus: PrivateBus, name: str, present: bool, timeout: float = 10.0) -> None:
+    connection = bus.connection()
+    try:
+        deadline = time.monotonic() + timeout
+        while connection.name_has_owner(name) != present:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} still {'absent' if present else 'present'}")
+            time.sleep(0.01)
+    finally:
+        connection.close()
+
+
+def nameserver_data(*addresses: Any) -> Any:
+    """NameserverData (aa{sv}) with one {"address": s} per value.  A value
+    that is already a dbus type keeps it (for the wrong-type tests)."""
+    import dbus
+
+    return dbus.Array(
+        [dbus.Dictionary({"address": a if hasattr(a, "variant_level") else dbus.String(a)},
+                         signature="sv") for a in addresses],
+        signature="a{sv}",
+    )  # fmt: skip
+
+
+@dataclass
+class MockNetworkManager:
+    """python-dbusmock's NetworkManager template, started on a private bus."""
+
+    bus: PrivateBus
+    process: subprocess.Popen[bytes] | None = field(init=False, default=None)
+    _connection: Any = field(init=False, default=None)
+    _count: int = field(init=False, default=0)
+    # Active connections made by `connection_with`, for `set_active`.
+    active: list[str] = field(init=False, default_factory=list)
+
+    def start(self) -> MockNetworkManager:
+        self.process = subprocess.Popen(
+            ["ip", "netns", "exec", self.bus.namespace, PYTHON, "-m", "dbusmock", "--system",
+             "--template", "networkmanager"],
+            env=self.bus.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for_name(self.bus, NM, present=True)
+        self._connection = self.bus.connection()
+        return self
+
+    def kill(self) -> None:
+        self.active.clear()
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+        wait_for_name(self.bus, NM, present=False)
+
+    def mock(self, path: str = NM_PATH) -> Any:
+        import dbus
+
+        return dbus.Interface(self._connection.get_object(NM, path), MOCK)
+
+    # -- building NetworkManager's objects
+
+    def add_config(self, nameservers: Any = None, **properties: Any) -> str:
+        """An IP4Config object; `nameservers` becomes its NameserverData."""
+        self._count += 1
+        path = f"{NM_PATH}/IP4Config/{self._count}"
+        props = dict(properties)
+        if nameservers is not None:
+            props["NameserverData"] = nameservers
+        self.mock().AddObject(path, IP4, props, [])
+        return path
+
+    def add_device(self, interface: str, config: str = "/") -> str:
+        import dbus
+
+        path = str(self.mock().AddEthernetDevice(interface, interface, 100))
+        self.mock(path).AddProperty(DEVICE, "Ip4Config", dbus.ObjectPath(config))
+        return path
+
+    def add_active(self, devices: Sequence[str], default: bool = True, vpn: bool = False) -> str:
+        import dbus
+
+        self._count += 1
+        path = f"{NM_PATH}/ActiveConnection/{self._count}"
+        props = {
+            "Devices": dbus.Array([dbus.ObjectPath(d) for d in devices], signature="o"),
+            "Default": dbus.Boolean(default),
+            "Vpn": dbus.Boolean(vpn),
+        }
+        self.mock().AddObject(path, ACTIVE, props, [])
+        return path
+
+    def set_active(self, paths: Sequence[str]) -> None:
+        import dbus
+
+        value = dbus.Array([dbus.ObjectPath(p) for p in paths], signature="o")
+        self.update(NM_PATH, NM, ActiveConnections=value)
+
+    def update(self, path: str, interface: str, **properties: Any) -> None:
+        """Changes properties, each with a standard PropertiesChanged
+        (org.freedesktop.DBus.Properties; the mock's UpdateProperties cannot
+        carry object paths)."""
+        import dbus
+
+        settable = dbus.Interface(self._connection.get_object(NM, path), dbus.PROPERTIES_IFACE)
+        for name, value in properties.items():
+            settable.Set(interface, name, value)
+
+    def update_legacy(self, path: str, interface: str, name: str, value: Any) -> None:
+        """Changes a property; emits the older per-interface PropertiesChanged."""
+        self.mock().SetProperty(path, interface, name, value)
+
+    def connection_with(self, interface: str, *addresses: Any, default: bool = True) -> str:
+        """A device with a config holding these servers, and its active connection
+        (not yet in ActiveConnections); returns the config's path."""
+        config = self.add_config(nameserver_data(*addresses))
+        device = self.add_device(interface, config)
+        self.active.append(self.add_active([device], default=default))
+        return config
+
+    def serve(self, interface: str, *addresses: Any) -> str:
+        """One more active connection with these servers, in ActiveConnections."""
+        config = self.connection_with(interface, *addresses)
+        self.set_active(self.active)
+        return config
+
+
+@contextlib.contextmanager
+def mock_network_manager(bus: PrivateBus) -> Iterator[MockNetworkManager]:
+    mock = MockNetworkManager(bus)
+    try:
+        yield mock
+    finally:
+        if mock.process is not None:
+            mock.kill()
+
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class EventSource(Protocol[T_co]):
+    def events(self) -> AsyncIterator[T_co]: ...
+
+
+class EventLog(Generic[T]):
+    """Runs `source.events()` on a loop in its own thread; keeps every event
+    with the monotonic time it arrived."""
+
+    def __init__(self, source: EventSource[T]) -> None:
+        self.source = source
+        self.events: list[tuple[float, T]] = []
+        self._changed = threading.Condition()
+        self._loop = asyncio.new_event_loop()
+        self._task: asyncio.Task[None] | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> EventLog[T]:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._cancel)
+        self._thread.join(10)
+
+    def _cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def _run(self) -> None:
+        self._task = self._loop.create_task(self._consume())
+        with contextlib.suppress(asyncio.CancelledError):
+            self._loop.run_until_complete(self._task)
+        self._loop.close()
+
+    async def _consume(self) -> None:
+        async for event in self.source.events():
+            with self._changed:
+                self.events.append((time.monotonic(), event))
+                self._changed.notify_all()
+
+    def mark(self) -> int:
+        with self._changed:
+            return len(self.events)
+
+    def wait(self, predicate: Callable[[T], bool], timeout: float = 5.0, since: int = 0) -> T:
+        """The first event from position `since` on that satisfies predicate."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for _, event in self.events[since:]:
+                    if predicate(event):
+                        return event
+                since = len(self.events)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    history = "\n".join(repr(e) for _, e in self.events[-10:])
+                    raise AssertionError(f"no such event within {timeout} s; last:\n{history}")
+                self._changed.wait(left)
+
+    def timed(self, predicate: Callable[[T], bool], timeout: float = 5.0, since: int = 0) -> float:
+        """The arrival time of the first such event from `since` on."""
+        event = self.wait(predicate, timeout, since)
+        with self._changed:
+            return next(t for t, e in self.events[since:] if e is event)
