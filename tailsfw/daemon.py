@@ -43,6 +43,7 @@ from .events import DnsServers, Event, FileChanged, LinksChanged, RulesetTouched
 from .facts import Facts, updated
 from .netlink import RCVBUF, NetlinkSource
 from .nft import Nft, NftError
+from .nm import NetworkManagerSource
 from .notify import Notifier, watchdog_interval
 from .policy import Policy, PolicyError
 from .policy import load as load_policy
@@ -96,6 +97,7 @@ class Options:
     resolv_conf: Path = DEFAULT_RESOLV_CONF
     clearnet_conf: Path = DEFAULT_CLEARNET_CONF
     passwd: Path = PASSWD
+    nm_bus: str | None = None  # NetworkManager's bus address; None: the system bus
 
 
 @dataclass
@@ -602,6 +604,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
         help="NetworkManager's DNS servers, for the clearnet users",
     )
     p.add_argument("--passwd", type=Path, default=PASSWD, help="the account database")
+    p.add_argument(
+        "--nm-bus", metavar="ADDRESS", help="NetworkManager's D-Bus address (default: system bus)"
+    )
     # Tests shrink it to make the kernel drop events (ENOBUFS) on purpose.
     p.add_argument("--netlink-rcvbuf", type=int, default=RCVBUF, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -615,6 +620,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         resolv_conf=args.resolv_conf,
         clearnet_conf=args.clearnet_resolv_conf,
         passwd=args.passwd,
+        nm_bus=args.nm_bus,
     )
 
 
@@ -626,7 +632,7 @@ def real_parts(options: Options) -> Parts:
         netlink=NetlinkSource(options.netlink_rcvbuf),
         sysctl=Sysctl(options.proc_sys),
         notify=Notifier(),
-        sources=[ResolvWatch(files)],
+        sources=[ResolvWatch(files), NetworkManagerSource(options.nm_bus)],
         files=ResolvFiles(*files),
         accounts=AccountsSource((), options.passwd),
         lookup_uids=lambda policy: users.lookup_uids(policy, options.passwd),

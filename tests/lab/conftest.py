@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.lab.topology import COMMAND_PATH, PYTHON, Lab
+from tests.lab.daemon_fixtures import reset_host
+from tests.lab.dbus_fixtures import unavailable as bus_unavailable
+from tests.lab.networkmanager import NetworkManagerLab, extra_link, network_manager
+from tests.lab.topology import COMMAND_PATH, HOST_IF, HOST_V6, PEER_LAN_V6, PYTHON, Lab
 
 LAB_ROLES = [
     "amnesia",
@@ -63,3 +68,52 @@ def lab() -> Iterator[Lab]:
         pytest.skip(UNAVAILABLE)
     with Lab(LAB_ROLES) as built:
         yield built
+
+
+def nm_unavailable() -> str | None:
+    missing = [
+        t
+        for t in ("NetworkManager", "nmcli", "dnsmasq", "unshare")
+        if shutil.which(t, path=COMMAND_PATH) is None
+    ]
+    return "real NetworkManager skipped: missing " + ", ".join(missing) if missing else None
+
+
+NM_UNAVAILABLE = bus_unavailable() or nm_unavailable()
+# The DNS servers the lab's DHCP server hands out first: addresses the peer
+# listens on, so that packets to them can be counted.
+LEASED = ("198.51.100.53", "203.0.113.53")
+
+
+@pytest.fixture(scope="module")
+def nm_lab(lab: Lab) -> Iterator[NetworkManagerLab]:
+    """A real NetworkManager in the lab host, on an extra link, leasing LEASED."""
+    if NM_UNAVAILABLE:
+        pytest.skip(NM_UNAVAILABLE)
+    with (
+        tempfile.TemporaryDirectory(prefix="tfwnm-") as tmp,
+        extra_link(lab.host_ns, lab.peer_ns) as link,
+        network_manager(lab.host_ns, lab.peer_ns, link, Path(tmp), LEASED) as nm_lab,
+    ):
+        yield nm_lab
+
+
+# What tailsfwd changes in the lab host, besides its tables.
+DAEMON_SYSCTLS = (
+    "net.ipv4.tcp_mtu_probing",
+    *(f"net.ipv6.conf.{i}.disable_ipv6" for i in ("all", "default", "lo", HOST_IF)),
+)
+
+
+def restore_lab_ipv6(lab: Lab) -> None:
+    # Switching IPv6 off on eth0 dropped its address and default route.
+    lab.host(["ip", "-6", "addr", "replace", f"{HOST_V6}/64", "dev", HOST_IF, "nodad"])
+    lab.host(["ip", "-6", "route", "replace", "default", "via", PEER_LAN_V6])
+
+
+@pytest.fixture(scope="module")
+def daemon_host(lab: Lab) -> Iterator[None]:
+    """For a module whose tests run tailsfwd in the lab host: afterwards the
+    host is put back as the other tests expect it (no ruleset, IPv6 on)."""
+    with reset_host(lab.host_ns, DAEMON_SYSCTLS, restore=lambda: restore_lab_ipv6(lab)):
+        yield

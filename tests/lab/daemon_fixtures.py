@@ -222,6 +222,10 @@ class DaemonProcess:
         return self.workdir / "resolv-over-clearnet.conf"
 
     @property
+    def no_bus(self) -> Path:
+        return self.workdir / "no-bus"
+
+    @property
     def stderr_path(self) -> Path:
         return self.workdir / "tailsfwd.stderr"
 
@@ -233,7 +237,10 @@ class DaemonProcess:
             "ip", "netns", "exec", self.namespace, VENV_PYTHON, "-m", "tailsfw.daemon",
             "--policy", str(self.policy), "--state-dir", str(self.state_dir),
             "--resolv-conf", str(self.resolv_conf),
-            "--clearnet-resolv-conf", str(self.clearnet_conf), *self.args,
+            "--clearnet-resolv-conf", str(self.clearnet_conf),
+            # Not this machine's NetworkManager either, unless a test gives one.
+            *([] if "--nm-bus" in self.args else ["--nm-bus", f"unix:path={self.no_bus}"]),
+            *self.args,
         ]  # fmt: skip
         env = {**os.environ, "NOTIFY_SOCKET": str(self.notify.path)}
         env.pop("JOURNAL_STREAM", None)  # log to stderr, which we keep

@@ -6,45 +6,18 @@ restarted NetworkManager."""
 from __future__ import annotations
 
 import ipaddress
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
 from tailsfw.events import DnsServers
 from tailsfw.nm import NetworkManagerSource
+from tests.lab.conftest import LEASED, NM_UNAVAILABLE
 from tests.lab.dbus_fixtures import EventLog
-from tests.lab.dbus_fixtures import unavailable as bus_unavailable
-from tests.lab.networkmanager import NetworkManagerLab, extra_link, network_manager
-from tests.lab.topology import COMMAND_PATH, Lab
+from tests.lab.networkmanager import NetworkManagerLab
 
-
-def unavailable() -> str | None:
-    missing = [
-        t
-        for t in ("NetworkManager", "nmcli", "dnsmasq", "unshare")
-        if shutil.which(t, path=COMMAND_PATH) is None
-    ]
-    return "real NetworkManager skipped: missing " + ", ".join(missing) if missing else None
-
-
-UNAVAILABLE = bus_unavailable() or unavailable()
-pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
-
-LEASED = ("198.51.100.53", "203.0.113.53")
+pytestmark = pytest.mark.skipif(NM_UNAVAILABLE is not None, reason=NM_UNAVAILABLE or "")
 RELEASED = ("203.0.113.54",)
-
-
-@pytest.fixture(scope="module")
-def nm_lab(lab: Lab) -> Iterator[NetworkManagerLab]:
-    with (
-        tempfile.TemporaryDirectory(prefix="tfwnm-") as tmp,
-        extra_link(lab.host_ns, lab.peer_ns) as link,
-        network_manager(lab.host_ns, lab.peer_ns, link, Path(tmp), LEASED) as nm_lab,
-    ):
-        yield nm_lab
 
 
 def has(addresses: tuple[str, ...], available: bool = True) -> Callable[[DnsServers], bool]:
