@@ -14,6 +14,7 @@ The firewall never waits for the bus: tailsfwd starts before dbus does, so
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -104,8 +105,12 @@ class FirewallInterface(ServiceInterface):
         new = properties(status)
         diff = changed(self._values, new)
         self._values = new
-        if diff:
+        if not diff:
+            return
+        try:
             self.emit_properties_changed(diff)
+        except Exception as e:  # the bus's trouble must never reach the daemon's loop
+            log.warning("D-Bus: cannot signal the change: %s", e)
 
     @dbus_method()
     def Reload(self) -> DBusBool:
@@ -199,12 +204,21 @@ class Service:
     bus: MessageBus
     interface: FirewallInterface
 
-    async def wait_closed(self) -> None:
-        await self.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+    async def wait_closed(self) -> str:
+        """Until the connection ends; why it ended."""
+        try:
+            await self.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+        except Exception as e:  # the bus went away: EOFError, ConnectionResetError...
+            return f"{type(e).__name__} {e}".strip()
+        return "closed"
 
     def close(self) -> None:
-        self.bus.unexport(OBJECT_PATH, self.interface)
+        """Detach the interface (it serves the next connection) and hang up."""
+        # Hung up first: unexport then has no one to announce the removal to
+        # (on a dead connection, announcing it would fail in the background).
         self.bus.disconnect()
+        with contextlib.suppress(Exception):
+            self.bus.unexport(OBJECT_PATH, self.interface)
 
 
 def describe_address(address: str | None) -> str:
@@ -259,7 +273,7 @@ async def keep_serving(
         log.info("D-Bus: %s on %s", BUS_NAME, describe_address(address))
         last = ""
         try:
-            await service.wait_closed()
+            why = await service.wait_closed()
         finally:
             service.close()
-        log.warning("D-Bus: disconnected from %s", describe_address(address))
+        log.warning("D-Bus: disconnected from %s (%s)", describe_address(address), why)

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,27 +56,45 @@ class PrivateBus:
     pid: int
 
 
+def write_config(directory: Path, policy: Path = POLICY) -> Path:
+    """A system-like bus configuration listening on directory/bus.sock."""
+    directory.chmod(0o755)  # other users' clients reach the socket
+    config = directory / "bus.conf"
+    config.write_text(CONFIG.format(socket=directory / "bus.sock", policy=policy))
+    return config
+
+
+@contextlib.contextmanager
+def dbus_daemon(config: Path) -> Iterator[PrivateBus]:
+    """dbus-daemon running with `config`; killed by its pid on exit."""
+    done = subprocess.run(
+        ["dbus-daemon", f"--config-file={config}", "--fork", "--print-address=1",
+         "--print-pid=1"],
+        capture_output=True, text=True, timeout=10, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"dbus-daemon did not start: {done.stderr.strip()}")
+    address, pid = done.stdout.split()
+    try:
+        yield PrivateBus(address, config.parent, int(pid))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGTERM)
+        _wait_gone(int(pid))
+
+
+def _wait_gone(pid: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 @contextlib.contextmanager
 def private_system_bus(policy: Path = POLICY) -> Iterator[PrivateBus]:
-    """A running dbus-daemon; killed (by its pid) and its directory removed on exit."""
+    """A running bus in a temporary directory, removed on exit."""
     directory = Path(tempfile.mkdtemp(prefix="tfwboot-bus-"))
     try:
-        directory.chmod(0o755)  # other users' clients reach the socket
-        socket = directory / "bus.sock"
-        config = directory / "bus.conf"
-        config.write_text(CONFIG.format(socket=socket, policy=policy))
-        done = subprocess.run(
-            ["dbus-daemon", f"--config-file={config}", "--fork", "--print-address=1",
-             "--print-pid=1"],
-            capture_output=True, text=True, timeout=10, check=False,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise RuntimeError(f"dbus-daemon did not start: {done.stderr.strip()}")
-        address, pid = done.stdout.split()
-        try:
-            yield PrivateBus(address, directory, int(pid))
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGTERM)
+        with dbus_daemon(write_config(directory, policy)) as bus:
+            yield bus
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -9,6 +9,7 @@ through.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 from collections.abc import Awaitable, Callable, Iterator
@@ -19,10 +20,12 @@ import pytest
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from tailsfw import service
+from tailsfw import cli, service, summary
 from tailsfw.status import Counters, Status
 from tailsfw.sysctl import SysctlState
-from tests.lab.bus import PrivateBus, private_system_bus
+from tests.lab.bus import PrivateBus, dbus_daemon, private_system_bus, write_config
+from tests.lab.daemon_fixtures import REPO, VENV_PYTHON
+from tests.lab.policies import DEFAULT_POLICY
 
 STATUS = Status(
     pid=4242,
@@ -236,5 +239,79 @@ def test_no_bus_is_a_clear_error(tmp_path: Path) -> None:
     async def main() -> None:
         with pytest.raises(service.ServiceError, match=f"cannot connect to {address}"):
             await service.serve(service.FirewallInterface(FakeControl(STATUS)), address)
+
+    asyncio.run(main())
+
+
+def test_status_as_another_user_reads_the_daemon_over_the_bus(bus: PrivateBus) -> None:
+    expected = cli.build(DEFAULT_POLICY).digest()
+    control = FakeControl(dataclasses.replace(STATUS, ruleset=expected, policy=str(DEFAULT_POLICY)))
+    answers: list[tuple[int, dict[str, Any]]] = []
+
+    async def status_as_nobody() -> None:
+        process = await asyncio.create_subprocess_exec(
+            "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+            str(VENV_PYTHON), "-m", "tailsfw.cli", "status", "--json", "--bus", bus.address,
+            cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+        assert err == b"", err
+        answers.append((process.returncode or 0, json.loads(out)))
+
+    async def scenario(control: FakeControl) -> None:
+        await status_as_nobody()
+        control.publish(dataclasses.replace(control.current, state="lockdown"))
+        await status_as_nobody()
+
+    serving(bus, scenario, control)
+    (code, data), (then, later) = answers
+    assert code == summary.OK, data
+    assert data["daemon"]["source"] == "D-Bus"
+    assert data["kernel"] is None and "only root" in data["kernel_note"]
+    assert data["policy"]["path"] == str(DEFAULT_POLICY)  # the daemon's, by default
+    assert (then, later["summary"]) == (
+        summary.NOT_IN_FORCE,
+        "lockdown: only loopback traffic passes",
+    )
+
+
+def test_keep_serving_waits_for_the_bus_and_comes_back_after_it_restarts(tmp_path: Path) -> None:
+    """The firewall starts before the bus: the service must find it when it comes."""
+    config = write_config(tmp_path)
+    address = f"unix:path={tmp_path / 'bus.sock'}"
+
+    async def owned() -> bool:
+        try:
+            client = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+        except OSError:
+            return False
+        try:
+            reply = await client.call(
+                Message(
+                    destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                    interface="org.freedesktop.DBus", member="NameHasOwner",
+                    signature="s", body=[service.BUS_NAME],
+                )
+            )  # fmt: skip
+            return reply is not None and bool(reply.body[0])
+        finally:
+            client.disconnect()
+
+    async def wait_owned(timeout: float = 5) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not await owned():
+            assert asyncio.get_running_loop().time() < deadline, "never on the bus"
+            await asyncio.sleep(0.05)
+
+    async def main() -> None:
+        task = asyncio.create_task(service.keep_serving(FakeControl(STATUS), address, 0.05))
+        await asyncio.sleep(0.2)  # no bus yet: it keeps trying
+        assert not task.done()
+        for _ in range(2):  # the bus starts; then it restarts
+            with dbus_daemon(config):
+                await wait_owned()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     asyncio.run(main())
