@@ -117,8 +117,11 @@ def test_the_full_ruleset_is_in_force_when_network_pre_is_reached(container: Con
 def test_systemctl_status_shows_it_active_with_its_status_line(container: Container) -> None:
     out = container.run("systemctl", "status", "--no-pager", "tailsfwd.service").stdout
     assert "Active: active (running)" in out
-    digest = json.loads(container.run("cat", "/run/tailsfw/status.json").stdout)["ruleset"]
-    assert f'Status: "ruleset {digest[:12]} in force;' in out
+    status = json.loads(container.run("cat", "/run/tailsfw/status.json").stdout)
+    assert f'Status: "ruleset {status["ruleset"][:12]} in force;' in out
+    # ProtectKernelTunables=yes, and ReadWritePaths=/proc/sys/net opens what it sets.
+    wanted = [s for s in status["sysctls"] if s["wanted"] is not None]
+    assert wanted and all(s["actual"] == s["wanted"] for s in wanted), wanted
 
 
 def test_the_daemons_log_lines_are_in_the_journal(container: Container) -> None:

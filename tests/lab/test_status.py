@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +15,11 @@ import pytest
 
 from tailsfw import compiler, summary
 from tests.lab import policies
-from tests.lab.daemon_fixtures import VENV_PYTHON, reset_host, run_daemon, tailsfw_tables
-from tests.lab.test_daemon import SYSCTLS, remove_tailsfw_tables, restore_lab_ipv6
+from tests.lab.daemon_fixtures import VENV_PYTHON, run_daemon, tailsfw_tables
+
+# host_put_back: test_daemon's autouse fixture, imported so that it applies here too.
+from tests.lab.test_daemon import host_put_back, remove_tailsfw_tables  # noqa: F401
 from tests.lab.topology import Lab, netns_exec
-
-
-@pytest.fixture(scope="module", autouse=True)
-def host_put_back(lab: Lab) -> Iterator[None]:
-    with reset_host(lab.host_ns, SYSCTLS, restore=lambda: restore_lab_ipv6(lab)):
-        yield
 
 
 @pytest.fixture
