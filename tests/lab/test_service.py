@@ -243,20 +243,27 @@ def test_no_bus_is_a_clear_error(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+async def tailsfwctl(bus: PrivateBus, *args: str, user: str | None = None) -> tuple[int, str, str]:
+    """tailsfwctl against the bus, as root or as `user`: (exit status, stdout, stderr)."""
+    argv = [str(VENV_PYTHON), "-m", "tailsfw.cli", *args, "--bus", bus.address]
+    if user is not None:
+        argv = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups", *argv]
+    process = await asyncio.create_subprocess_exec(
+        *argv, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    return process.returncode or 0, out.decode(), err.decode()
+
+
 def test_status_as_another_user_reads_the_daemon_over_the_bus(bus: PrivateBus) -> None:
     expected = cli.build(DEFAULT_POLICY).digest()
     control = FakeControl(dataclasses.replace(STATUS, ruleset=expected, policy=str(DEFAULT_POLICY)))
     answers: list[tuple[int, dict[str, Any]]] = []
 
     async def status_as_nobody() -> None:
-        process = await asyncio.create_subprocess_exec(
-            "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-            str(VENV_PYTHON), "-m", "tailsfw.cli", "status", "--json", "--bus", bus.address,
-            cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        out, err = await asyncio.wait_for(process.communicate(), 30)
-        assert err == b"", err
-        answers.append((process.returncode or 0, json.loads(out)))
+        code, out, err = await tailsfwctl(bus, "status", "--json", user="nobody")
+        assert err == "", err
+        answers.append((code, json.loads(out)))
 
     async def scenario(control: FakeControl) -> None:
         await status_as_nobody()
@@ -315,3 +322,26 @@ def test_keep_serving_waits_for_the_bus_and_comes_back_after_it_restarts(tmp_pat
             await task
 
     asyncio.run(main())
+
+
+def test_tailsfwctl_reload_says_what_happened(bus: PrivateBus) -> None:
+    results: list[tuple[int, str]] = []
+
+    async def scenario(control: FakeControl) -> None:
+        for user in (None, "nobody"):
+            code, _, err = await tailsfwctl(bus, "reload", user=user)
+            results.append((code, err))
+        control.accept_reload = False
+        code, _, err = await tailsfwctl(bus, "reload")
+        results.append((code, err))
+
+    control = serving(bus, scenario)
+    assert control.reloads == 2  # root's two calls; nobody's never reached it
+    (ok, _), (denied, why_denied), (refused, why_refused) = results
+    assert ok == 0
+    assert denied == summary.NO_PERMISSION and "not allowed" in why_denied, why_denied
+    assert refused == summary.FAILED
+    assert why_refused == (
+        "tailsfwctl: reload refused: policy.toml: log.group: -1;"
+        " the ruleset and the policy in force stay\n"
+    )
