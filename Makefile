@@ -2,7 +2,8 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 DEBS := nftables python3-nftables python3-venv python3-dev libsystemd-dev pkg-config gcc \
-        iproute2 util-linux passwd procps
+        iproute2 util-linux passwd procps \
+        systemd systemd-container dbus-daemon dbus-bin man-db groff-base
 STAMP := $(VENV)/.installed
 
 .PHONY: venv test lint unit lab demo bench clean
