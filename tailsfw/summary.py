@@ -124,7 +124,10 @@ def render(obs: Observation, color: bool = False) -> str:
 def ruleset_line(obs: Observation) -> str:
     d = obs.daemon
     digest = (d["RulesetDigest"] if d else "") or ""
-    shown = digest[:12] if digest else "no digest from tailsfwd"
+    if digest:
+        shown = digest[:12]
+    else:  # no daemon to say what it loaded: name what the policy compiles to
+        shown = f"policy compiles to {obs.expected[:12]}" if obs.expected else "no digest"
     k = obs.kernel
     if k is None and d is None:
         return f"unknown: tailsfwd is not running and {obs.kernel_note}"

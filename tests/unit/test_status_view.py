@@ -215,3 +215,8 @@ def test_reload_without_a_bus_is_no_daemon(
     address = f"unix:path={tmp_path}/none"
     assert cli.main(["reload", "--bus", address]) == summary.NO_DAEMON
     assert "tailsfwd is not on the bus" in capsys.readouterr().err
+
+
+def test_without_daemon_the_ruleset_line_names_the_compiled_digest() -> None:
+    text = summary.render(seen(None, IN_FORCE))
+    assert "Ruleset: policy compiles to 0123456789ab; kernel: ip tailsfw, ip6 tailsfw" in text
