@@ -1,15 +1,22 @@
-"""tailsfwd: keeps the ruleset and the kernel settings right while it runs.
+"""tailsfwd: keeps the ruleset, the kernel settings and the resolv files right.
 
-Lifetime, fail closed on every path:
-- start: load the policy, set the sysctls, read links and addresses,
-  compile, apply in one transaction, and only then tell systemd READY=1;
-- events: link and address snapshots are coalesced, recompiled, and only
-  what changed is committed (nothing, the set elements, or everything);
-- SIGHUP: re-read the policy; a broken one changes nothing;
+Sources (netlink, NetworkManager, the watched files, ...) yield events; the
+events are folded into one `Facts` value; `desired(policy, facts)` says what
+each effect must hold; the effects (ruleset, sysctls, files) make the world
+match it.  The daemon only wires them, and keeps the fail-closed rules:
+
+- start: load the policy, set the boot sysctls, wait for the first link and
+  address state, put the ruleset in force, and only then tell systemd READY=1
+  (NetworkManager never delays this: its servers come when they come);
+- events: link and address changes are coalesced, then only what changed is
+  committed (nothing, set elements, or everything); a change made to our
+  tables by another process is undone at once, without coalescing;
+- SIGHUP (and the D-Bus Reload, through `Control`): re-read the policy; a
+  broken one changes nothing;
 - SIGTERM/SIGINT: exit 0.  Nothing, on any path, removes or loosens rules.
 
-If the first apply fails, tailsfwd makes sure a tailsfw ruleset is in force
-(the lockdown one when there is none) and exits non-zero: see `fail_closed`.
+If the first apply fails, a tailsfw ruleset is left in force (the lockdown
+one when there is none) and tailsfwd exits non-zero: see enforce.fail_closed.
 """
 
 from __future__ import annotations
@@ -17,20 +24,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Protocol
 
-from . import compiler, users
-from .facts import Facts
-from .netlink import RCVBUF, NetlinkSource, Snapshot
+from . import users
+from .desired import Desired, desired
+from .enforce import FailState, NftApi, Outcome, RulesetEffect, fail_closed
+from .events import DnsServers, Event, FileChanged, LinksChanged, RulesetTouched, Source
+from .facts import Facts, updated
+from .netlink import RCVBUF, NetlinkSource
 from .nft import Nft, NftError
 from .notify import Notifier, watchdog_interval
 from .policy import Policy, PolicyError
@@ -56,16 +66,15 @@ FIRST_SNAPSHOT_TIMEOUT = 5.0
 EXIT_FAILED = 1
 
 
-class NftApi(Protocol):
-    def apply(self, document: dict[str, Any]) -> None: ...
-    def list_ruleset(self) -> list[dict[str, Any]]: ...
+class NetlinkApi(Source, Protocol):
+    reads: int  # full reads of the link and address state
 
 
-class SnapshotSource(Protocol):
-    reads: int
-    last_error: str
+class FilesApi(Protocol):
+    """The resolv files effect (tailsfw.resolv.ResolvFiles)."""
 
-    def snapshots(self) -> AsyncIterator[Snapshot]: ...
+    def converge(self, servers: tuple[ipaddress.IPv4Address, ...] | None) -> list[str]: ...
+    def forget(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -115,164 +124,270 @@ class StartError(RuntimeError):
     """The daemon could not put its ruleset in force at start."""
 
 
+@dataclass
+class Parts:
+    """The outside worlds the daemon is wired to; `main` builds the real ones,
+    tests build fakes the same way."""
+
+    nft: NftApi
+    netlink: NetlinkApi
+    sysctl: Sysctl
+    notify: Notifier
+    sources: Sequence[Source] = ()  # besides netlink
+    files: FilesApi | None = None
+    lookup_uids: Callable[[Policy], Mapping[str, int]] = users.lookup_uids
+
+
+@dataclass
+class _Report:
+    """What the daemon remembers only to report it."""
+
+    state: str = "starting"
+    last_error: str = ""
+    last_apply: float = 0.0
+    last_apply_cause: str = ""
+    dns_refused: tuple[str, ...] = ()
+    networkmanager: str = "unknown"
+    running_since: float = field(default_factory=time.time)
+
+
 class Daemon:
-    def __init__(
-        self,
-        options: Options,
-        nft: NftApi | None = None,
-        source: SnapshotSource | None = None,
-        notify: Notifier | None = None,
-    ) -> None:
+    """The wiring, and the `Control` (status, reload) that SIGHUP, D-Bus and
+    tests share."""
+
+    def __init__(self, options: Options, parts: Parts) -> None:
         self.options = options
-        self.nft: NftApi = nft if nft is not None else Nft()
-        self.source: SnapshotSource = (
-            source if source is not None else NetlinkSource(options.netlink_rcvbuf)
-        )
-        self.notify = notify if notify is not None else Notifier()
-        self.sysctl = Sysctl(options.proc_sys)
+        self.parts = parts
+        self.ruleset = RulesetEffect(parts.nft)
         self.policy: Policy | None = None
-        self.uids: Mapping[str, int] = MappingProxyType({})
-        self.snapshot = Snapshot()
-        self.in_force: compiler.Ruleset | None = None
-        self.digest = ""
-        self.state = "starting"
-        self.last_error = ""
+        self.facts = Facts()
         self.counters = Counters()
-        self.interfaces: dict[int, str] = {}
+        self.report = _Report()
         self.coalescer = Coalescer(options.quiet, options.max_delay)
         self.started = False
         self.reload_pending = False
+        self._pending_cause = ""
+        self._reads = 0  # netlink's full reads, as last reported
+        self._subscribers: list[Callable[[Status], None]] = []
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._timer: asyncio.TimerHandle | None = None
         self._retry: asyncio.TimerHandle | None = None
 
-    # -- enforcing ----------------------------------------------------------
+    # -- Control ------------------------------------------------------------
 
-    def enforce(self, policy: Policy, uids: Mapping[str, int]) -> str:
-        """Compile with the latest facts and commit what changed.
-
-        Returns "unchanged", "sets" or "replaced".  Raises NftError
-        with the ruleset in force untouched (every commit is
-        one transaction).
-        """
-        ruleset = compiler.compile_policy(
-            policy, Facts(uids=uids, connected=self.snapshot.connected)
+    def status(self) -> Status:
+        ruleset = self.ruleset.in_force
+        warnings = list(ruleset.warnings if ruleset is not None else ()) + [
+            f"sysctl {s.name}: {s.note}" for s in self.parts.sysctl.states if not s.ok
+        ]
+        effect = self.ruleset.counters
+        counters = replace(
+            self.counters,
+            commits=effect.commits,
+            replacements=effect.replacements,
+            set_updates=effect.set_updates,
+            unchanged=effect.unchanged,
         )
-        changes = None if self.in_force is None else ruleset.changes_since(self.in_force)
-        if changes == []:
-            self.counters.unchanged += 1
-            return "unchanged"
-        outcome = "replaced"
-        if changes is not None:
-            try:
-                self.nft.apply(ruleset.document(changes))
-                outcome = "sets"
-            except NftError as e:
-                # The tables may not be what we last loaded (someone changed
-                # them): replacing them puts the whole ruleset back.
-                log.warning("set update refused (%s): replacing the tables instead", e)
-        if outcome == "replaced":
-            self.nft.apply(ruleset.document())
-            self.counters.replacements += 1
+        return Status(
+            pid=os.getpid(),
+            state=self.report.state,
+            policy=str(self.options.policy),
+            ruleset=self.ruleset.digest,
+            lan_mode=self.policy.lan.mode if self.policy else "",
+            connected=sorted(str(n) for n in self.facts.connected),
+            interfaces=dict(sorted(self.facts.interfaces.items())),
+            warnings=warnings,
+            last_error=self.report.last_error,
+            counters=counters,
+            sysctls=list(self.parts.sysctl.states),
+            netlink_reads=self.parts.netlink.reads,
+            running_since=self.report.running_since,
+            last_apply=self.report.last_apply,
+            last_apply_cause=self.report.last_apply_cause,
+            clearnet_dns=[str(a) for a in self.facts.dns],
+            dns_refused=list(self.report.dns_refused),
+            networkmanager=self.report.networkmanager,
+        )
+
+    def reload(self) -> bool:
+        """Adopt the policy file again, or keep everything as it is."""
+        if not self.started:
+            self.reload_pending = True
+            return False
+        self.parts.notify(RELOADING="1", MONOTONIC_USEC=str(time.monotonic_ns() // 1000))
+        self.counters.reloads += 1
+        try:
+            policy = load_policy(self.options.policy)
+            facts = self._with_uids(policy)
+            self._converge_ruleset(desired(policy, facts), "reload")
+        except Exception as e:  # whatever it is, the reload changes nothing
+            self.counters.reloads_refused += 1
+            self.report.last_error = f"reload refused: {_describe(e)}"
+            log.error(
+                "%s; ruleset %s and the previous policy stay in force",
+                self.report.last_error,
+                self.ruleset.digest[:12],
+            )
+            ok = False
         else:
-            self.counters.set_updates += 1
-        self.counters.commits += 1
-        for warning in sorted(set(ruleset.warnings) - set(self._warnings())):
-            log.warning("%s", warning)
-        self.in_force = ruleset
-        self.digest = ruleset.digest()
+            self.policy, self.facts = policy, facts
+            self.report.last_error = ""
+            log.info("policy reloaded: ruleset %s in force", self.ruleset.digest[:12])
+            ok = True
+        self.publish(READY="1")
+        return ok
+
+    def subscribe(self, callback: Callable[[Status], None]) -> None:
+        self._subscribers.append(callback)
+
+    # -- reporting ----------------------------------------------------------
+
+    def publish(self, **extra: str) -> None:
+        """Tell systemd, the state file and the subscribers; failures are only logged."""
+        status = self.status()
+        # The file first: whoever hears READY=1 can read the status at once.
+        try:
+            write_status(self.options.state_dir / STATUS_FILE, status)
+        except OSError as e:
+            log.error("cannot write the status file in %s: %s", self.options.state_dir, e)
+        self.parts.notify(**extra, STATUS=status.line())
+        for callback in self._subscribers:
+            try:
+                callback(status)
+            except Exception:
+                log.exception("a status subscriber failed")
+
+    # -- effects ------------------------------------------------------------
+
+    def _with_uids(self, policy: Policy) -> Facts:
+        return replace(self.facts, uids=self.parts.lookup_uids(policy))
+
+    def _converge_ruleset(self, wanted: Desired, cause: str) -> Outcome:
+        outcome = self.ruleset.converge(wanted.ruleset)
+        if outcome is not Outcome.UNCHANGED:
+            self.report.last_apply, self.report.last_apply_cause = time.time(), cause
         return outcome
 
-    def _warnings(self) -> tuple[str, ...]:
-        return self.in_force.warnings if self.in_force is not None else ()
-
-    # -- facts --------------------------------------------------------------
-
-    def observe(self, snapshot: Snapshot) -> bool:
-        """Take a new snapshot; True if the ruleset's facts changed.
-
-        New (or renamed) interfaces get IPv6 switched off at once, before any
-        coalescing: the ruleset drops IPv6 anyway, this is the second line.
-        """
-        names = snapshot.names
-        for index, name in sorted(names.items()):
-            old = self.interfaces.get(index)
-            if old == name:
-                continue
-            if old is not None:
-                self.sysctl.forget_interface(old)
-            state = self.sysctl.interface(name)
+    def _converge_sysctls(self) -> bool:
+        """IPv6 off on new interfaces at once, before any coalescing: the
+        ruleset drops IPv6 anyway, this is the second line.  True if any."""
+        new = self.parts.sysctl.converge_interfaces(frozenset(self.facts.interfaces.items()))
+        for state in new:
             if not state.ok:
-                log.warning("interface %s: %s", name, state.note)
-        for index in self.interfaces.keys() - names.keys():
-            self.sysctl.forget_interface(self.interfaces[index])
-        interfaces_changed = names != self.interfaces
-        self.interfaces = dict(names)
-        changed = snapshot.connected != self.snapshot.connected
-        if changed and log.isEnabledFor(logging.DEBUG):
-            log.debug("connected: %s", ", ".join(sorted(map(str, snapshot.connected))))
-        self.snapshot = snapshot
-        if interfaces_changed and self.started:
-            self.publish()  # the status lists interfaces and their sysctls
-        return changed
+                log.warning("sysctl %s: %s", state.name, state.note)
+        return bool(new)
+
+    def _converge_files(self) -> None:
+        files = self.parts.files
+        if files is None:
+            return
+        try:
+            rewritten = files.converge(self.facts.dns if self.facts.dns_known else None)
+        except OSError as e:
+            self.counters.files_refused += 1
+            log.error("cannot write the resolv files: %s", e)
+            return
+        for path in rewritten:
+            self.counters.files_rewritten += 1
+            log.info("rewrote %s", path)
 
     # -- start --------------------------------------------------------------
 
-    async def start(self, snapshots: AsyncIterator[Snapshot]) -> None:
+    async def start(self) -> None:
         policy = load_policy(self.options.policy)
-        for state in self.sysctl.apply_boot():
+        for state in self.parts.sysctl.apply_boot():
             if not state.ok:
                 log.warning("sysctl %s: %s", state.name, state.note)
-        try:
-            first = await asyncio.wait_for(anext(snapshots), FIRST_SNAPSHOT_TIMEOUT)
-        except TimeoutError:
-            raise StartError(
-                f"no link and address state from netlink within {FIRST_SNAPSHOT_TIMEOUT} s"
-            ) from None
-        self.observe(first)
-        uids = users.lookup_uids(policy)
-        self.enforce(policy, uids)
-        self.policy, self.uids = policy, uids
-        self.state = "enforcing"
-        log.info("ruleset %s in force (%s)", self.digest[:12], self.options.policy)
+        # Other sources may speak first: fold what they say, wait for netlink.
+        deadline = asyncio.get_running_loop().time() + FIRST_SNAPSHOT_TIMEOUT
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                event = await asyncio.wait_for(self._events.get(), max(left, 0))
+            except TimeoutError:
+                raise StartError(
+                    f"no link and address state from netlink within {FIRST_SNAPSHOT_TIMEOUT} s"
+                ) from None
+            self._fold(event)
+            if isinstance(event, LinksChanged):
+                break
+        self._reads = self.parts.netlink.reads
+        self._converge_sysctls()
+        facts = self._with_uids(policy)
+        self._converge_ruleset(desired(policy, facts), "start")
+        self.policy, self.facts = policy, facts
+        self.report.state = "enforcing"
+        self._converge_files()
+        log.info("ruleset %s in force (%s)", self.ruleset.digest[:12], self.options.policy)
 
-    def fail_closed(self, error: BaseException) -> int:
+    def _fail_closed(self, error: BaseException) -> int:
         """The first apply failed: leave a tailsfw ruleset in force, and exit.
 
-        A tailsfw ruleset already in force (a restart) stays as it is;
-        otherwise the lockdown ruleset (loopback only) is loaded.  Exiting,
-        rather than running degraded, lets systemd see the failure (the unit
-        fails, Restart= tries again) and never says READY=1 about a ruleset
-        that is not the policy's; the kernel keeps the rules after we exit.
+        Exiting, rather than running degraded, lets systemd see the failure
+        (the unit fails, Restart= tries again) and never says READY=1 about
+        a ruleset that is not the policy's; the kernel keeps the rules.
         """
-        self.last_error = _describe(error)
-        log.critical("cannot enforce the policy: %s", self.last_error)
-        try:
-            present = tailsfw_families(self.nft.list_ruleset())
-        except NftError as e:
-            log.error("cannot list the ruleset in force (%s): loading the lockdown ruleset", e)
-            present = set()
-        if present >= set(compiler.FAMILIES.values()):
-            self.state = "failed"
-            log.critical("the tailsfw ruleset already in force stays in force; exiting")
-        else:
-            try:
-                self.nft.apply(compiler.lockdown().document())
-            except NftError as e:
-                self.state = "failed"
-                self.last_error += f"; and the lockdown ruleset was refused too: {e}"
-                log.critical("cannot load the lockdown ruleset either: %s", e)
-            else:
-                self.state = "lockdown"
-                log.critical("lockdown ruleset loaded: only loopback traffic passes; exiting")
+        self.report.last_error = _describe(error)
+        log.critical("cannot enforce the policy: %s", self.report.last_error)
+        done, why = fail_closed(self.parts.nft)
+        self.report.state = "lockdown" if done is FailState.LOCKDOWN else "failed"
+        if why:
+            self.report.last_error += f"; and {why}"
         self.publish()
         return EXIT_FAILED
 
     # -- events -------------------------------------------------------------
 
-    def changed(self) -> None:
+    def _fold(self, event: Event) -> Facts:
+        """Fold an event into the facts; returns the facts before it."""
+        before = self.facts
+        if isinstance(event, DnsServers):
+            self.report.networkmanager = "available" if event.available else "absent"
+            if event.refused != self.report.dns_refused:
+                for why in event.refused:
+                    log.warning("NetworkManager: DNS server refused: %s", why)
+                self.report.dns_refused = event.refused
+        self.facts = updated(self.facts, event)
+        return before
+
+    def handle(self, event: Event) -> None:
+        before = self._fold(event)
+        if isinstance(event, RulesetTouched):
+            log.warning(
+                "ruleset changed by another process (pid %d, %s): %s; putting it back",
+                event.pid,
+                event.process or "?",
+                event.what,
+            )
+            self.counters.tamperings += 1
+            self.ruleset.forget()
+            self.commit("tampering")
+            return
+        if isinstance(event, FileChanged):
+            log.warning("%s was changed by another process: checking it", event.path)
+            if self.parts.files is not None:
+                self.parts.files.forget()
+            self._converge_files()
+            return
+        if isinstance(event, LinksChanged) and self.parts.netlink.reads != self._reads:
+            self._reads = self.parts.netlink.reads
+            self.publish()  # a full re-read (after lost events) is worth reporting
+        if self.facts is before:
+            return
+        interfaces_changed = self.facts.interfaces != before.interfaces
+        if interfaces_changed:
+            self._converge_sysctls()
+        if isinstance(event, DnsServers):
+            self._converge_files()
+        self.changed(type(event).__name__)
+        if interfaces_changed or isinstance(event, DnsServers):
+            self.publish()  # the status lists interfaces, sysctls and servers
+
+    def changed(self, cause: str) -> None:
         """The facts changed: commit once the burst is due."""
         loop = asyncio.get_running_loop()
         self.coalescer.change(loop.time())
+        self._pending_cause = self._pending_cause or cause
         if self._timer is None:
             self._schedule(loop)
 
@@ -287,13 +402,14 @@ class Daemon:
         if not self.coalescer.take(loop.time()):
             self._schedule(loop)  # the burst went on: its due time moved
             return
-        self.commit()
+        cause, self._pending_cause = self._pending_cause or "retry", ""
+        self.commit(cause)
 
-    def commit(self) -> None:
+    def commit(self, cause: str) -> None:
         """Enforce the current policy with the latest facts; never raises."""
         assert self.policy is not None
         try:
-            outcome = self.enforce(self.policy, self.uids)
+            outcome = self._converge_ruleset(desired(self.policy, self.facts), cause)
         except NftError as e:
             self._refused(f"commit refused: {e}")
             return
@@ -301,18 +417,18 @@ class Daemon:
             log.exception("commit failed")
             self._refused(f"commit failed: {_describe(e)}")
             return
-        log.debug("commit: %s", outcome)
-        if outcome != "unchanged":
-            self.last_error = ""
+        log.debug("commit (%s): %s", cause, outcome.value)
+        if outcome is not Outcome.UNCHANGED:
+            self.report.last_error = ""
             self.publish()
 
     def _refused(self, message: str) -> None:
         self.counters.refused += 1
-        self.last_error = message
+        self.report.last_error = message
         log.error(
             "%s; ruleset %s stays in force; trying again in %s s",
             message,
-            self.digest[:12],
+            self.ruleset.digest[:12],
             RETRY_DELAY,
         )
         self.publish()
@@ -321,67 +437,8 @@ class Daemon:
 
     def _retry_now(self) -> None:
         self._retry = None
-        self.changed()
-
-    def reload(self) -> bool:
-        """SIGHUP: adopt the policy file again, or keep everything as it is."""
-        if not self.started:
-            self.reload_pending = True
-            return False
-        self.notify(RELOADING="1", MONOTONIC_USEC=str(time.monotonic_ns() // 1000))
-        self.counters.reloads += 1
-        try:
-            policy = load_policy(self.options.policy)
-            uids = users.lookup_uids(policy)
-            self.enforce(policy, uids)
-        except Exception as e:  # whatever it is, the reload changes nothing
-            self.counters.reloads_refused += 1
-            self.last_error = f"reload refused: {_describe(e)}"
-            log.error(
-                "%s; ruleset %s and the previous policy stay in force",
-                self.last_error,
-                self.digest[:12],
-            )
-            ok = False
-        else:
-            self.policy, self.uids = policy, uids
-            self.last_error = ""
-            log.info("policy reloaded: ruleset %s in force", self.digest[:12])
-            ok = True
-        self.publish(READY="1")
-        return ok
-
-    # -- reporting ----------------------------------------------------------
-
-    def status(self) -> Status:
-        sysctls = list(self.sysctl.states)
-        warnings = list(self._warnings()) + [
-            f"sysctl {s.name}: {s.note}" for s in sysctls if not s.ok
-        ]
-        return Status(
-            pid=os.getpid(),
-            state=self.state,
-            policy=str(self.options.policy),
-            ruleset=self.digest,
-            lan_mode=self.policy.lan.mode if self.policy else "",
-            connected=sorted(str(n) for n in self.snapshot.connected),
-            interfaces=dict(sorted(self.interfaces.items())),
-            warnings=warnings,
-            last_error=self.last_error,
-            counters=self.counters,
-            sysctls=sysctls,
-            netlink_reads=self.source.reads,
-        )
-
-    def publish(self, **extra: str) -> None:
-        """Tell systemd and the state file; a failure here is only logged."""
-        status = self.status()
-        # The file first: whoever hears READY=1 can read the status at once.
-        try:
-            write_status(self.options.state_dir / STATUS_FILE, status)
-        except OSError as e:
-            log.error("cannot write the status file in %s: %s", self.options.state_dir, e)
-        self.notify(**extra, STATUS=status.line())
+        self.ruleset.forget()  # whatever the kernel holds now, put it all back
+        self.changed("retry")
 
     # -- the loop -----------------------------------------------------------
 
@@ -392,70 +449,82 @@ class Daemon:
             loop.add_signal_handler(sig, _set, stop)
         # Installed before the start: SIGHUP's default action would kill us.
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        snapshots = self.source.snapshots()
+        sources = [self.parts.netlink, *self.parts.sources]
+        pumps = {asyncio.create_task(self._pump(s), name=s.name) for s in sources}
         try:
-            await self.start(snapshots)
-        except Exception as e:
-            await _close(snapshots)
-            return self.fail_closed(e)
+            return await self._run(stop, pumps)
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+
+    async def _run(self, stop: asyncio.Future[None], pumps: set[asyncio.Task[None]]) -> int:
+        starting = asyncio.create_task(self.start())
+        await asyncio.wait({starting, stop, *pumps}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            if stop.done():
+                return 0  # stopped before any rule was loaded: nothing to keep
+            ended = next(t for t in pumps if t.done())
+            return self._fail_closed(StartError(f"the {ended.get_name()} source ended"))
+        if (error := starting.exception()) is not None:
+            return self._fail_closed(error)
         self.started = True
         self.publish(READY="1")
-        tasks = {asyncio.create_task(self._follow(snapshots), name="netlink")}
+        tasks = {asyncio.create_task(self._loop(), name="loop")}
         interval = watchdog_interval()
         if interval is not None:
             tasks.add(asyncio.create_task(self._watchdog(interval), name="watchdog"))
         if self.reload_pending:
             self.reload()
         try:
-            done, _ = await asyncio.wait({stop, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {stop, *tasks, *pumps}, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await _close(snapshots)
         if stop in done:
-            log.info("stopping; ruleset %s stays in force", self.digest[:12])
+            log.info("stopping; ruleset %s stays in force", self.ruleset.digest[:12])
             return 0
-        for ended in tasks & done:
+        for ended in (tasks | pumps) & done:
+            error = None if ended.cancelled() else ended.exception()
             log.critical(
                 "%s stopped: %r; ruleset %s stays in force",
                 ended.get_name(),
-                ended.exception(),
-                self.digest[:12],
+                error,
+                self.ruleset.digest[:12],
             )
         return EXIT_FAILED
 
-    async def _follow(self, snapshots: AsyncIterator[Snapshot]) -> None:
-        async for snapshot in snapshots:
-            if self.observe(snapshot):
-                self.changed()
-        raise RuntimeError("the netlink source ended")
+    async def _pump(self, source: Source) -> None:
+        events: AsyncIterator[Event] = source.events()
+        try:
+            async for event in events:
+                self._events.put_nowait(event)
+        finally:
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+        raise RuntimeError(f"the {source.name} source ended")
+
+    async def _loop(self) -> None:
+        while True:
+            self.handle(await self._events.get())
 
     async def _watchdog(self, interval: float) -> None:
         while True:
-            self.notify(WATCHDOG="1")
+            self.parts.notify(WATCHDOG="1")
             await asyncio.sleep(interval)
-
-
-def tailsfw_families(ruleset: list[dict[str, Any]]) -> set[str]:
-    """The families that have a tailsfw table in a `list ruleset` answer."""
-    return {
-        o["table"]["family"]
-        for o in ruleset
-        if "table" in o and o["table"].get("name") == compiler.TABLE
-    }
 
 
 def _set(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-async def _close(snapshots: AsyncIterator[Snapshot]) -> None:
-    aclose = getattr(snapshots, "aclose", None)
-    if aclose is not None:
-        with contextlib.suppress(Exception):
-            await aclose()
 
 
 def _describe(error: BaseException) -> str:
@@ -519,10 +588,20 @@ def parse_args(argv: list[str] | None = None) -> Options:
     )
 
 
+def real_parts(options: Options) -> Parts:
+    """The composition root: the real outside worlds."""
+    return Parts(
+        nft=Nft(),
+        netlink=NetlinkSource(options.netlink_rcvbuf),
+        sysctl=Sysctl(options.proc_sys),
+        notify=Notifier(),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     setup_logging()
-    return asyncio.run(Daemon(options).run())
+    return asyncio.run(Daemon(options, real_parts(options)).run())
 
 
 if __name__ == "__main__":

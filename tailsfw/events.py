@@ -12,9 +12,10 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from .netlink import Snapshot
+if TYPE_CHECKING:  # netlink imports pyroute2: the compiler's users need not
+    from .netlink import Snapshot
 
 
 @dataclass(frozen=True)

@@ -2,15 +2,17 @@
 
 The compiler reads only the policy and these facts, so the same facts always
 give the same ruleset.  Gathering them (passwd, netlink, NetworkManager) is
-done by the adapters, not here.
+done by the sources; `updated` folds one source's event in, purely.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+
+from .events import AccountsChanged, DnsServers, Event, LinksChanged
 
 
 @dataclass(frozen=True)
@@ -21,3 +23,30 @@ class Facts:
     connected: frozenset[ipaddress.IPv4Network] = frozenset()
     # The clearnet DNS servers NetworkManager gave, in its order, checked.
     dns: tuple[ipaddress.IPv4Address, ...] = ()
+    # False until NetworkManager has answered once: the clearnet file is
+    # left as it is until then (a restart must not empty it).
+    dns_known: bool = False
+    # The interfaces, by index (each gets its IPv6 setting).
+    interfaces: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def updated(facts: Facts, event: Event) -> Facts:
+    """`facts` with one event folded in; the same object if nothing changed."""
+    if isinstance(event, LinksChanged):
+        snapshot = event.snapshot
+        names = snapshot.names
+        if snapshot.connected == facts.connected and names == facts.interfaces:
+            return facts
+        return replace(
+            facts, connected=snapshot.connected, interfaces=MappingProxyType(dict(names))
+        )
+    if isinstance(event, DnsServers):
+        # While NetworkManager is gone, the last good list stays.
+        if not event.available or (facts.dns_known and event.servers == facts.dns):
+            return facts
+        return replace(facts, dns=event.servers, dns_known=True)
+    if isinstance(event, AccountsChanged):
+        if event.uids == facts.uids:
+            return facts
+        return replace(facts, uids=MappingProxyType(dict(event.uids)))
+    return facts

@@ -20,6 +20,8 @@ from typing import Any
 
 from pyroute2 import AsyncIPRoute  # type: ignore[import-untyped]
 
+from .events import LinksChanged
+
 log = logging.getLogger(__name__)
 
 # From linux/rtnetlink.h (pyroute2 names them too, but not typed).
@@ -147,11 +149,17 @@ class NetlinkClosed(ConnectionError):
 class NetlinkSource:
     """Snapshots of links and addresses, from a full read and then events."""
 
+    name = "netlink"
+
     def __init__(self, rcvbuf: int = RCVBUF, retry_delay: float = 0.05) -> None:
         self.rcvbuf = rcvbuf
         self.retry_delay = retry_delay
         self.reads = 0  # full reads of the state: 1 + the number of resyncs
         self.last_error = ""
+
+    async def events(self) -> AsyncIterator[LinksChanged]:
+        async for snapshot in self.snapshots():
+            yield LinksChanged(snapshot)
 
     async def snapshots(self) -> AsyncIterator[Snapshot]:
         while True:

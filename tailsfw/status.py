@@ -19,6 +19,9 @@ class Counters:
     refused: int = 0  # commits nft refused (the ruleset in force stayed)
     reloads: int = 0
     reloads_refused: int = 0
+    files_rewritten: int = 0  # resolv files written because they differed
+    files_refused: int = 0  # writes of them that failed
+    tamperings: int = 0  # changes to our tables by other processes, undone
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,12 @@ class Status:
     counters: Counters
     sysctls: list[SysctlState]
     netlink_reads: int
+    running_since: float = 0.0  # wall-clock time the daemon started
+    last_apply: float = 0.0  # wall-clock time of the last commit
+    last_apply_cause: str = ""  # what made it: start, reload, links, dns, accounts, ...
+    clearnet_dns: list[str] = field(default_factory=list)
+    dns_refused: list[str] = field(default_factory=list)  # NetworkManager values refused
+    networkmanager: str = "unknown"  # unknown | available | absent
     updated: float = field(default_factory=time.time)
 
     def line(self) -> str:

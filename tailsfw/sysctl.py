@@ -8,6 +8,7 @@ failed write loses a second line of defence, never the first.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class Sysctl:
     def __init__(self, root: Path = DEFAULT_ROOT) -> None:
         self.root = root
         self._states: dict[str, SysctlState] = {}
+        self._interfaces: set[tuple[int, str]] = set()  # (index, name) done
 
     @property
     def states(self) -> tuple[SysctlState, ...]:
@@ -108,5 +110,23 @@ class Sysctl:
         """Switch IPv6 off on a (new) interface, or keep it on for `lo`."""
         return self.set(disable_ipv6_key(name), ipv6_wanted(name))
 
-    def forget_interface(self, name: str) -> None:
-        self._states.pop(sysctl_name(disable_ipv6_key(name)), None)
+    def converge_interfaces(self, interfaces: Collection[tuple[int, str]]) -> list[SysctlState]:
+        """Set IPv6 on each (index, name) not done yet; forget the ones gone.
+
+        By index and name: an interface deleted and made again under the
+        same name between two snapshots is a new interface.  Returns the new
+        states (a failed one carries its note).
+        """
+        for index, name in sorted(self._interfaces - set(interfaces)):
+            self._interfaces.discard((index, name))
+            if name not in {n for _, n in interfaces}:
+                self._states.pop(sysctl_name(disable_ipv6_key(name)), None)
+        new = []
+        for index, name in sorted(set(interfaces) - self._interfaces):
+            new.append(self.interface(name))
+            self._interfaces.add((index, name))
+        return new
+
+    def forget(self) -> None:
+        """The next converge writes every interface's setting again."""
+        self._interfaces.clear()

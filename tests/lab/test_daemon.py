@@ -367,5 +367,5 @@ def test_lost_events_are_recovered_by_reading_everything(
             daemon.send(signal.SIGCONT)
         expected = set(ipaddress.collapse_addresses(base | {flap_network(k) for k in range(3)}))
         wait_for(lambda: lan_networks(lab.host_ns) == expected, 3.0)
-        assert daemon.status()["netlink_reads"] >= 2
+        daemon.wait_status(lambda s: s["netlink_reads"] >= 2)
         assert "ENOBUFS" in daemon.log()

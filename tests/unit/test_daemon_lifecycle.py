@@ -1,7 +1,8 @@
-"""The daemon's decisions, with a fake nft, a fake netlink and a fake /proc/sys.
+"""The daemon's decisions, against a stateful fake kernel (tests/unit/fakekernel.py).
 
-What it commits (nothing, set elements, everything), what it does when nft
-or the policy fails, and in which order it tells systemd.  The real kernel
+What the kernel holds after each step (the compiled ruleset, set elements,
+the lockdown, or what was there before), what the daemon does when the kernel
+or the policy says no, and in which order it tells systemd.  The real kernel
 side is tests/lab/test_daemon.py.
 """
 
@@ -14,214 +15,182 @@ import os
 import signal
 import socket
 import time
-import tomllib
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomli_w
 
-from tailsfw import compiler, users
-from tailsfw.daemon import Daemon, Options, stderr_is_journal
-from tailsfw.netlink import Address, Link, Snapshot
-from tailsfw.nft import NftError
+from tailsfw import compiler
+from tailsfw.daemon import MAX_DELAY, stderr_is_journal
+from tailsfw.desired import desired
+from tailsfw.events import DnsServers, Event, RulesetTouched
 from tailsfw.notify import Notifier
-from tailsfw.policy import load
+from tests.unit.daemon_fakes import Rig, links, rig, run, signal_self, write_policy
 
-DEFAULT = Path(__file__).parents[2] / "etc" / "tailsfw" / "policy.toml"
-Doc = dict[str, Any]
-
-
-def snapshot(*cidrs: str, names: tuple[str, ...] = ("lo", "eth0")) -> Snapshot:
-    links = frozenset(Link(i + 1, n, True) for i, n in enumerate(names))
-    addresses = frozenset(Address(2, c.split("/")[0], ipaddress.ip_interface(c)) for c in cidrs)
-    return Snapshot(links, addresses)
+Net = ipaddress.IPv4Network
 
 
-class Events(list[str]):
-    """What happened, in order, across the fakes."""
+def lan(r: Rig) -> list[Any]:
+    return r.kernel.elements("ip", "lan")
 
 
-class FakeNft:
-    def __init__(self, events: Events, refuse: Callable[[Doc], bool] = lambda d: False) -> None:
-        self.events = events
-        self.refuse = refuse
-        self.documents: list[Doc] = []
-        self.tables: set[str] = set()
-
-    def apply(self, document: Doc) -> None:
-        if self.refuse(document):
-            self.events.append("refused")
-            raise NftError("refused by the fake")
-        self.documents.append(document)
-        self.events.append("apply")
-        for cmd in document["nftables"][1:]:
-            if "table" in cmd.get("add", {}):
-                self.tables.add(cmd["add"]["table"]["family"])
-
-    def list_ruleset(self) -> list[dict[str, Any]]:
-        return [{"table": {"family": f, "name": "tailsfw"}} for f in sorted(self.tables)]
+def compiled(r: Rig) -> compiler.Ruleset:
+    """What the daemon's policy and facts compile to now."""
+    assert r.daemon.policy is not None
+    return desired(r.daemon.policy, r.daemon.facts).ruleset
 
 
-class FakeSource:
-    def __init__(self, *snapshots: Snapshot) -> None:
-        self.queue: asyncio.Queue[Snapshot] = asyncio.Queue()
-        for s in snapshots:
-            self.queue.put_nowait(s)
-        self.reads = 1
-        self.last_error = ""
+def start(r: Rig) -> None:
+    """The daemon's start, on the events already in the netlink feed."""
 
-    async def snapshots(self) -> AsyncIterator[Snapshot]:
-        while True:
-            yield await self.queue.get()
+    async def main() -> None:
+        while not r.netlink.queue.empty():
+            r.daemon._events.put_nowait(r.netlink.queue.get_nowait())
+        await r.daemon.start()
+
+    asyncio.run(main())
 
 
-class FakeNotifier(Notifier):
-    def __init__(self, events: Events) -> None:
-        super().__init__(address="")
-        self.events = events
-        self.messages: list[dict[str, str]] = []
+def step(r: Rig, *events: Event) -> None:
+    """Hands events to the started daemon, and lets the coalesced commit happen."""
 
-    def __call__(self, **fields: str) -> None:
-        self.messages.append(fields)
-        self.events.append("+".join(k for k in fields if k != "STATUS") or "STATUS")
+    async def main() -> None:
+        for event in events:
+            r.daemon.handle(event)
+        await asyncio.sleep(10 * MAX_DELAY)
 
-
-def write_policy(path: Path, **lan: Any) -> Path:
-    with DEFAULT.open("rb") as f:
-        data = tomllib.load(f)
-    data["lan"].update(lan)
-    path.write_text(tomli_w.dumps(data))
-    return path
+    asyncio.run(main())
 
 
-@pytest.fixture
-def proc_sys(tmp_path: Path) -> Path:
-    root = tmp_path / "proc-sys"
-    for name in (
-        "net/ipv4/tcp_mtu_probing",
-        *(f"net/ipv6/conf/{i}/disable_ipv6" for i in ("all", "default", "lo", "eth0")),
-    ):
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text("0\n")
-    return root
+# -- what the kernel holds ----------------------------------------------------
 
 
-def make(tmp_path: Path, proc_sys: Path, *snapshots: Snapshot, **kw: Any) -> tuple[Daemon, Events]:
-    events = Events()
-    options = Options(
-        policy=write_policy(tmp_path / "policy.toml", mode="connected"),
-        state_dir=tmp_path / "state",
-        proc_sys=proc_sys,
-    )
-    daemon = Daemon(
-        options,
-        nft=FakeNft(events, **kw),
-        source=FakeSource(*snapshots),
-        notify=FakeNotifier(events),
-    )
-    return daemon, events
+def test_start_puts_the_compiled_ruleset_in_force(tmp_path: Path) -> None:
+    r = rig(tmp_path, links("192.168.1.2/24"))
+    start(r)
+    assert r.kernel.holds(compiled(r).document())
+    assert lan(r) == [{"prefix": {"addr": "192.168.1.0", "len": 24}}]
+    assert r.daemon.status().last_apply_cause == "start"
 
 
-def commands(doc: Doc) -> list[str]:
-    return [next(iter(c)) for c in doc["nftables"][1:]]
+def test_commits_only_what_changed(tmp_path: Path) -> None:
+    r = rig(tmp_path, links("192.168.1.2/24"))
+    start(r)
+    step(r, links("192.168.1.2/24"))  # nothing changed: nothing committed
+    assert len(r.kernel.documents) == 1
+    step(r, links("192.168.1.2/24", "10.3.0.2/16"))
+    update = r.kernel.documents[-1]
+    assert [next(iter(c)) for c in update["nftables"][1:]] == ["flush", "add"]
+    assert r.kernel.holds(compiled(r).document())
+    assert len(lan(r)) == 2
+    counters = r.daemon.status().counters
+    assert (counters.commits, counters.set_updates, counters.replacements) == (2, 1, 1)
 
 
-def fake(daemon: Daemon) -> FakeNft:
-    assert isinstance(daemon.nft, FakeNft)
-    return daemon.nft
+def test_a_refused_set_update_falls_back_to_replacing_the_tables(tmp_path: Path) -> None:
+    r = rig(tmp_path, links("192.168.1.2/24"))
+    start(r)
+    r.kernel.refuse = lambda d: "no" if "flush" in d["nftables"][1] else None
+    step(r, links("10.3.0.2/16"))
+    assert [e for e in r.log if e in ("apply", "refused")] == ["apply", "refused", "apply"]
+    assert r.kernel.holds(compiled(r).document())
+    assert lan(r) == [{"prefix": {"addr": "10.3.0.0", "len": 16}}]
 
 
-# -- what is committed --------------------------------------------------------
+def test_a_refused_commit_leaves_the_ruleset_in_force(tmp_path: Path) -> None:
+    r = rig(tmp_path, links("192.168.1.2/24"))
+    start(r)
+    before = r.kernel.dump()
+    r.kernel.refuse = lambda d: "refused by the fake"
+    step(r, links("10.3.0.2/16"))
+    assert r.kernel.dump() == before
+    status = r.daemon.status()
+    assert status.counters.refused == 1 and "refused by the fake" in status.last_error
 
 
-def test_commits_only_what_changed(tmp_path: Path, proc_sys: Path) -> None:
-    daemon, _ = make(tmp_path, proc_sys)
-    pol = load(daemon.options.policy)
-    uids = users.lookup_uids(pol)
-    daemon.observe(snapshot("192.168.1.2/24"))
-    assert daemon.enforce(pol, uids) == "replaced"
-    full = fake(daemon).documents[-1]
-    assert commands(full)[:2] == ["add", "delete"]  # the atomic table swap
-
-    assert daemon.enforce(pol, uids) == "unchanged"
-    assert len(fake(daemon).documents) == 1  # nothing committed
-
-    daemon.observe(snapshot("192.168.1.2/24", "10.3.0.2/16"))
-    assert daemon.enforce(pol, uids) == "sets"
-    update = fake(daemon).documents[-1]
-    assert commands(update) == ["flush", "add"]
-    assert update["nftables"][2]["add"]["element"]["name"] == "lan"
-    assert daemon.counters.commits == 2 and daemon.counters.set_updates == 1
+def test_tampering_is_undone_at_once(tmp_path: Path) -> None:
+    r = rig(tmp_path, links("192.168.1.2/24"))
+    start(r)
+    r.kernel.tamper({"delete": {"table": {"family": "ip", "name": "tailsfw"}}})
+    assert r.kernel.families() == {"ip6"}
+    step(r, RulesetTouched(4242, "nft", "deleted table ip tailsfw"))
+    assert r.kernel.holds(compiled(r).document())
+    r.kernel.tamper(
+        {"insert": {"rule": {"family": "ip", "table": "tailsfw", "chain": "output",
+                             "expr": [{"accept": None}]}}},
+    )  # fmt: skip
+    step(r, RulesetTouched(4243, "nft", "added rule"))
+    assert r.kernel.holds(compiled(r).document())
+    assert r.daemon.status().counters.tamperings == 2
 
 
-def test_a_refused_set_update_falls_back_to_replacing_the_tables(
-    tmp_path: Path, proc_sys: Path
-) -> None:
-    daemon, events = make(tmp_path, proc_sys, refuse=lambda d: commands(d)[0] == "flush")
-    pol = load(daemon.options.policy)
-    daemon.observe(snapshot("192.168.1.2/24"))
-    daemon.enforce(pol, {})
-    daemon.observe(snapshot("10.3.0.2/16"))
-    assert daemon.enforce(pol, {}) == "replaced"
-    assert events == ["apply", "refused", "apply"]
-
-
-def test_a_refused_commit_leaves_the_ruleset_in_force(tmp_path: Path, proc_sys: Path) -> None:
-    daemon, _ = make(tmp_path, proc_sys)
-    pol = load(daemon.options.policy)
-    daemon.observe(snapshot("192.168.1.2/24"))
-    daemon.enforce(pol, {})
-    before = daemon.in_force
-    fake(daemon).refuse = lambda d: True
-    daemon.observe(snapshot("10.3.0.2/16"))
-    with pytest.raises(NftError):
-        daemon.enforce(pol, {})
-    assert daemon.in_force is before
-    # The next attempt still knows what is really in force: it diffs against it.
-    fake(daemon).refuse = lambda d: False
-    assert daemon.enforce(pol, {}) == "sets"
-
-
-def test_new_interfaces_get_ipv6_switched_off(tmp_path: Path, proc_sys: Path) -> None:
-    daemon, _ = make(tmp_path, proc_sys)
-    daemon.observe(snapshot(names=("lo", "eth0")))
+def test_new_interfaces_get_ipv6_switched_off(tmp_path: Path) -> None:
+    r = rig(tmp_path, links())
+    proc_sys = r.daemon.options.proc_sys
+    start(r)
     assert (proc_sys / "net/ipv6/conf/eth0/disable_ipv6").read_text() == "1\n"
     assert (proc_sys / "net/ipv6/conf/lo/disable_ipv6").read_text() == "0\n"
     new = proc_sys / "net/ipv6/conf/wlan0/disable_ipv6"
     new.parent.mkdir()
     new.write_text("0\n")
-    changed = daemon.observe(snapshot(names=("lo", "eth0", "wlan0")))
+    step(r, links(names=("lo", "eth0", "wlan0")))
     assert new.read_text() == "1\n"
-    assert not changed  # no address changed: nothing to recompile
+    assert len(r.kernel.documents) == 1  # no address changed: nothing committed
+
+
+def test_dns_servers_are_facts_and_kept_while_networkmanager_is_gone(tmp_path: Path) -> None:
+    r = rig(tmp_path, links("192.168.1.2/24"))
+    start(r)
+    servers = (ipaddress.IPv4Address("192.168.1.1"),)
+    step(r, DnsServers(servers, refused=("'::1': not an IPv4 address",)))
+    status = r.daemon.status()
+    assert status.clearnet_dns == ["192.168.1.1"] and status.networkmanager == "available"
+    assert status.dns_refused == ["'::1': not an IPv4 address"]
+    step(r, DnsServers((), available=False))
+    status = r.daemon.status()
+    assert status.clearnet_dns == ["192.168.1.1"] and status.networkmanager == "absent"
 
 
 # -- fail closed at start -----------------------------------------------------
 
 
-def test_lockdown_when_nothing_is_in_force(tmp_path: Path, proc_sys: Path) -> None:
-    daemon, _ = make(tmp_path, proc_sys)
-    assert daemon.fail_closed(ValueError("broken")) == 1
-    assert fake(daemon).documents == [compiler.lockdown().document()]
-    assert daemon.state == "lockdown"
+def test_broken_policy_at_start_locks_down_and_never_says_ready(tmp_path: Path) -> None:
+    r = rig(tmp_path, links("192.168.1.2/24"))
+    r.policy_path.write_text("[log\n")
+    assert run(r.daemon) == 1
+    assert r.log == ["apply", "STATUS"]
+    assert r.kernel.holds(compiler.lockdown().document())
     status = json.loads((tmp_path / "state" / "status.json").read_text())
-    assert status["state"] == "lockdown"
+    assert status["state"] == "lockdown" and "not valid TOML" in status["last_error"]
 
 
-def test_a_tailsfw_ruleset_in_force_stays(tmp_path: Path, proc_sys: Path) -> None:
-    daemon, _ = make(tmp_path, proc_sys)
-    fake(daemon).tables = {"ip", "ip6"}
-    assert daemon.fail_closed(ValueError("broken")) == 1
-    assert fake(daemon).documents == []
-    assert daemon.state == "failed"
+def test_a_tailsfw_ruleset_in_force_stays(tmp_path: Path) -> None:
+    r = rig(tmp_path, links("192.168.1.2/24"))
+    start(r)
+    before = r.kernel.dump()
+    r.policy_path.write_text("[log\n")
+    assert run(r.daemon) == 1
+    assert r.kernel.dump() == before
+    assert r.daemon.status().state == "failed"
 
 
-def test_half_a_ruleset_is_not_enough(tmp_path: Path, proc_sys: Path) -> None:
-    daemon, _ = make(tmp_path, proc_sys)
-    fake(daemon).tables = {"ip"}
-    daemon.fail_closed(ValueError("broken"))
-    assert fake(daemon).documents == [compiler.lockdown().document()]
+def test_half_a_ruleset_is_not_enough(tmp_path: Path) -> None:
+    r = rig(tmp_path, links("192.168.1.2/24"))
+    start(r)
+    r.kernel.tamper({"delete": {"table": {"family": "ip6", "name": "tailsfw"}}})
+    r.policy_path.write_text("[log\n")
+    assert run(r.daemon) == 1
+    assert r.kernel.holds(compiler.lockdown().document())
+
+
+def test_no_netlink_state_at_start_fails_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tailsfw.daemon.FIRST_SNAPSHOT_TIMEOUT", 0.05)
+    r = rig(tmp_path)  # netlink never speaks
+    assert run(r.daemon) == 1
+    assert r.kernel.holds(compiler.lockdown().document())
+    assert "no link and address state" in r.daemon.status().last_error
 
 
 def test_lockdown_is_loopback_only() -> None:
@@ -234,87 +203,75 @@ def test_lockdown_is_loopback_only() -> None:
     assert len(rules) == 4
     for rule in rules:
         (match, verdict) = rule["expr"]
+        assert match["match"]["op"] == "=="
         assert match["match"]["right"] == "lo" and verdict == {"accept": None}
 
 
 # -- the loop, with signals ---------------------------------------------------
 
 
-def run_daemon(daemon: Daemon, *steps: tuple[float, Callable[[], None]]) -> int:
-    async def main() -> int:
-        loop = asyncio.get_running_loop()
-        for delay, step in steps:
-            loop.call_later(delay, step)
-        return await asyncio.wait_for(daemon.run(), 5)
-
-    return asyncio.run(main())
-
-
-def kill(sig: int) -> Callable[[], None]:
-    return lambda: os.kill(os.getpid(), sig)
-
-
-def test_broken_policy_at_start_locks_down_and_never_says_ready(
-    tmp_path: Path, proc_sys: Path
-) -> None:
-    daemon, events = make(tmp_path, proc_sys, snapshot("192.168.1.2/24"))
-    daemon.options.policy.write_text("[log\n")
-    assert run_daemon(daemon) == 1
-    assert events == ["apply", "STATUS"]
-    assert fake(daemon).documents == [compiler.lockdown().document()]
-    assert "not valid TOML" in daemon.last_error
-
-
-def test_ready_after_the_ruleset_and_reloads(tmp_path: Path, proc_sys: Path) -> None:
-    daemon, events = make(tmp_path, proc_sys, snapshot("192.168.1.2/24"))
-    policy = daemon.options.policy
-    good = policy.read_text()
+def test_ready_after_the_ruleset_and_reloads(tmp_path: Path) -> None:
+    r = rig(tmp_path, links("192.168.1.2/24"))
+    good = r.policy_path.read_text()
 
     def break_policy() -> None:
-        policy.write_text(good + "\n[tor]\nport = 1\n")
+        r.policy_path.write_text(good + "\n[tor]\nport = 1\n")
 
     def change_policy() -> None:
-        write_policy(policy, mode="rfc1918")
+        write_policy(r.policy_path, mode="rfc1918")
 
-    code = run_daemon(
-        daemon,
+    code = run(
+        r.daemon,
         (0.05, break_policy),
-        (0.06, kill(signal.SIGHUP)),
+        (0.06, signal_self(signal.SIGHUP)),
         (0.10, change_policy),
-        (0.11, kill(signal.SIGHUP)),
-        (0.20, kill(signal.SIGTERM)),
+        (0.11, signal_self(signal.SIGHUP)),
+        (0.20, signal_self(signal.SIGTERM)),
     )
     assert code == 0
-    assert events == [
+    assert r.log == [
         "apply", "READY",                 # start: the ruleset, then READY
         "RELOADING+MONOTONIC_USEC", "READY",  # broken policy: nothing applied
         "RELOADING+MONOTONIC_USEC", "apply", "READY",  # changed policy: applied
     ]  # fmt: skip
-    assert daemon.counters.reloads_refused == 1 and daemon.counters.reloads == 2
-    assert daemon.policy is not None and daemon.policy.lan.mode == "rfc1918"
-    # The READY after the refused reload says so; SIGTERM applied nothing.
-    assert isinstance(daemon.notify, FakeNotifier)
-    assert "reload refused" in daemon.notify.messages[2]["STATUS"]
-    assert events[-1] == "READY"
+    counters = r.daemon.status().counters
+    assert counters.reloads_refused == 1 and counters.reloads == 2
+    assert r.daemon.policy is not None and r.daemon.policy.lan.mode == "rfc1918"
+    assert "lan" not in r.kernel.table("ip").sets  # rfc1918 mode has no set
+    assert r.kernel.holds(compiled(r).document())
+    # The READY after the refused reload says so.
+    assert "reload refused" in r.notify.messages[2]["STATUS"]
 
 
-def test_address_changes_are_coalesced(tmp_path: Path, proc_sys: Path) -> None:
-    daemon, _ = make(tmp_path, proc_sys, snapshot("192.168.1.2/24"))
-    assert isinstance(daemon.source, FakeSource)
-    queue = daemon.source.queue
+def test_address_changes_are_coalesced(tmp_path: Path) -> None:
+    r = rig(tmp_path, links("192.168.1.2/24"))
 
     def storm() -> None:
         for i in range(200):
-            queue.put_nowait(snapshot("192.168.1.2/24", f"10.{i % 2}.0.2/16"))
+            r.netlink.queue.put_nowait(links("192.168.1.2/24", f"10.{i % 2}.0.2/16"))
 
-    code = run_daemon(daemon, (0.05, storm), (0.3, kill(signal.SIGTERM)))
+    code = run(r.daemon, (0.05, storm), (0.3, signal_self(signal.SIGTERM)))
     assert code == 0
     # 200 changes delivered at once: a single commit, of the final state.
-    assert daemon.counters.commits == 2, daemon.counters
-    assert daemon.snapshot.connected == {
-        ipaddress.IPv4Network("192.168.1.0/24"),
-        ipaddress.IPv4Network("10.1.0.0/16"),
-    }
+    assert r.daemon.status().counters.commits == 2
+    assert r.daemon.facts.connected == {Net("192.168.1.0/24"), Net("10.1.0.0/16")}
+    assert sorted(e["prefix"]["addr"] for e in lan(r)) == ["10.1.0.0", "192.168.1.0"]
+
+
+def test_a_source_that_ends_stops_the_daemon_but_not_the_rules(tmp_path: Path) -> None:
+    r = rig(tmp_path, links("192.168.1.2/24"))
+
+    class Ends:
+        name = "ends"
+
+        async def events(self):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(0.05)
+            return
+            yield
+
+    r.daemon.parts.sources = [Ends()]
+    assert run(r.daemon) == 1
+    assert r.kernel.holds(compiled(r).document())
 
 
 def test_notify_never_blocks_on_a_full_queue(tmp_path: Path) -> None:
@@ -331,17 +288,13 @@ def test_notify_never_blocks_on_a_full_queue(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("pid_matches", "expected"), [(True, True), (False, False)])
 def test_watchdog_pings_from_the_loop(
-    tmp_path: Path,
-    proc_sys: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    pid_matches: bool,
-    expected: bool,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pid_matches: bool, expected: bool
 ) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "20000")  # a ping every 10 ms
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() if pid_matches else 1))
-    daemon, events = make(tmp_path, proc_sys, snapshot("192.168.1.2/24"))
-    assert run_daemon(daemon, (0.2, kill(signal.SIGTERM))) == 0
-    pings = events.count("WATCHDOG")
+    r = rig(tmp_path, links("192.168.1.2/24"))
+    assert run(r.daemon, (0.2, signal_self(signal.SIGTERM))) == 0
+    pings = r.log.count("WATCHDOG")
     assert (pings >= 10) == expected, pings
 
 

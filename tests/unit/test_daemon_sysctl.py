@@ -63,11 +63,28 @@ def test_interfaces(root: Path) -> None:
     state = sysctl.interface("eth0.100")
     assert (root / "net/ipv6/conf/eth0.100/disable_ipv6").read_text() == "1\n"
     assert state.name == "net.ipv6.conf.eth0/100.disable_ipv6"
-    sysctl.forget_interface("eth0.100")
-    assert [s.name for s in sysctl.states] == [
-        "net.ipv6.conf.eth0.disable_ipv6",
+
+
+def test_converge_writes_new_interfaces_once_and_forgets_gone_ones(root: Path) -> None:
+    sysctl = Sysctl(root)
+    eth0 = root / "net/ipv6/conf/eth0/disable_ipv6"
+    assert [s.name for s in sysctl.converge_interfaces({(1, "lo"), (2, "eth0")})] == [
         "net.ipv6.conf.lo.disable_ipv6",
+        "net.ipv6.conf.eth0.disable_ipv6",
     ]
+    assert eth0.read_text() == "1\n"
+    eth0.write_text("0\n")  # changed behind our back: converge trusts what it did...
+    assert sysctl.converge_interfaces({(1, "lo"), (2, "eth0")}) == []
+    # ... but a new interface under an old name (new index) is written again,
+    assert len(sysctl.converge_interfaces({(1, "lo"), (3, "eth0")})) == 1
+    assert eth0.read_text() == "1\n"
+    # and after forget() every one is.
+    eth0.write_text("0\n")
+    sysctl.forget()
+    assert len(sysctl.converge_interfaces({(1, "lo"), (3, "eth0")})) == 2
+    assert eth0.read_text() == "1\n"
+    sysctl.converge_interfaces({(1, "lo")})
+    assert [s.name for s in sysctl.states] == ["net.ipv6.conf.lo.disable_ipv6"]
 
 
 def test_a_failed_write_is_recorded_not_raised(root: Path) -> None:

@@ -1,0 +1,150 @@
+"""The accounts the policy names, followed live in the account database.
+
+`parse_passwd` (pure) reads passwd text the way glibc's `files` service
+does, strictly; `AccountsSource` re-reads the file whenever its directory
+says it changed (useradd and adduser replace it by rename) and yields the
+uids whenever they differ.
+
+Why the file and not `pwd.getpwnam`: on Tails every account is in
+`/etc/passwd` (nsswitch `passwd: files systemd`; nss-systemd adds only
+root, nobody, which are in the file too, and dynamic service users, which
+no policy names).  Reading the file makes the trigger and the truth the
+same thing: a change in another NSS source would never fire the watch, and
+an NSS module could block the event loop (LDAP, ...).  It also makes the
+source injectable (a passwd in a temp directory) and the parser pure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+from collections.abc import AsyncIterator, Collection, Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+from .events import AccountsChanged
+from .inotify import watch_paths
+
+log = logging.getLogger(__name__)
+
+PASSWD = Path("/etc/passwd")
+MAX_UID = 2**32 - 2  # (uid_t)-1 means "no uid"
+MAX_BYTES = 16 * 1024 * 1024  # Tails' is 2 KiB; beyond this it is not an account database
+
+
+def parse_passwd(data: bytes, accounts: Collection[str]) -> dict[str, int]:
+    """Account name -> uid for those of `accounts` that `data` defines.
+
+    The first line naming an account decides, as with glibc; if that line
+    is malformed (a uid that is not a plain decimal number in range, too
+    few fields, a NUL), the account counts as absent rather than taking a
+    later line's uid, so this never gives a uid that the system's own
+    lookup would not.
+    """
+    wanted = {name.encode(): name for name in accounts}
+    uids: dict[str, int] = {}
+    decided: set[bytes] = set()
+    for raw in data.split(b"\n"):
+        line = raw.lstrip()  # glibc skips leading blanks, blank lines, comments
+        if not line or line.startswith(b"#"):
+            continue
+        name, _, rest = line.partition(b":")
+        if name not in wanted or name in decided:
+            continue
+        decided.add(name)
+        uid = _uid(line, rest)
+        if uid is not None:
+            uids[wanted[name]] = uid
+    return uids
+
+
+def _uid(line: bytes, rest: bytes) -> int | None:
+    fields = rest.split(b":", 5)  # passwd, uid, gid, gecos, home, shell (may hold ':')
+    if b"\0" in line or len(fields) < 6:
+        return None
+    uid = fields[1]
+    # Plain digits only, and few of them before int(): no sign, no blanks, no 5,000 digits.
+    if not (uid.isdigit() and uid.isascii() and len(uid) <= 10):
+        return None
+    value = int(uid)
+    return value if value <= MAX_UID else None
+
+
+def read_passwd(path: Path) -> bytes:
+    """The file's bytes; b"" if it does not exist (then no account exists).
+
+    Opened without blocking (a FIFO put there does not hang the daemon),
+    and only a regular file of bounded size is read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        return b""
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path}: not a regular file")
+        data = f.read(MAX_BYTES + 1)
+    if len(data) > MAX_BYTES:
+        raise OSError(f"{path}: larger than {MAX_BYTES} bytes")
+    return data
+
+
+def read_uids(accounts: Collection[str], passwd: Path = PASSWD) -> Mapping[str, int]:
+    """Account name -> uid for those of `accounts` in `passwd` now (OSError if unreadable)."""
+    return MappingProxyType(parse_passwd(read_passwd(passwd), accounts))
+
+
+class AccountsSource:
+    """The uids of the policy's accounts: the whole state first, then every change.
+
+    `follow(accounts)` changes the accounts asked (a reloaded policy may
+    name others): the file is read again at once, and their uids reported
+    if they differ from the last reported.
+    """
+
+    name = "accounts"
+
+    def __init__(self, accounts: Collection[str], passwd: Path = PASSWD) -> None:
+        self.accounts = frozenset(accounts)
+        self.passwd = passwd
+        self.last_error = ""
+        self._wake: asyncio.Queue[None] | None = None
+
+    def follow(self, accounts: Collection[str]) -> None:
+        """Ask for these accounts from now on (call from the event loop)."""
+        self.accounts = frozenset(accounts)
+        if self._wake is not None:
+            self._wake.put_nowait(None)
+
+    async def events(self) -> AsyncIterator[AccountsChanged]:
+        wake = self._wake = asyncio.Queue()
+        watch = asyncio.create_task(self._watch(wake), name="accounts-watch")
+        last: Mapping[str, int] | None = None
+        try:
+            while True:
+                await wake.get()
+                while not wake.empty():  # one read for all that woke us meanwhile
+                    wake.get_nowait()
+                try:
+                    uids = read_uids(self.accounts, self.passwd)
+                except OSError as e:
+                    # Keep what is in force; the next change of the file retries.
+                    self.last_error = str(e)
+                    log.error("accounts: %s: keeping the last uids", e)
+                    continue
+                self.last_error = ""
+                if uids != last:
+                    last = uids
+                    yield AccountsChanged(uids)
+        finally:
+            self._wake = None
+            watch.cancel()
+
+    async def _watch(self, wake: asyncio.Queue[None]) -> None:
+        # The watch is set up before the read it triggers first, so no
+        # change falls between the two.
+        async for _ in watch_paths([self.passwd]):
+            wake.put_nowait(None)

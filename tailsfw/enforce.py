@@ -1,0 +1,125 @@
+"""The ruleset effect: put a compiled ruleset in force, and fail closed.
+
+`RulesetEffect.converge` commits only what differs from what it last put in
+force (nothing, set elements, or the whole tables, always one transaction);
+`forget` says the kernel may no longer hold that (another program changed
+it), so the next converge replaces the tables whole.  `fail_closed` is what
+a start that cannot load the policy leaves behind.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol
+
+from . import compiler
+from .nft import NftError
+
+log = logging.getLogger("tailsfwd")
+
+
+class NftApi(Protocol):
+    """What the effect needs of libnftables (tailsfw.nft.Nft, or a fake kernel)."""
+
+    def apply(self, document: dict[str, Any]) -> None: ...
+    def list_ruleset(self) -> list[dict[str, Any]]: ...
+
+
+class Outcome(Enum):
+    UNCHANGED = "unchanged"  # nothing differed: nothing committed
+    SETS = "sets"  # set elements only
+    REPLACED = "replaced"  # the whole tables, in one transaction
+
+
+@dataclass
+class RulesetCounters:
+    commits: int = 0  # transactions that changed the ruleset in force
+    replacements: int = 0  # ... of which replaced the tables
+    set_updates: int = 0  # ... of which changed set elements only
+    unchanged: int = 0  # converges that needed no commit
+
+
+class RulesetEffect:
+    def __init__(self, nft: NftApi) -> None:
+        self.nft = nft
+        self.in_force: compiler.Ruleset | None = None
+        self.counters = RulesetCounters()
+        self._trusted = False  # does the kernel hold `in_force`?
+
+    @property
+    def digest(self) -> str:
+        return self.in_force.digest() if self.in_force is not None else ""
+
+    def forget(self) -> None:
+        """The kernel may not hold what we loaded: the next converge replaces it."""
+        self._trusted = False
+
+    def converge(self, ruleset: compiler.Ruleset) -> Outcome:
+        """Make the kernel hold `ruleset`.  Raises NftError with the ruleset in
+        force untouched (every commit is one transaction)."""
+        old = self.in_force if self._trusted else None
+        changes = None if old is None else ruleset.changes_since(old)
+        if changes == []:
+            self.counters.unchanged += 1
+            return Outcome.UNCHANGED
+        outcome = Outcome.REPLACED
+        if changes is not None:
+            try:
+                self.nft.apply(ruleset.document(changes))
+                outcome = Outcome.SETS
+            except NftError as e:
+                # The tables may not be what we last loaded (someone changed
+                # them): replacing them puts the whole ruleset back.
+                log.warning("set update refused (%s): replacing the tables instead", e)
+        if outcome is Outcome.REPLACED:
+            self.nft.apply(ruleset.document())
+            self.counters.replacements += 1
+        else:
+            self.counters.set_updates += 1
+        self.counters.commits += 1
+        previous = self.in_force.warnings if self.in_force is not None else ()
+        for warning in sorted(set(ruleset.warnings) - set(previous)):
+            log.warning("%s", warning)
+        self.in_force, self._trusted = ruleset, True
+        return outcome
+
+
+class FailState(Enum):
+    KEPT = "kept"  # a tailsfw ruleset was in force: it stays
+    LOCKDOWN = "lockdown"  # none was: the lockdown ruleset is loaded
+    NOTHING = "nothing"  # none was, and the lockdown was refused too
+
+
+def fail_closed(nft: NftApi) -> tuple[FailState, str]:
+    """Leave a tailsfw ruleset in force after a failed start.
+
+    A tailsfw ruleset already in force in both families (a restart) stays
+    as it is; otherwise the lockdown ruleset (loopback only) is loaded.
+    Returns what was done and, if the lockdown failed too, why.
+    """
+    try:
+        present = tailsfw_families(nft.list_ruleset())
+    except NftError as e:
+        log.error("cannot list the ruleset in force (%s): loading the lockdown ruleset", e)
+        present = set()
+    if present >= set(compiler.FAMILIES.values()):
+        log.critical("the tailsfw ruleset already in force stays in force")
+        return FailState.KEPT, ""
+    try:
+        nft.apply(compiler.lockdown().document())
+    except NftError as e:
+        log.critical("cannot load the lockdown ruleset either: %s", e)
+        return FailState.NOTHING, f"the lockdown ruleset was refused too: {e}"
+    log.critical("lockdown ruleset loaded: only loopback traffic passes")
+    return FailState.LOCKDOWN, ""
+
+
+def tailsfw_families(ruleset: list[dict[str, Any]]) -> set[str]:
+    """The families that have a tailsfw table in a `list ruleset` answer."""
+    return {
+        o["table"]["family"]
+        for o in ruleset
+        if "table" in o and o["table"].get("name") == compiler.TABLE
+    }
