@@ -57,34 +57,32 @@ def usec(seconds: float) -> int:
 def properties(status: Status) -> dict[str, Any]:
     """The interface's properties, by D-Bus name, from one Status value.
 
-    Fields that Status does not have (yet) read as empty: a client sees the
-    property, with "unknown" as its value.
+    The drop counters are not in Status yet: until they are, they read as
+    empty (a client sees the property, with nothing counted).
     """
-
-    def field(name: str, default: Any) -> Any:
-        return getattr(status, name, default)
-
     counters = dict(vars(status.counters))
     counters["netlink_reads"] = status.netlink_reads
     return {
         "State": status.state,
         "StatusLine": status.line(),
         "Pid": status.pid,
-        "RunningSince": usec(field("running_since", 0.0)),
+        "RunningSince": usec(status.running_since),
         "PolicyPath": status.policy,
         "RulesetDigest": status.ruleset,
         "LanMode": status.lan_mode,
         "Connected": list(status.connected),
         "Interfaces": dict(status.interfaces),
-        "LastApply": usec(field("last_apply", 0.0)),
-        "LastApplyCause": str(field("last_apply_cause", "")),
+        "LastApply": usec(status.last_apply),
+        "LastApplyCause": status.last_apply_cause,
         "LastError": status.last_error,
         "Warnings": list(status.warnings),
-        "ClearnetDns": [str(s) for s in field("dns_servers", ())],
+        "ClearnetDns": list(status.clearnet_dns),
+        "DnsRefused": list(status.dns_refused),
+        "NetworkManager": status.networkmanager,
         "Sysctls": [[s.name, s.wanted or "", s.actual or "", s.ok, s.note] for s in status.sysctls],
         "Counters": counters,
-        "DropsByUser": dict(field("drops_by_user", {})),
-        "DropsByReason": dict(field("drops_by_reason", {})),
+        "DropsByUser": dict(getattr(status, "drops_by_user", {})),
+        "DropsByReason": dict(getattr(status, "drops_by_reason", {})),
     }
 
 
@@ -179,6 +177,14 @@ class FirewallInterface(ServiceInterface):
     @dbus_property(access=READ)
     def ClearnetDns(self) -> Strings:
         return list(self._get("ClearnetDns"))
+
+    @dbus_property(access=READ)
+    def DnsRefused(self) -> Strings:
+        return list(self._get("DnsRefused"))
+
+    @dbus_property(access=READ)
+    def NetworkManager(self) -> DBusStr:
+        return str(self._get("NetworkManager"))
 
     @dbus_property(access=READ)
     def Sysctls(self) -> SysctlRows:

@@ -111,7 +111,7 @@ def render(obs: Observation, color: bool = False) -> str:
             rows.append(("Applied", when(d["LastApply"]) + cause))
         if d["LastError"]:
             rows.append(("Error", d["LastError"]))
-        rows.append(("DNS", ", ".join(d["ClearnetDns"]) or "no clearnet DNS server"))
+        rows.extend(dns_rows(d))
         rows.extend(sysctl_rows(d["Sysctls"]))
         rows.append(("Drops", drops_line(d["DropsByUser"], d["DropsByReason"])))
         rows.extend(("Warning", w) for w in d["Warnings"])
@@ -145,6 +145,14 @@ def ruleset_line(obs: Observation) -> str:
         OTHER: "not what the policy compiles to",
     }[k.holds]
     return f"{shown}; kernel: {tables}: {what} ({obs.kernel_note})"
+
+
+def dns_rows(d: dict[str, Any]) -> list[tuple[str, str]]:
+    servers = ", ".join(d["ClearnetDns"]) or "no clearnet DNS server"
+    manager = d["NetworkManager"]
+    rows = [("DNS", servers if manager == "available" else f"{servers}; NetworkManager {manager}")]
+    rows.extend(("", f"refused from NetworkManager: {value}") for value in d["DnsRefused"])
+    return rows
 
 
 def sysctl_rows(rows: list[list[Any]]) -> list[tuple[str, str]]:

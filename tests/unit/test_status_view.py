@@ -38,14 +38,22 @@ STATUS = Status(
 
 @dataclasses.dataclass(frozen=True)
 class LaterStatus(Status):
-    """Status with the fields the daemon is to gain (see service.properties)."""
+    """Status with the drop counters it is to gain (see service.properties)."""
 
-    running_since: float = 1_700_000_000.0
-    last_apply: float = 1_700_000_060.5
-    last_apply_cause: str = "link change"
-    dns_servers: tuple[str, ...] = ("192.168.77.1",)
     drops_by_user: dict[str, int] = dataclasses.field(default_factory=lambda: {"amnesia": 7})
     drops_by_reason: dict[str, int] = dataclasses.field(default_factory=lambda: {"lan": 7})
+
+
+FULL = LaterStatus(
+    **{
+        **vars(STATUS),
+        "running_since": 1_700_000_000.0,
+        "last_apply": 1_700_000_060.5,
+        "last_apply_cause": "links",
+        "clearnet_dns": ["192.168.77.1"],
+        "dns_refused": ["fe80::1: not IPv4"],
+    }
+)
 
 
 def seen(
@@ -68,21 +76,17 @@ def seen(
 IN_FORCE = summary.Kernel(("ip", "ip6"), summary.POLICY)
 
 
-def test_properties_tolerate_todays_status_and_map_the_new_fields() -> None:
+def test_properties_from_a_status_and_the_drop_counters_to_come() -> None:
     today = service.properties(STATUS)
     assert today["RunningSince"] == 0 and today["ClearnetDns"] == []
     assert today["DropsByUser"] == {} and today["LastApplyCause"] == ""
-    assert today["Sysctls"][1] == [
-        "net.ipv6.conf.all.disable_ipv6",
-        "1",
-        "0",
-        False,
-        "cannot write",
-    ]
-    later = service.properties(LaterStatus(**vars(STATUS)))
+    wrong = ["net.ipv6.conf.all.disable_ipv6", "1", "0", False, "cannot write"]
+    assert today["Sysctls"][1] == wrong
+    later = service.properties(FULL)
     assert later["RunningSince"] == 1_700_000_000_000_000
     assert later["LastApply"] == 1_700_000_060_500_000
     assert later["ClearnetDns"] == ["192.168.77.1"]
+    assert later["DnsRefused"] == ["fe80::1: not IPv4"]
     assert later["DropsByReason"] == {"lan": 7}
 
 
@@ -120,7 +124,7 @@ def test_a_bad_policy_has_its_own_code_unless_nothing_is_in_force() -> None:
 
 
 def test_render_in_order_enforcement_first() -> None:
-    daemon = service.properties(LaterStatus(**vars(STATUS)))
+    daemon = service.properties(FULL)
     text = summary.render(seen(daemon, IN_FORCE))
     lines = text.splitlines()
     assert lines[0] == "● tailsfw: on: the policy's ruleset is in force"
@@ -128,7 +132,8 @@ def test_render_in_order_enforcement_first() -> None:
     assert labels[:5] == ["Daemon", "State", "Policy", "Ruleset", "Applied"]
     assert "running (pid 99, via D-Bus) since" in lines[1]
     assert "0123456789ab; kernel: ip tailsfw, ip6 tailsfw: the policy's ruleset" in text
-    assert "DNS: 192.168.77.1" in text
+    assert "DNS: 192.168.77.1; NetworkManager unknown\n" in text
+    assert ": refused from NetworkManager: fe80::1: not IPv4\n" in text
     assert "Sysctls: 1 of 2 as wanted" in text
     assert "net.ipv6.conf.all.disable_ipv6: wanted 1, is 0 (cannot write)" in text
     assert "Drops: 7 refused; by user: amnesia 7; by reason: lan 7" in text
