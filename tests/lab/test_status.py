@@ -97,3 +97,11 @@ def test_a_status_file_left_by_a_dead_daemon_is_not_running(
     assert data["daemon"]["running"] is False
     assert f"pid {daemon.process.pid} of {state_file} has exited" in data["daemon"]["source"]
     assert code == summary.OK  # the rules outlive the daemon: still in force
+
+
+def test_apply_as_another_user_says_it_needs_root(lab: Lab, policy: Path) -> None:
+    done = lab.run_as(
+        "amnesia", [VENV_PYTHON, "-m", "tailsfw.cli", "apply", "--policy", str(policy)]
+    )
+    assert done.returncode == summary.NO_PERMISSION
+    assert done.stderr == "tailsfwctl: apply needs root; the ruleset in force is unchanged\n"
