@@ -1,11 +1,13 @@
 # tailsfw: two commands for a new user, `make demo` and `make test`.
 VENV := .venv
 PY := $(VENV)/bin/python
-# network-manager is not in the list: on a machine run by systemd its
-# installation would start NetworkManager there.  tests/lab/test_nm.py skips,
-# saying so, without it; install it where no service starts (a container).
 DEBS := nftables python3-nftables python3-venv python3-dev libsystemd-dev pkg-config gcc \
-        iproute2 util-linux passwd procps dbus-daemon python3-dbusmock dnsmasq-base
+        iproute2 util-linux passwd procps dbus-daemon dbus-bin python3-dbusmock dnsmasq-base \
+        systemd systemd-container man-db groff-base
+# Services the lab runs by hand, in its namespaces.  Installed only where no
+# systemd runs (a container, CI): on a machine run by systemd, installing
+# them would start them there.  Without them, their tests skip, saying so.
+LAB_SERVICE_DEBS := network-manager
 STAMP := $(VENV)/.installed
 
 .PHONY: venv test lint unit lab demo bench clean
@@ -13,7 +15,8 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	@wanted="$(DEBS)"; [ -d /run/systemd/system ] || wanted="$$wanted $(LAB_SERVICE_DEBS)"; \
+	missing=$$(for p in $$wanted; do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from . import compiler, policy, users
+from . import compiler, observe, policy, summary, users
 from .facts import Facts
 from .nft import Nft, NftError
 
 DEFAULT_POLICY = Path("/etc/tailsfw/policy.toml")
+
+
+class NeedsRoot(RuntimeError):
+    """The command changes the kernel's ruleset, which only root may do."""
 
 
 def build(policy_path: Path) -> compiler.Ruleset:
@@ -45,9 +51,26 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        raise NeedsRoot("apply needs root")
     ruleset = build(args.policy)
     Nft().apply(ruleset.document())
     print(f"tailsfwctl: ruleset {ruleset.digest()[:12]} in force")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    seen = observe.observe(args.policy, DEFAULT_POLICY, args.bus, args.state_file)
+    if args.json:
+        print(json.dumps(summary.to_json(seen), indent=1, sort_keys=True))
+    else:
+        print(summary.render(seen, color=sys.stdout.isatty()), end="")
+    return summary.verdict(seen)[0]
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    observe.reload(args.bus)
+    print("tailsfwctl: tailsfwd reloaded the policy")
     return 0
 
 
@@ -61,21 +84,46 @@ def parser() -> argparse.ArgumentParser:
     apply.set_defaults(func=cmd_apply)
     for s in (render, apply):
         s.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy file")
+    status = sub.add_parser("status", help="is the policy's ruleset in force? (exit 0 if so)")
+    status.add_argument(
+        "--policy", type=Path, help="policy to compare with (default: the daemon's)"
+    )
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument(
+        "--state-file", type=Path, default=observe.DEFAULT_STATE_FILE,
+        help="the daemon's status.json, read when it is not on the bus",
+    )  # fmt: skip
+    status.set_defaults(func=cmd_status)
+    reload = sub.add_parser("reload", help="ask tailsfwd to adopt its policy file again")
+    reload.set_defaults(func=cmd_reload)
+    for s in (status, reload):
+        s.add_argument("--bus", metavar="ADDRESS", help="D-Bus address (default: system bus)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every failure is one line on stderr and an exit status of its own (tailsfwctl(8))."""
     args = parser().parse_args(argv)
+    unchanged = "the ruleset in force is unchanged"
     try:
         return int(args.func(args))
     except policy.PolicyError as e:
-        print(f"tailsfwctl: {e}; the ruleset in force is unchanged", file=sys.stderr)
+        return fail(summary.BAD_POLICY, f"{e}; {unchanged}")
+    except NeedsRoot as e:
+        return fail(summary.NO_PERMISSION, f"{e}; {unchanged}")
     except NftError as e:
-        print(
-            f"tailsfwctl: nft refused the ruleset: {e}; the ruleset in force is unchanged",
-            file=sys.stderr,
-        )
-    return 1
+        return fail(summary.FAILED, f"nft refused the ruleset: {e}; {unchanged}")
+    except observe.ControlError as e:
+        return fail(e.code, str(e))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a person gets one line, never a traceback
+        return fail(summary.FAILED, f"{args.command} failed: {type(e).__name__}: {e}")
+
+
+def fail(code: int, message: str) -> int:
+    print(f"tailsfwctl: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

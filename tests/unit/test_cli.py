@@ -26,12 +26,12 @@ def test_a_broken_policy_is_named_and_changes_nothing(
     bad = tmp_path / "policy.toml"
     bad.write_text(DEFAULT.read_text().replace("group = 0", "group = -1"))
     # render, never apply: a unit test must not reach this machine's kernel.
-    assert cli.main(["render", "--policy", str(bad)]) == 1
+    assert cli.main(["render", "--policy", str(bad)]) == 6
     err = capsys.readouterr().err
     assert f"{bad}: log.group: -1 is out of range" in err
     assert "the ruleset in force is unchanged" in err
 
 
 def test_a_missing_policy_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["render", "--policy", str(tmp_path / "none.toml")]) == 1
+    assert cli.main(["render", "--policy", str(tmp_path / "none.toml")]) == 6
     assert "none.toml: cannot read the policy" in capsys.readouterr().err

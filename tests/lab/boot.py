@@ -1,0 +1,197 @@
+"""Boot the project's units under a real systemd, in systemd-nspawn.
+
+The container (see ../shared/lab-notes.md) is this machine's /usr on a tmpfs
+root (`--volatile=yes`), with its own network namespace (`--private-network`),
+its own journald, and only what a target of the test pulls in.  Bound in:
+the unit directory (the project's units as installed here, and the test's),
+the repository and its venv at their own paths, and the policy.
+
+`installed_unit()` makes the installed tailsfwd.service from the shipped one,
+substituting only the paths (ExecStart runs this checkout with the venv's
+python), so that the units under test are the shipped ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+VENV = (REPO / ".venv").resolve()
+VENV_PYTHON = VENV / "bin" / "python"
+SHIPPED_UNITS = REPO / "systemd"
+PREFIX = "tfwboot-"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# Until the compiler writes protocols as numbers (its own issue), nft needs
+# these names, and the volatile /etc has none.  TODO: drop once that lands.
+ETC_NAMES = ("/etc/protocols", "/etc/services")
+# The installed paths in the shipped unit, and what they are in this checkout.
+SUBSTITUTIONS = {
+    "/usr/libexec/tailsfw/": f"{REPO}/libexec/",
+    "ExecStart=/usr/bin/tailsfwd ": f"ExecStart={VENV_PYTHON} -m tailsfw.daemon ",
+}
+
+
+def installed_unit(shipped: str, repo: Path = REPO) -> str:
+    """The shipped unit with this checkout's paths; raises if one is not found."""
+    text = shipped
+    for old, new in SUBSTITUTIONS.items():
+        if old not in text:
+            raise ValueError(f"the shipped unit has no {old!r} to substitute")
+        text = text.replace(old, new)
+    # The venv's editable install may point at another checkout: this one first.
+    return text.replace("[Service]\n", f"[Service]\nEnvironment=PYTHONPATH={repo}\n", 1)
+
+
+def installed_units() -> dict[str, str]:
+    return {path.name: installed_unit(path.read_text()) for path in sorted(SHIPPED_UNITS.glob("*"))}
+
+
+def write_units(directory: Path, units: Mapping[str, str]) -> None:
+    """Unit files (and drop-ins, as "NAME.d/FILE.conf") into a unit directory."""
+    for name, text in units.items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+class BootError(RuntimeError):
+    pass
+
+
+@dataclass
+class Container:
+    nspawn: subprocess.Popen[bytes]
+    init: int  # the container's PID 1, as this machine numbers it
+    console: Path
+
+    def run(
+        self, *argv: str, check: bool = True, timeout: float = 30, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            ["nsenter", "-t", str(self.init), "-a", *argv],
+            capture_output=True, text=True, timeout=timeout, check=False, input=input,
+        )  # fmt: skip
+        if check and done.returncode != 0:
+            raise BootError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
+        return done
+
+    def popen(self, *argv: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            ["nsenter", "-t", str(self.init), "-a", *argv],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    def show(self, unit: str, prop: str) -> str:
+        return self.run("systemctl", "show", "-P", prop, unit).stdout.strip()
+
+    def wait(self, what: str, check: Callable[[], bool], timeout: float = 20) -> float:
+        """Polls `check` until true; returns the seconds it took."""
+        start = time.monotonic()
+        while not check():
+            if time.monotonic() - start > timeout:
+                raise BootError(f"not within {timeout} s: {what}\n{self.console_text()}")
+            time.sleep(0.02)
+        return time.monotonic() - start
+
+    def ruleset(self) -> list[dict[str, Any]]:
+        listing: list[dict[str, Any]] = json.loads(self.run("nft", "-j", "list", "ruleset").stdout)[
+            "nftables"
+        ]
+        return listing
+
+    def journal(self, *match: str) -> list[dict[str, Any]]:
+        out = self.run("journalctl", "--no-pager", "-o", "json", *match, check=False).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def console_text(self) -> str:
+        return self.console.read_text(errors="replace")
+
+
+def container_init(nspawn: int) -> int | None:
+    """The container's PID 1: the child of systemd-nspawn, once it is systemd
+    (before that, the child is nspawn's own set-up process)."""
+    try:
+        children = Path(f"/proc/{nspawn}/task/{nspawn}/children").read_text().split()
+        if children and Path(f"/proc/{children[0]}/comm").read_text().strip() == "systemd":
+            return int(children[0])
+    except OSError:
+        pass
+    return None
+
+
+def remove_empty_cgroups() -> None:
+    """nspawn leaves two empty cgroups (and empty ones below them) at the top of
+    each hierarchy: remove them, deepest first.  rmdir refuses a cgroup that
+    has processes, so one in use (another container's) is never touched."""
+    for hierarchy in CGROUP_ROOT.iterdir():
+        for name in ("payload", "supervisor"):
+            top = hierarchy / name
+            if not top.is_dir():
+                continue
+            for below, _, _ in os.walk(top, topdown=False):
+                with contextlib.suppress(OSError):
+                    os.rmdir(below)
+
+
+@contextlib.contextmanager
+def booted(
+    units: Mapping[str, str], target: str, binds: Sequence[tuple[str, str]] = ()
+) -> Iterator[Container]:
+    """A container booted into `target` with `units` installed; halted on exit."""
+    with tempfile.TemporaryDirectory(prefix=PREFIX) as work:
+        unit_dir = Path(work) / "units"
+        write_units(unit_dir, units)
+        console = Path(work) / "console.log"
+        argv = [
+            "systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "-D", "/",
+            "--volatile=yes", "--private-network",
+            f"--bind-ro={unit_dir}:/etc/systemd/system",
+            f"--bind-ro={REPO}", f"--bind-ro={VENV}",
+            f"--bind-ro={REPO / 'etc' / 'tailsfw'}:/etc/tailsfw",
+            *(f"--bind-ro={path}" for path in ETC_NAMES if os.path.exists(path)),
+            *(f"--bind-ro={src}:{dst}" for src, dst in binds),
+            "--boot", "--", f"--unit={target}",
+        ]  # fmt: skip
+        with console.open("wb") as out:
+            nspawn = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        try:
+            deadline = time.monotonic() + 10
+            while (init := container_init(nspawn.pid)) is None:
+                if nspawn.poll() is not None or time.monotonic() > deadline:
+                    raise BootError(f"systemd-nspawn did not start:\n{console.read_text()}")
+                time.sleep(0.01)
+            container = Container(nspawn, init, console)
+            container.wait(
+                "systemd answers",
+                lambda: (
+                    container.run("systemctl", "is-system-running", check=False).stdout.strip()
+                    not in ("", "offline", "initializing")
+                ),
+            )
+            yield container
+        finally:
+            halt(nspawn)
+            remove_empty_cgroups()
+
+
+def halt(nspawn: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to nspawn halts the container cleanly; SIGKILL if it hangs."""
+    if nspawn.poll() is None:
+        nspawn.send_signal(signal.SIGTERM)
+        try:
+            nspawn.wait(15)
+        except subprocess.TimeoutExpired:
+            nspawn.kill()
+            nspawn.wait()

@@ -1,0 +1,208 @@
+"""tailsfwd booted by a real systemd (systemd-nspawn, its own network namespace).
+
+One container serves the tests of a working install, in order (the
+watchdog test, which changes the unit, last); a second one boots a broken
+install.  A probe unit ordered after network-pre.target lists the ruleset
+the moment it starts: what a network service would meet.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tailsfw import observe, summary
+from tests.lab.boot import REPO, VENV_PYTHON, Container, booted, installed_units
+
+TARGET = "tfwboot.target"
+PROBE_FILE = "/run/tfwboot/at-network-pre.json"
+TEST_UNITS = {
+    TARGET: """[Unit]
+Description=tailsfw boot test
+Wants=systemd-journald.socket systemd-journald.service tailsfwd.service tfwboot-probe.service
+""",
+    # What a network service sees: ordered only after network-pre.target.
+    "tfwboot-probe.service": f"""[Unit]
+Description=a network service of the test
+DefaultDependencies=no
+After=network-pre.target
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'mkdir -p /run/tfwboot && nft -j list ruleset > {PROBE_FILE}'
+""",
+}
+# Lists the chains every few ms until told to stop; a listing without the full
+# ruleset in both families (a chain only the policy's ruleset has) is a gap.
+WATCH = """
+n=0
+while [ ! -e /run/tfwboot/stop ]; do
+    chains=$(nft list chains)
+    case "$chains" in
+        *"table ip tailsfw"*conntracked*"table ip6 tailsfw"*conntracked*) ;;
+        *) echo "gap: $chains" ;;
+    esac
+    n=$((n+1))
+done
+echo "checks $n"
+"""
+UNAVAILABLE = [tool for tool in ("systemd-nspawn", "nsenter") if shutil.which(tool) is None]
+pytestmark = pytest.mark.skipif(bool(UNAVAILABLE), reason=f"missing {UNAVAILABLE}")
+
+
+@pytest.fixture(scope="module")
+def container() -> Iterator[Container]:
+    with booted({**installed_units(), **TEST_UNITS}, TARGET) as running:
+        running.wait("tailsfwd active", lambda: active(running))
+        running.wait("probe done", lambda: running.run("test", "-e", PROBE_FILE, check=False)
+                     .returncode == 0)  # fmt: skip
+        yield running
+
+
+def active(c: Container) -> bool:
+    return c.show("tailsfwd.service", "ActiveState") == "active"
+
+
+def tailsfwctl_status(c: Container) -> tuple[int, dict[str, Any]]:
+    done = c.run(
+        "env", f"PYTHONPATH={REPO}", str(VENV_PYTHON), "-m", "tailsfw.cli", "status", "--json",
+        check=False,
+    )  # fmt: skip
+    assert done.stderr == "", done.stderr
+    data: dict[str, Any] = json.loads(done.stdout)
+    return done.returncode, data
+
+
+class Watch:
+    """The kernel's tables listed continuously inside the container."""
+
+    def __init__(self, c: Container) -> None:
+        self.container = c
+        c.run("rm", "-f", "/run/tfwboot/stop")
+        self.process = c.popen("sh", "-c", WATCH)
+
+    def stop(self) -> tuple[int, list[str]]:
+        """(how many listings, the gaps seen)."""
+        self.container.run("touch", "/run/tfwboot/stop")
+        out, _ = self.process.communicate(timeout=10)
+        lines = out.splitlines()
+        checks = int(lines[-1].split()[1])
+        return checks, [line for line in lines if line.startswith("gap")]
+
+
+def main_pid(c: Container) -> int:
+    return int(c.show("tailsfwd.service", "MainPID"))
+
+
+def restarted(c: Container, old_pid: int) -> bool:
+    return main_pid(c) not in (0, old_pid) and active(c)
+
+
+def test_the_full_ruleset_is_in_force_when_network_pre_is_reached(container: Container) -> None:
+    at_network_pre = json.loads(container.run("cat", PROBE_FILE).stdout)["nftables"]
+    assert "lockdown" not in json.dumps(at_network_pre)
+    # The very ruleset in force now, which status finds to be the policy's.
+    assert observe.ours(at_network_pre) == observe.ours(container.ruleset())
+    code, data = tailsfwctl_status(container)
+    assert code == summary.OK, data
+    assert data["daemon"]["running"] is True
+    assert data["kernel"]["holds"] == "policy"
+
+
+def test_systemctl_status_shows_it_active_with_its_status_line(container: Container) -> None:
+    out = container.run("systemctl", "status", "--no-pager", "tailsfwd.service").stdout
+    assert "Active: active (running)" in out
+    status = json.loads(container.run("cat", "/run/tailsfw/status.json").stdout)
+    assert f'Status: "ruleset {status["ruleset"][:12]} in force;' in out
+    # ProtectKernelTunables=yes, and ReadWritePaths=/proc/sys/net opens what it sets.
+    wanted = [s for s in status["sysctls"] if s["wanted"] is not None]
+    assert wanted and all(s["actual"] == s["wanted"] for s in wanted), wanted
+
+
+def test_the_daemons_log_lines_are_in_the_journal(container: Container) -> None:
+    entries = container.journal("SYSLOG_IDENTIFIER=tailsfwd")
+    messages = [e["MESSAGE"] for e in entries]
+    assert any("in force (/etc/tailsfw/policy.toml)" in m for m in messages), messages
+    starts = container.journal("-u", "tailsfwd.service", "SYSLOG_IDENTIFIER=fail-closed")
+    assert any("lockdown ruleset loaded" in e["MESSAGE"] for e in starts)
+
+
+def test_systemctl_reload_reloads(container: Container) -> None:
+    container.run("systemctl", "reload", "tailsfwd.service")
+    container.wait(
+        "reload counted",
+        lambda: (
+            json.loads(container.run("cat", "/run/tailsfw/status.json").stdout)["counters"][
+                "reloads"
+            ]
+            == 1
+        ),
+    )
+    messages = [e["MESSAGE"] for e in container.journal("SYSLOG_IDENTIFIER=tailsfwd")]
+    assert any("policy reloaded: ruleset" in m for m in messages), messages
+    assert active(container)
+
+
+def test_kill_9_is_restarted_and_the_rules_are_never_absent(container: Container) -> None:
+    old = main_pid(container)
+    restarts = int(container.show("tailsfwd.service", "NRestarts"))
+    watch = Watch(container)
+    time.sleep(0.2)
+    container.run("kill", "-9", str(old))
+    took = container.wait("restarted", lambda: restarted(container, old))
+    time.sleep(0.2)
+    checks, gaps = watch.stop()
+    assert gaps == []
+    assert checks > 2 * (took + 0.4) / 0.1, "the watch must list many times a second"
+    assert int(container.show("tailsfwd.service", "NRestarts")) == restarts + 1
+    assert tailsfwctl_status(container)[0] == summary.OK
+
+
+def test_a_stopped_daemon_is_killed_by_the_watchdog_and_restarted(container: Container) -> None:
+    drop_in = "/run/systemd/system/tailsfwd.service.d"
+    container.run("mkdir", "-p", drop_in)
+    container.run(
+        "sh",
+        "-c",
+        f"printf '[Service]\\nWatchdogSec=1s\\nTimeoutAbortSec=1s\\n' > {drop_in}/w.conf",
+    )
+    container.run("systemctl", "daemon-reload")
+    container.run("systemctl", "restart", "tailsfwd.service")  # the new WatchdogSec
+    container.wait("active", lambda: active(container))
+    old = main_pid(container)
+    watch = Watch(container)
+    container.run("kill", "-STOP", str(old))
+    took = container.wait("restarted by the watchdog", lambda: restarted(container, old))
+    _, gaps = watch.stop()
+    assert gaps == []
+    assert 0.9 < took < 5
+    messages = [e["MESSAGE"] for e in container.journal("-u", "tailsfwd.service")]
+    assert any("Watchdog timeout" in m for m in messages), messages
+
+
+def test_a_broken_install_still_leaves_the_lockdown_and_a_failed_unit() -> None:
+    broken = {
+        "tailsfwd.service.d/broken.conf": (
+            "[Service]\nExecStart=\nExecStart=/nonexistent/venv/bin/python -m tailsfw.daemon\n"
+        )
+    }
+    with booted({**installed_units(), **TEST_UNITS, **broken}, TARGET) as c:
+        c.wait("probe done", lambda: c.run("test", "-e", PROBE_FILE, check=False).returncode == 0)
+        at_network_pre = json.loads(c.run("cat", PROBE_FILE).stdout)["nftables"]
+        tables = {o["table"]["family"] for o in at_network_pre if "table" in o}
+        assert tables == {"ip", "ip6"}
+        rules = [o["rule"] for o in at_network_pre if "rule" in o]
+        assert rules and all(r.get("comment") == "lockdown: loopback only" for r in rules)
+        c.wait(
+            "tailsfwd failed",
+            lambda: c.show("tailsfwd.service", "ActiveState") == "failed",
+            timeout=30,
+        )
+        assert "lockdown" in json.dumps(c.ruleset())
+        code, _ = tailsfwctl_status(c)
+        assert code == summary.NOT_IN_FORCE
