@@ -48,6 +48,7 @@ from .notify import Notifier, watchdog_interval
 from .policy import Policy, PolicyError
 from .policy import load as load_policy
 from .resolv import ResolvFiles, ResolvWatch
+from .service import keep_serving
 from .status import Counters, Status, write_status
 from .sysctl import DEFAULT_ROOT, Sysctl
 
@@ -98,6 +99,8 @@ class Options:
     clearnet_conf: Path = DEFAULT_CLEARNET_CONF
     passwd: Path = PASSWD
     nm_bus: str | None = None  # NetworkManager's bus address; None: the system bus
+    bus: str | None = None  # where our D-Bus service is; None: the system bus
+    serve_bus: bool = True
 
 
 @dataclass
@@ -493,6 +496,13 @@ class Daemon:
         self.started = True
         self.publish(READY="1")
         tasks = {asyncio.create_task(self._loop(), name="loop")}
+        # The bus comes later in boot than we do, and may restart: the service
+        # waits for it, and its troubles never stop the daemon.
+        serving = (
+            asyncio.create_task(keep_serving(self, self.options.bus), name="dbus")
+            if self.options.serve_bus
+            else None
+        )
         interval = watchdog_interval()
         if interval is not None:
             tasks.add(asyncio.create_task(self._watchdog(interval), name="watchdog"))
@@ -503,9 +513,9 @@ class Daemon:
                 {stop, *tasks, *pumps}, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
-            for task in tasks:
+            for task in (*tasks, *([serving] if serving else [])):
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *([serving] if serving else []), return_exceptions=True)
         if stop in done:
             log.info("stopping; ruleset %s stays in force", self.ruleset.digest[:12])
             return 0
@@ -576,6 +586,7 @@ def setup_logging() -> None:
             pass
         else:
             handler = JournalHandler(SYSLOG_IDENTIFIER="tailsfwd")
+            handler.setFormatter(logging.Formatter("%(message)s"))  # PRIORITY says the level
     debug = bool(os.environ.get("TAILSFWD_DEBUG"))
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO, handlers=[handler], force=True
@@ -607,6 +618,11 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument(
         "--nm-bus", metavar="ADDRESS", help="NetworkManager's D-Bus address (default: system bus)"
     )
+    p.add_argument(
+        "--bus",
+        metavar="ADDRESS",
+        help="where to offer org.boum.tails.Firewall (default: the system bus; 'none': nowhere)",
+    )
     # Tests shrink it to make the kernel drop events (ENOBUFS) on purpose.
     p.add_argument("--netlink-rcvbuf", type=int, default=RCVBUF, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -621,6 +637,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         clearnet_conf=args.clearnet_resolv_conf,
         passwd=args.passwd,
         nm_bus=args.nm_bus,
+        bus=None if args.bus == "none" else args.bus,
+        serve_bus=args.bus != "none",
     )
 
 

@@ -240,6 +240,7 @@ class DaemonProcess:
             "--clearnet-resolv-conf", str(self.clearnet_conf),
             # Not this machine's NetworkManager either, unless a test gives one.
             *([] if "--nm-bus" in self.args else ["--nm-bus", f"unix:path={self.no_bus}"]),
+            *([] if "--bus" in self.args else ["--bus", "none"]),
             *self.args,
         ]  # fmt: skip
         env = {**os.environ, "NOTIFY_SOCKET": str(self.notify.path)}

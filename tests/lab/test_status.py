@@ -16,10 +16,10 @@ import pytest
 from tailsfw import compiler, summary
 from tests.lab import policies
 from tests.lab.daemon_fixtures import VENV_PYTHON, run_daemon, tailsfw_tables
-
-# host_put_back: test_daemon's autouse fixture, imported so that it applies here too.
-from tests.lab.test_daemon import host_put_back, remove_tailsfw_tables  # noqa: F401
+from tests.lab.test_daemon import remove_tailsfw_tables
 from tests.lab.topology import Lab, netns_exec
+
+pytestmark = pytest.mark.usefixtures("daemon_host")
 
 
 @pytest.fixture

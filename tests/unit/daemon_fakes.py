@@ -125,6 +125,7 @@ def rig(tmp_path: Path, *events: Event, **parts: Any) -> Rig:
         policy=write_policy(tmp_path / "policy.toml", mode="connected"),
         state_dir=tmp_path / "state",
         proc_sys=make_proc_sys(tmp_path / "proc-sys"),
+        serve_bus=False,
     )
     daemon = Daemon(
         options,
