@@ -197,14 +197,7 @@ class Daemon:
         warnings = list(ruleset.warnings if ruleset is not None else ()) + [
             f"sysctl {s.name}: {s.note}" for s in self.parts.sysctl.states if not s.ok
         ]
-        effect = self.ruleset.counters
-        counters = replace(
-            self.counters,
-            commits=effect.commits,
-            replacements=effect.replacements,
-            set_updates=effect.set_updates,
-            unchanged=effect.unchanged,
-        )
+        counters = replace(self.counters, **vars(self.ruleset.counters))
         return Status(
             pid=os.getpid(),
             state=self.report.state,

@@ -10,12 +10,12 @@ a start that cannot load the policy leaves behind.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
 from . import compiler
 from .nft import NftError
+from .status import RulesetCounters
 
 log = logging.getLogger("tailsfwd")
 
@@ -31,14 +31,6 @@ class Outcome(Enum):
     UNCHANGED = "unchanged"  # nothing differed: nothing committed
     SETS = "sets"  # set elements only
     REPLACED = "replaced"  # the whole tables, in one transaction
-
-
-@dataclass
-class RulesetCounters:
-    commits: int = 0  # transactions that changed the ruleset in force
-    replacements: int = 0  # ... of which replaced the tables
-    set_updates: int = 0  # ... of which changed set elements only
-    unchanged: int = 0  # converges that needed no commit
 
 
 class RulesetEffect:

@@ -11,11 +11,19 @@ from .sysctl import SysctlState
 
 
 @dataclass
-class Counters:
+class RulesetCounters:
+    """Kept by the ruleset effect (tailsfw/enforce.py)."""
+
     commits: int = 0  # transactions that changed the ruleset in force
     replacements: int = 0  # ... of which replaced the tables
     set_updates: int = 0  # ... of which changed set elements only
-    unchanged: int = 0  # recompiles that needed no commit
+    unchanged: int = 0  # converges that needed no commit
+
+
+@dataclass
+class Counters(RulesetCounters):
+    """Everything tailsfwd counts: the effect's counters and the daemon's."""
+
     refused: int = 0  # commits nft refused (the ruleset in force stayed)
     reloads: int = 0
     reloads_refused: int = 0
