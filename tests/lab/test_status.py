@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ import pytest
 
 from tailsfw import compiler, summary
 from tests.lab import policies
-from tests.lab.daemon_fixtures import VENV_PYTHON, run_daemon, tailsfw_tables
+from tests.lab.bus import private_system_bus
+from tests.lab.daemon_fixtures import REPO, VENV_PYTHON, run_daemon, tailsfw_tables
 from tests.lab.test_daemon import remove_tailsfw_tables
 from tests.lab.topology import Lab, netns_exec
 
@@ -105,3 +107,34 @@ def test_apply_as_another_user_says_it_needs_root(lab: Lab, policy: Path) -> Non
     )
     assert done.returncode == summary.NO_PERMISSION
     assert done.stderr == "tailsfwctl: apply needs root; the ruleset in force is unchanged\n"
+
+
+def test_the_running_daemon_answers_on_the_bus(lab: Lab, policy: Path, tmp_path: Path) -> None:
+    """The real daemon's Control, served on a system-like bus: status over
+    D-Bus says the policy is in force, reload works for root only."""
+    with (
+        private_system_bus() as bus,
+        run_daemon(lab.host_ns, policy, tmp_path / "d", ["--bus", bus.address]) as daemon,
+    ):
+        daemon.wait_ready()
+        args = ("status", "--json", "--policy", str(policy), "--bus", bus.address)
+        for _ in range(50):  # the service comes on the bus just after READY
+            done = tailsfwctl(lab, *args)
+            data = json.loads(done.stdout)
+            if data["daemon"]["source"] == "D-Bus":
+                break
+            time.sleep(0.1)
+        assert done.returncode == 0, data
+        assert data["daemon"]["source"] == "D-Bus"
+        assert data["daemon"]["properties"]["Pid"] == daemon.process.pid
+        reloads = daemon.status()["counters"]["reloads"]
+        assert tailsfwctl(lab, "reload", "--bus", bus.address).returncode == 0
+        daemon.wait_status(lambda s: s["counters"]["reloads"] == reloads + 1)
+        nobody = subprocess.run(
+            [*netns_exec(lab.host_ns), "setpriv", "--reuid=nobody", "--regid=nogroup",
+             "--clear-groups", VENV_PYTHON, "-m", "tailsfw.cli", "reload", "--bus", bus.address],
+            capture_output=True, text=True, timeout=60, check=False, cwd=REPO,
+        )  # fmt: skip
+        assert nobody.returncode != 0 and "Traceback" not in nobody.stderr, nobody.stderr
+        time.sleep(0.2)
+        assert daemon.status()["counters"]["reloads"] == reloads + 1
