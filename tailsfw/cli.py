@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
-from . import compiler, policy, users
+from . import compiler, dropquery, policy, users
 from .facts import Facts
 from .nft import Nft, NftError
 
@@ -51,6 +53,21 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drops(args: argparse.Namespace) -> int:
+    since = dropquery.parse_since(args.since, datetime.now()) if args.since else None
+    drops = dropquery.DropJournal(args.directory)
+    drops.since(since)
+    try:
+        for entry in drops.follow() if args.follow else drops.entries():
+            if args.user is None or entry.concerns(args.user):
+                print(json.dumps(entry.json()) if args.json else entry.line(), flush=args.follow)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        drops.close()
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tailsfwctl", description="Control the Tails network filter.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -61,6 +78,13 @@ def parser() -> argparse.ArgumentParser:
     apply.set_defaults(func=cmd_apply)
     for s in (render, apply):
         s.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy file")
+    drops = sub.add_parser("drops", help="the refused packets, from the journal")
+    drops.add_argument("--since", metavar="TIME", help=dropquery.SINCE_HELP)
+    drops.add_argument("--user", metavar="NAME", help="only this user's (name or uid)")
+    drops.add_argument("--follow", action="store_true", help="then wait for new ones")
+    drops.add_argument("--json", action="store_true", help="one JSON object a line")
+    drops.add_argument("--directory", type=Path, help="read journal files from here")
+    drops.set_defaults(func=cmd_drops)
     return p
 
 
@@ -70,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except policy.PolicyError as e:
         print(f"tailsfwctl: {e}; the ruleset in force is unchanged", file=sys.stderr)
+    except dropquery.QueryError as e:
+        print(f"tailsfwctl: {e}", file=sys.stderr)
+    except BrokenPipeError:  # `tailsfwctl drops | head`
+        return 0
     except NftError as e:
         print(
             f"tailsfwctl: nft refused the ruleset: {e}; the ruleset in force is unchanged",
