@@ -39,7 +39,7 @@ async def main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, task.cancel)
     bound = asyncio.create_task(audit.bound.wait())
-    await asyncio.wait([task, bound], return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait([task, bound], timeout=5, return_when=asyncio.FIRST_COMPLETED)
     if not bound.done():
         print(f"not bound: {audit.counters().last_error}", flush=True)
         task.cancel()
