@@ -163,7 +163,8 @@ def test_summary_and_loss_entries() -> None:
     summary = summary_entry(Summary(key, 1234, 1.0, 9.5), lambda uid: f"user{uid}")
     assert summary["MESSAGE_ID"] == SUMMARY_MESSAGE_ID
     assert summary["MESSAGE"] == (
-        "1234 more like this suppressed in 8.5 s: user1000 to 198.51.100.10, Dropped outbound packet"
+        "1234 more like this suppressed in 8.5 s: user1000 to 198.51.100.10,"
+        " Dropped outbound packet"
     )
     assert (summary["TAILSFW_SUPPRESSED"], summary["TAILSFW_UID"]) == ("1234", "1000")
     overflow = summary_entry(Summary(None, 5, 0.0, 1.0), lambda uid: "?")
