@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import daemon, datapath
+from bench import daemon, datapath, droplog
 from tests.lab.conftest import LAB_ROLES, UNAVAILABLE
 from tests.lab.policies import lab_policy
 from tests.lab.topology import Lab
@@ -26,6 +26,8 @@ TARGETS: dict[str, tuple[float, bool]] = {
     "react_addr_ms_p99": (20.0, True),
     "daemon_rss_mb": (40.0, True),
     "start_to_ready_ms": (500.0, True),
+    "drop_log_pps": (20000.0, False),
+    "drop_to_journal_ms_p99": (50.0, True),
     **{f"datapath_{p.name}_vs_floor": (0.97, False) for p in datapath.PATHS if p.allowed},
 }
 
@@ -58,6 +60,7 @@ def main() -> int:
         apply_figures,
         datapath.measure,
         lambda: daemon.measure(300),
+        droplog.measure,
     ]
     for part in parts:
         results.update(part())

@@ -134,6 +134,7 @@ class AuditProcess:
     journald: Journald
     group: int
     args: Sequence[str] = ()
+    cpu: int | None = None  # pin the runner to this CPU
     process: subprocess.Popen[str] = field(init=False)
 
     @property
@@ -143,6 +144,8 @@ class AuditProcess:
     def start(self) -> AuditProcess:
         argv = [VENV_PYTHON, "-m", "tests.lab.audit_runner", "--group", str(self.group),
                 "--counters", str(self.counters_path), *self.args]  # fmt: skip
+        if self.cpu is not None:
+            argv = ["taskset", "-c", str(self.cpu), *argv]
         self.process = subprocess.Popen(
             [*netns_exec(self.namespace), *self.journald.wrap(argv)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
@@ -190,9 +193,9 @@ class AuditProcess:
 
 @contextlib.contextmanager
 def run_audit(
-    namespace: str, journald: Journald, group: int, args: Sequence[str] = ()
+    namespace: str, journald: Journald, group: int, args: Sequence[str] = (), cpu: int | None = None
 ) -> Iterator[AuditProcess]:
-    audit = AuditProcess(namespace, journald, group, args).start()
+    audit = AuditProcess(namespace, journald, group, args, cpu).start()
     try:
         yield audit
     finally:
