@@ -14,6 +14,8 @@ group and writes to a real journald of its own (tests/lab/journald.py):
 - drop_to_journal_ms_p50/p99: from a packet's send to its journal entry
   (journald's own receive time), every drop logged (no rate limit),
   LATENCY_PACKETS packets 20 ms apart;
+- journal_send_us_p50/p99/max: one `journal.send` of a drop entry to that
+  journald (a local datagram), as the writer thread spends it;
 - drop_audit_rss_mb: the audit process's resident memory after the flood
   (Python, systemd-python and the audit; the daemon has these once).
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,8 +38,8 @@ from tailsfw.dropaudit import DropAudit
 from tailsfw.droplog import DEFAULT_LIMITS, DROP_MESSAGE_ID
 from tailsfw.nflog import Batch, decode, messages
 from tests.lab.conftest import LAB_ROLES
-from tests.lab.daemon_fixtures import reset_host
-from tests.lab.journald import AuditProcess, run_audit, run_journald
+from tests.lab.daemon_fixtures import REPO, VENV_PYTHON, reset_host
+from tests.lab.journald import AuditProcess, Journald, run_audit, run_journald
 from tests.lab.policies import apply, lab_policy
 from tests.lab.topology import INTERNET_V4, Lab
 from tests.unit.nflog_messages import ipv4, packet_message, ports
@@ -98,6 +101,32 @@ def latency(lab: Lab, audit: AuditProcess) -> list[float]:
     return delays
 
 
+SEND_TIMER = """
+import json, statistics, time
+from systemd import journal
+from tailsfw.droplog import drop_entry
+from tailsfw.nflog import Drop
+fields = drop_entry(Drop(4, 17, "192.168.77.2", "198.51.100.10", 29, "Dropped outbound packet: ",
+                         0.0, sport=1, dport=42, uid=1000, gid=1000), "amnesia", "", "eth0")
+times = []
+for _ in range(2000):
+    start = time.perf_counter()
+    journal.send(**fields)
+    times.append((time.perf_counter() - start) * 1e6)
+times.sort()
+print(json.dumps([statistics.median(times), times[int(len(times) * 0.99)], times[-1]]))
+"""
+
+
+def send_cost(journald: Journald) -> dict[str, float]:
+    """How long one journal.send of a drop entry takes (what the writer thread spends)."""
+    done = subprocess.run(journald.wrap([VENV_PYTHON, "-c", SEND_TIMER]), capture_output=True,
+                          text=True, check=True, cwd=REPO, timeout=120)  # fmt: skip
+    p50, p99, worst = json.loads(done.stdout)
+    return {"journal_send_us_p50": round(p50, 1), "journal_send_us_p99": round(p99, 1),
+            "journal_send_us_max": round(worst, 1)}  # fmt: skip
+
+
 async def decode_only(batches: int = 800) -> float:
     """Decoding and accounting alone, of crafted messages, per second (in a loop,
     as the audit runs: summaries are scheduled on it)."""
@@ -118,6 +147,7 @@ def measure() -> dict[str, Any]:
         policy = lab_policy(lab, work / "policy.toml")
         group = policy_module.load(policy).log.group
         with reset_host(lab.host_ns, ["net.ipv4.ip_forward"]), run_journald(work / "j") as jd:
+            figures.update(send_cost(jd))
             done = apply(lab, policy)
             if done.returncode != 0:
                 raise RuntimeError(done.stderr)

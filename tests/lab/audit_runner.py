@@ -44,6 +44,7 @@ async def main(args: argparse.Namespace) -> None:
         print(f"not bound: {audit.counters().last_error}", flush=True)
         task.cancel()
         return
+    write(args.counters, audit)
     print("ready", flush=True)
     while not task.done():
         write(args.counters, audit)
