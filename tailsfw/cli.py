@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from datetime import datetime
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tailsfwctl: {e}; the ruleset in force is unchanged", file=sys.stderr)
     except dropquery.QueryError as e:
         print(f"tailsfwctl: {e}", file=sys.stderr)
-    except BrokenPipeError:  # `tailsfwctl drops | head`
+    except BrokenPipeError:  # `tailsfwctl drops | head`: quiet, also at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except NftError as e:
         print(

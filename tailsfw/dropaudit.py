@@ -195,11 +195,10 @@ class DropAudit:
         assert self._sock is not None
         cpu = self._cpu_clock()
         try:
-            batch = self._sock.read(self._wall_clock(), READ_LIMIT)
+            self.account(self._sock.read(self._wall_clock(), READ_LIMIT), self._clock())
         except OSError as e:  # not ENOBUFS (counted): note it, keep reading
             self._counters.last_error = f"NFLOG group {self.group}: {e}"
-            return
-        self.account(batch, self._clock())
+        # Within the budget even if an error repeats: never a busy loop.
         resume = self._budget.spend(self._cpu_clock() - cpu, self._clock())
         if resume is not None:
             loop = asyncio.get_running_loop()
