@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import daemon, datapath, nm, resolv
+from bench import daemon, datapath, droplog, nm, resolv
 from tests.lab.conftest import LAB_ROLES, UNAVAILABLE
 from tests.lab.policies import lab_policy
 from tests.lab.topology import Lab
@@ -29,6 +29,8 @@ TARGETS: dict[str, tuple[float, bool]] = {
     "resolv_restore_ms_p99": (100.0, True),
     "accounts_update_ms_p99": (100.0, True),
     "nm_event_ms_p99": (20.0, True),
+    "drop_log_pps": (20000.0, False),
+    "drop_to_journal_ms_p99": (50.0, True),
     **{f"datapath_{p.name}_vs_floor": (0.97, False) for p in datapath.PATHS if p.allowed},
 }
 
@@ -63,6 +65,7 @@ def main() -> int:
         lambda: daemon.measure(300),
         resolv.measure,
         nm.measure,
+        droplog.measure,
     ]
     for part in parts:
         results.update(part())

@@ -7,9 +7,10 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
-from . import compiler, observe, policy, summary, users
+from . import compiler, dropquery, observe, policy, summary, users
 from .facts import Facts
 from .nft import Nft, NftError
 
@@ -74,6 +75,21 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drops(args: argparse.Namespace) -> int:
+    since = dropquery.parse_since(args.since, datetime.now()) if args.since else None
+    drops = dropquery.DropJournal(args.directory)
+    drops.since(since)
+    try:
+        for entry in drops.follow() if args.follow else drops.entries():
+            if args.user is None or entry.concerns(args.user):
+                print(json.dumps(entry.json()) if args.json else entry.line(), flush=args.follow)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        drops.close()
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tailsfwctl", description="Control the Tails network filter.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -98,6 +114,13 @@ def parser() -> argparse.ArgumentParser:
     reload.set_defaults(func=cmd_reload)
     for s in (status, reload):
         s.add_argument("--bus", metavar="ADDRESS", help="D-Bus address (default: system bus)")
+    drops = sub.add_parser("drops", help="the refused packets, from the journal")
+    drops.add_argument("--since", metavar="TIME", help=dropquery.SINCE_HELP)
+    drops.add_argument("--user", metavar="NAME", help="only this user's (name or uid)")
+    drops.add_argument("--follow", action="store_true", help="then wait for new ones")
+    drops.add_argument("--json", action="store_true", help="one JSON object a line")
+    drops.add_argument("--directory", type=Path, help="read journal files from here")
+    drops.set_defaults(func=cmd_drops)
     return p
 
 
@@ -111,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         return fail(summary.BAD_POLICY, f"{e}; {unchanged}")
     except NeedsRoot as e:
         return fail(summary.NO_PERMISSION, f"{e}; {unchanged}")
+    except dropquery.QueryError as e:
+        return fail(summary.FAILED, str(e))
+    except BrokenPipeError:  # `tailsfwctl drops | head`: quiet, also at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except NftError as e:
         return fail(summary.FAILED, f"nft refused the ruleset: {e}; {unchanged}")
     except observe.ControlError as e:

@@ -38,6 +38,8 @@ from typing import Protocol
 from . import users
 from .accounts import PASSWD, AccountsSource
 from .desired import Desired, desired
+from .dropaudit import DropAudit
+from .droplog import DropCounters
 from .enforce import FailState, NftApi, Outcome, RulesetEffect, fail_closed
 from .events import DnsServers, Event, FileChanged, LinksChanged, RulesetTouched, Source
 from .facts import Facts, updated
@@ -69,6 +71,7 @@ MAX_DELAY = 0.020
 # After a refused commit, try again this much later even if nothing changes.
 RETRY_DELAY = 1.0
 FIRST_SNAPSHOT_TIMEOUT = 5.0
+DROPS_REPORT = 1.0
 EXIT_FAILED = 1
 
 
@@ -78,6 +81,15 @@ class NetlinkApi(Source, Protocol):
 
 class AccountsApi(Source, Protocol):
     def follow(self, accounts: Collection[str]) -> None: ...
+
+
+class AuditApi(Protocol):
+    """The refused packets' audit (tailsfw.dropaudit.DropAudit)."""
+
+    group: int
+
+    async def run(self) -> None: ...
+    def counters(self) -> DropCounters: ...
 
 
 class FilesApi(Protocol):
@@ -152,6 +164,7 @@ class Parts:
     sources: Sequence[Source] = ()  # besides netlink and accounts
     files: FilesApi | None = None
     accounts: AccountsApi | None = None  # follows the policy's accounts live
+    audit: Callable[[int], AuditApi] | None = None  # an audit of an NFLOG group
     lookup_uids: Callable[[Policy], Mapping[str, int]] = users.lookup_uids
 
 
@@ -189,6 +202,7 @@ class Daemon:
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._timer: asyncio.TimerHandle | None = None
         self._retry: asyncio.TimerHandle | None = None
+        self._audit: tuple[AuditApi, asyncio.Task[None]] | None = None
 
     # -- Control ------------------------------------------------------------
 
@@ -215,6 +229,7 @@ class Daemon:
             last_apply=self.report.last_apply,
             last_apply_cause=self.report.last_apply_cause,
             clearnet_dns=[str(a) for a in self.facts.dns],
+            drops=self._audit[0].counters() if self._audit else DropCounters(),
             dns_refused=list(self.report.dns_refused),
             networkmanager=self.report.networkmanager,
         )
@@ -242,6 +257,7 @@ class Daemon:
         else:
             self.policy, self.facts = policy, facts
             self.report.last_error = ""
+            self._audit_group(policy.log.group)
             log.info("policy reloaded: ruleset %s in force", self.ruleset.digest[:12])
             ok = True
         self.publish(READY="1")
@@ -266,6 +282,25 @@ class Daemon:
                 callback(status)
             except Exception:
                 log.exception("a status subscriber failed")
+
+    # -- the drops' audit -----------------------------------------------------
+
+    def _audit_group(self, group: int) -> None:
+        """Audit the policy's NFLOG group (a side stream: it never stops enforcement)."""
+        make = self.parts.audit
+        if make is None or (self._audit is not None and self._audit[0].group == group):
+            return
+        self._stop_audit()
+        audit = make(group)
+        self._audit = (audit, asyncio.create_task(audit.run(), name="nflog"))
+
+    def _stop_audit(self) -> asyncio.Task[None] | None:
+        if self._audit is None:
+            return None
+        task = self._audit[1]
+        task.cancel()  # it writes its open summaries, then ends
+        self._audit = None
+        return task
 
     # -- effects ------------------------------------------------------------
 
@@ -487,8 +522,13 @@ class Daemon:
         if (error := starting.exception()) is not None:
             return self._fail_closed(error)
         self.started = True
+        assert self.policy is not None
+        self._audit_group(self.policy.log.group)
         self.publish(READY="1")
-        tasks = {asyncio.create_task(self._loop(), name="loop")}
+        tasks = {
+            asyncio.create_task(self._loop(), name="loop"),
+            asyncio.create_task(self._report_drops(), name="drops report"),
+        }
         # The bus comes later in boot than we do, and may restart: the service
         # waits for it, and its troubles never stop the daemon.
         serving = (
@@ -506,9 +546,10 @@ class Daemon:
                 {stop, *tasks, *pumps}, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
-            for task in (*tasks, *([serving] if serving else [])):
+            side = [t for t in (serving, self._stop_audit()) if t is not None]
+            for task in (*tasks, *side):
                 task.cancel()
-            await asyncio.gather(*tasks, *([serving] if serving else []), return_exceptions=True)
+            await asyncio.gather(*tasks, *side, return_exceptions=True)
         if stop in done:
             log.info("stopping; ruleset %s stays in force", self.ruleset.digest[:12])
             return 0
@@ -537,6 +578,16 @@ class Daemon:
     async def _loop(self) -> None:
         while True:
             self.handle(await self._events.get())
+
+    async def _report_drops(self) -> None:
+        """Drops change with every refused packet: they are published at most
+        once a DROPS_REPORT seconds, when they changed."""
+        last = None
+        while True:
+            await asyncio.sleep(DROPS_REPORT)
+            if self._audit is not None and (now := self._audit[0].counters()) != last:
+                last = now
+                self.publish()
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -646,6 +697,7 @@ def real_parts(options: Options) -> Parts:
         sources=[ResolvWatch(files), NetworkManagerSource(options.nm_bus)],
         files=ResolvFiles(*files),
         accounts=AccountsSource((), options.passwd),
+        audit=lambda group: DropAudit(group=group),
         lookup_uids=lambda policy: users.lookup_uids(policy, options.passwd),
     )
 

@@ -26,6 +26,7 @@ from dbus_fast import BusType, ErrorType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from . import compiler, policy, summary, users
+from .droplog import DropCounters
 from .facts import Facts
 from .netlink import NetlinkSource, Snapshot
 from .nft import Nft, NftError
@@ -100,6 +101,7 @@ def status_from_json(data: dict[str, Any]) -> Status:
     values["counters"] = Counters(**data.get("counters", {}))
     values["sysctls"] = [SysctlState(**s) for s in data.get("sysctls", [])]
     values["interfaces"] = {int(k): v for k, v in data.get("interfaces", {}).items()}
+    values["drops"] = DropCounters(**data.get("drops", {}))
     return Status(**values)
 
 

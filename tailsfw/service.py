@@ -81,8 +81,8 @@ def properties(status: Status) -> dict[str, Any]:
         "NetworkManager": status.networkmanager,
         "Sysctls": [[s.name, s.wanted or "", s.actual or "", s.ok, s.note] for s in status.sysctls],
         "Counters": counters,
-        "DropsByUser": dict(getattr(status, "drops_by_user", {})),
-        "DropsByReason": dict(getattr(status, "drops_by_reason", {})),
+        "DropsByUser": dict(status.drops.by_user),
+        "DropsByReason": dict(status.drops.by_reason),
     }
 
 

@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .droplog import DropCounters
 from .sysctl import SysctlState
 
 
@@ -54,6 +55,7 @@ class Status:
     clearnet_dns: list[str] = field(default_factory=list)
     dns_refused: list[str] = field(default_factory=list)  # NetworkManager values refused
     networkmanager: str = "unknown"  # unknown | available | absent
+    drops: DropCounters = field(default_factory=DropCounters)  # the refused packets' audit
     updated: float = field(default_factory=time.time)
 
     def line(self) -> str:
@@ -63,7 +65,8 @@ class Status:
         text = (
             f"ruleset {self.ruleset[:12]} in force; lan {self.lan_mode};"
             f" {len(self.connected)} on-link networks; {len(self.warnings)} warnings;"
-            f" {self.counters.commits} commits"
+            f" {self.counters.commits} commits; {self.drops.drops} drops"
+            + (f" ({self.drops.lost} lost)" if self.drops.lost else "")
         )
         return f"{text}; last error: {self.last_error}" if self.last_error else text
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -11,6 +13,8 @@ import tomli_w
 
 if TYPE_CHECKING:
     from tests.lab.topology import Lab
+
+REFUSE_CHAIN = "refuse"  # tailsfw.compiler.REFUSE: counts, logs, rejects
 
 REPO = Path(__file__).parents[2]
 DEFAULT_POLICY = REPO / "etc" / "tailsfw" / "policy.toml"
@@ -39,3 +43,23 @@ def write_lab_policy(accounts: Mapping[str, str], path: Path, edit: Edit | None 
 def lab_policy(lab: Lab, path: Path, edit: Edit | None = None) -> Path:
     """The shipped policy, played by the lab's accounts."""
     return write_lab_policy({role: lab.accounts[role].name for role in lab.roles}, path, edit)
+
+
+def apply(lab: Lab, policy: Path) -> subprocess.CompletedProcess[str]:
+    """`tailsfwctl apply` in the lab host; never raises (callers check)."""
+    return subprocess.run(
+        ["ip", "netns", "exec", lab.host_ns, TAILSFWCTL, "apply", "--policy", str(policy)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def refused_packets(lab: Lab) -> int:
+    """The kernel's own count of refused packets: the `refuse` chains' counters."""
+    total = 0
+    for family in ("ip", "ip6"):
+        listing = lab.host(["nft", "-j", "list", "chain", family, "tailsfw", REFUSE_CHAIN])
+        for item in json.loads(listing.stdout)["nftables"]:
+            for expr in item.get("rule", {}).get("expr", []):
+                if "counter" in expr:
+                    total += int(expr["counter"]["packets"])
+    return total

@@ -354,3 +354,17 @@ def test_lost_events_are_recovered_by_reading_everything(
         wait_for(lambda: lan_networks(lab.host_ns) == expected, 3.0)
         daemon.wait_status(lambda s: s["netlink_reads"] >= 2)
         assert "ENOBUFS" in daemon.log()
+
+
+def test_refused_packets_are_audited(lab: Lab, policy: Path, tmp_path: Path) -> None:
+    """The daemon reads the policy's NFLOG group: each refused packet is
+    counted by user and reason in its status (the journal entries themselves:
+    tests/lab/test_drops.py, with a real journald)."""
+    with run_daemon(lab.host_ns, policy, tmp_path / "d") as daemon:
+        daemon.wait_ready()
+        daemon.wait_status(lambda s: s["drops"]["bound"])
+        for _ in range(3):
+            assert_blocked(lab)
+        user = lab.accounts["amnesia"].name
+        status = daemon.wait_status(lambda s: s["drops"]["by_user"].get(user, 0) >= 3)
+        assert status["drops"]["drops"] >= 3 and status["drops"]["malformed"] == 0

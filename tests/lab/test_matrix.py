@@ -10,19 +10,11 @@ from typing import Any
 import pytest
 
 from tests.lab import matrix, policies
-from tests.lab.policies import TAILSFWCTL
+from tests.lab.policies import TAILSFWCTL, apply
 from tests.lab.topology import PYTHON, Lab
 from tests.lab.traffic import leak_attempts
 
 VENV_PYTHON = str(Path(TAILSFWCTL).with_name("python"))
-
-
-def apply(lab: Lab, policy: Path) -> subprocess.CompletedProcess[str]:
-    """`tailsfwctl apply` in the lab host; never raises (callers check)."""
-    return subprocess.run(
-        ["ip", "netns", "exec", lab.host_ns, TAILSFWCTL, "apply", "--policy", str(policy)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
 
 
 def lab_policy(lab: Lab, path: Path, **edits: Any) -> Path:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tailsfw import cli, observe, service, summary
+from tailsfw.droplog import DropCounters
 from tailsfw.status import Counters, Status
 from tailsfw.sysctl import SysctlState
 
@@ -36,15 +37,7 @@ STATUS = Status(
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class LaterStatus(Status):
-    """Status with the drop counters it is to gain (see service.properties)."""
-
-    drops_by_user: dict[str, int] = dataclasses.field(default_factory=lambda: {"amnesia": 7})
-    drops_by_reason: dict[str, int] = dataclasses.field(default_factory=lambda: {"lan": 7})
-
-
-FULL = LaterStatus(
+FULL = Status(
     **{
         **vars(STATUS),
         "running_since": 1_700_000_000.0,
@@ -52,6 +45,7 @@ FULL = LaterStatus(
         "last_apply_cause": "links",
         "clearnet_dns": ["192.168.77.1"],
         "dns_refused": ["fe80::1: not IPv4"],
+        "drops": DropCounters(drops=7, by_user={"amnesia": 7}, by_reason={"lan": 7}),
     }
 )
 

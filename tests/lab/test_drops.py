@@ -1,0 +1,228 @@
+"""Refused packets become journal entries (issue 9), with a real journald.
+
+The default policy is loaded into the lab host; the audit (the same
+`DropAudit` tailsfwd runs) reads the host's NFLOG group and writes to a
+journald of the test's own; entries are read back with `journalctl -o json`
+and `tailsfwctl drops --json`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tailsfw import policy as policy_module
+from tailsfw.droplog import DROP_MESSAGE_ID, SUMMARY_MESSAGE_ID, Limits
+from tests.lab import policies
+from tests.lab.daemon_fixtures import REPO, VENV_PYTHON, reset_host
+from tests.lab.journald import AuditProcess, Journald, run_audit, run_journald
+from tests.lab.topology import INTERNET_V4, INTERNET_V6, PYTHON, Lab, netns_exec
+
+FLOOD_SECONDS = 10.0
+# One user, one socket, as fast as it can; prints how many sends it made.
+FLOOD = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((sys.argv[1], 42))
+end = time.monotonic() + float(sys.argv[2])
+sends = 0
+while time.monotonic() < end:
+    for _ in range(1000):
+        try:
+            s.send(b"flood")
+        except OSError:
+            pass
+    sends += 1000
+print(sends)
+"""
+
+Entry = dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def enforced(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The shipped policy in force in the lab host; removed afterwards."""
+    path = policies.lab_policy(lab, tmp_path_factory.mktemp("policy") / "policy.toml")
+    with reset_host(lab.host_ns, ["net.ipv4.ip_forward"]):  # no sysctl is changed
+        done = policies.apply(lab, path)
+        assert done.returncode == 0, done.stderr
+        yield path
+
+
+@pytest.fixture(scope="module")
+def journald(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Journald]:
+    with run_journald(tmp_path_factory.mktemp("journald")) as started:
+        yield started
+
+
+@pytest.fixture
+def audit(lab: Lab, enforced: Path, journald: Journald) -> Iterator[AuditProcess]:
+    group = policy_module.load(enforced).log.group
+    with run_audit(lab.host_ns, journald, group) as started:
+        yield started
+
+
+def wait_entries(
+    journald: Journald, audit: AuditProcess, done: Callable[[list[Entry]], bool], timeout: float = 5
+) -> list[Entry]:
+    """This audit's entries, once `done` says they are all there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        entries = journald.entries(f"_PID={audit.process.pid}")
+        if done(entries) or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.05)
+
+
+def drops_json(journald: Journald, *args: str) -> list[Entry]:
+    done = subprocess.run(
+        [VENV_PYTHON, "-m", "tailsfw.cli", "drops", "--json", "--directory", str(journald.files),
+         *args],
+        capture_output=True, text=True, check=False, timeout=30, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def matching(entries: list[Entry], **fields: str) -> list[Entry]:
+    return [e for e in entries if all(e.get(k) == v for k, v in fields.items())]
+
+
+# Tails' own test (features/step_definitions/firewall_leaks.rb) searches the
+# kernel's LOG line: the same regular expression, in substance.
+def tails_pattern(dst: str, proto: str, port: int | None, uid: int, gid: int) -> re.Pattern[str]:
+    port_part = f"SPT=\\d+ DPT={port} " if port is not None else "TYPE=\\d+ CODE=\\d+ "
+    return re.compile(
+        f"^Dropped outbound packet: .*DST={re.escape(dst)} .*PROTO={proto} {port_part}"
+        f"UID={uid} GID={gid}$"
+    )
+
+
+CASES = [  # (role, proto, destination, port): what Tails' own test suite checks
+    ("amnesia", "tcp", INTERNET_V4[0], 42),
+    ("amnesia", "udp", INTERNET_V4[0], 42),
+    ("root", "icmp", INTERNET_V4[1], None),
+]
+
+
+def test_tails_cases_each_give_an_entry(lab: Lab, journald: Journald, audit: AuditProcess) -> None:
+    since = time.time()
+    for role, proto, dst, port in CASES:
+        assert lab.probe(role, proto, 4, dst, port).result == "refused"
+
+    def expected(role: str, proto: str, dst: str, port: int | None) -> dict[str, str]:
+        account = lab.account(role)
+        fields = {"MESSAGE_ID": DROP_MESSAGE_ID, "TAILSFW_DST": dst,
+                  "TAILSFW_PROTO": proto.upper(), "TAILSFW_UID": str(account.uid),
+                  "TAILSFW_GID": str(account.gid), "TAILSFW_USER": account.name,
+                  "TAILSFW_REASON": "Dropped outbound packet", "TAILSFW_OUTDEV": "eth0",
+                  "PRIORITY": "5"}  # fmt: skip
+        if port is not None:
+            fields["TAILSFW_DPORT"] = str(port)
+        return fields
+
+    wanted = [expected(*case) for case in CASES]
+    entries = wait_entries(journald, audit, lambda es: all(matching(es, **w) for w in wanted))
+    for (role, proto, dst, port), fields in zip(CASES, wanted, strict=True):
+        found = matching(entries, **fields)
+        assert found, f"no entry for {role} {proto} {dst}:{port} in {entries}"
+        account = lab.account(role)
+        pattern = tails_pattern(dst, proto.upper(), port, account.uid, account.gid)
+        assert pattern.match(found[0]["MESSAGE"]), found[0]["MESSAGE"]
+
+    # The same entries through tailsfwctl, for scripts.
+    listed = drops_json(journald, "--since", time.strftime("%Y-%m-%d %H:%M:%S",
+                                                           time.localtime(since - 1)))  # fmt: skip
+    for role, proto, dst, port in CASES:
+        want: dict[str, Any] = {"kind": "drop", "dst": dst, "proto": proto.upper(),
+                "uid": lab.account(role).uid, "gid": lab.account(role).gid}  # fmt: skip
+        if port is not None:
+            want["dport"] = port
+        assert matching(listed, **want), f"{want} not in {listed}"
+    amnesia = drops_json(journald, "--user", lab.account("amnesia").name)
+    assert amnesia and {e.get("user") for e in amnesia if e["kind"] == "drop"} == {
+        lab.account("amnesia").name
+    }
+
+
+def test_ipv6_drops_are_decoded(lab: Lab, journald: Journald, audit: AuditProcess) -> None:
+    dst = INTERNET_V6[0]
+    assert lab.probe("amnesia", "tcp", 6, dst, 42).result == "refused"
+    assert lab.probe("root", "icmp", 6, dst).result == "refused"
+    amnesia, root = lab.account("amnesia"), lab.account("root")
+    tcp = {"TAILSFW_FAMILY": "ipv6", "TAILSFW_DST": dst, "TAILSFW_PROTO": "TCP",
+           "TAILSFW_DPORT": "42", "TAILSFW_UID": str(amnesia.uid)}  # fmt: skip
+    icmp = {"TAILSFW_FAMILY": "ipv6", "TAILSFW_DST": dst, "TAILSFW_PROTO": "ICMPv6",
+            "TAILSFW_ICMP_TYPE": "128", "TAILSFW_UID": str(root.uid)}  # fmt: skip
+    entries = wait_entries(journald, audit, lambda es: bool(matching(es, **tcp)) and
+                           bool(matching(es, **icmp)))  # fmt: skip
+    assert matching(entries, **tcp), entries
+    assert matching(entries, **icmp), entries
+    assert "PROTO=ICMPv6 TYPE=128 CODE=0 UID=0 GID=0" in matching(entries, **icmp)[0]["MESSAGE"]
+
+
+def test_a_flood_gives_bounded_entries_that_add_up(
+    lab: Lab, journald: Journald, audit: AuditProcess
+) -> None:
+    """One user sends as fast as it can for 10 s: a bounded number of entries,
+    and entries + suppressed counts + what the audit reports lost = the
+    kernel's own count of refused packets."""
+    time.sleep(0.2)  # anything under way before is in both counts
+    kernel_before, audit_before = policies.refused_packets(lab), audit.counters()
+    cpu_before = audit.cpu_seconds()
+    flood = subprocess.Popen(
+        [*netns_exec(lab.host_ns), *lab.setpriv("other"), PYTHON, "-c", FLOOD,
+         INTERNET_V4[0], str(FLOOD_SECONDS)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(1.0)
+        rss_early = audit.rss_mb()
+        sends = int(flood.communicate(timeout=FLOOD_SECONDS + 30)[0])
+    finally:
+        if flood.poll() is None:
+            flood.kill()
+            flood.wait()
+    rss_late = audit.rss_mb()
+    cpu_share = (audit.cpu_seconds() - cpu_before) / FLOOD_SECONDS
+    # A marker drop after the flood: a loss at its very end shows as a gap in
+    # the kernel's sequence numbers only when a later message is read (and
+    # the marker itself is lost while the queue is still full: send again).
+    marker = lab.account("amnesia").name
+    seen_before = audit.counters()["by_user"].get(marker, 0)
+    flood_ended = time.monotonic()
+    while audit.counters()["by_user"].get(marker, 0) == seen_before:
+        assert time.monotonic() < flood_ended + 20, f"no marker came: {audit.counters()}"
+        assert lab.probe("amnesia", "udp", 4, INTERNET_V4[1], 42).result == "refused"
+        time.sleep(0.2)
+    caught_up = time.monotonic() - flood_ended
+    kernel = policies.refused_packets(lab) - kernel_before
+    after = audit.stop()  # writes every open summary
+    counted = {k: after[k] - audit_before[k] for k in ("drops", "lost", "malformed", "unwritten")}
+    entries = journald.entries(f"_PID={audit.process.pid}")
+    logged = [e for e in entries if e["MESSAGE_ID"] == DROP_MESSAGE_ID]
+    summaries = [e for e in entries if e["MESSAGE_ID"] == SUMMARY_MESSAGE_ID]
+    suppressed = sum(int(e["TAILSFW_SUPPRESSED"]) for e in summaries)
+    print(f"\nflood: {sends} sends in {FLOOD_SECONDS:.0f} s, kernel refused {kernel};"
+          f" audit decoded {counted['drops']}, lost {counted['lost']};"
+          f" {len(entries)} entries ({len(logged)} drops, {len(summaries)} summaries,"
+          f" {suppressed} suppressed); audit CPU {cpu_share:.0%} of a core,"
+          f" RSS {rss_early:.1f} -> {rss_late:.1f} MB; caught up {caught_up:.2f} s after;"
+          f" overruns {after['overruns'] - audit_before['overruns']}")  # fmt: skip
+    assert kernel >= sends * 0.9  # the flood was refused and counted
+    assert counted["malformed"] == counted["unwritten"] == 0
+    assert counted["drops"] + counted["lost"] == kernel
+    # Over the audit's whole life: every drop it decoded is an entry or counted in one.
+    assert len(logged) + suppressed == after["drops"]
+    limits = Limits()
+    windows = FLOOD_SECONDS // limits.window + 2
+    assert len(entries) <= windows * (limits.burst + 2) + 10, entries[:20]
+    assert rss_late - rss_early < 2.0
+    assert cpu_share < 0.8
