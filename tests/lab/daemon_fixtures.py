@@ -205,6 +205,8 @@ class DaemonProcess:
     policy: Path
     workdir: Path
     args: Sequence[str] = ()
+    # Wraps the daemon's command (e.g. Journald.wrap: a journald of the test's).
+    wrap: Callable[[Sequence[str]], list[str]] | None = None
     process: subprocess.Popen[bytes] = field(init=False)
     notify: NotifySocket = field(init=False)
     started: float = field(init=False)
@@ -233,8 +235,8 @@ class DaemonProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.notify = NotifySocket(self.workdir / "notify.sock")
         # Never this machine's resolv files: the daemon's are in the work directory.
-        argv = [
-            "ip", "netns", "exec", self.namespace, VENV_PYTHON, "-m", "tailsfw.daemon",
+        daemon = [
+            VENV_PYTHON, "-m", "tailsfw.daemon",
             "--policy", str(self.policy), "--state-dir", str(self.state_dir),
             "--resolv-conf", str(self.resolv_conf),
             "--clearnet-resolv-conf", str(self.clearnet_conf),
@@ -243,6 +245,8 @@ class DaemonProcess:
             *([] if "--bus" in self.args else ["--bus", "none"]),
             *self.args,
         ]  # fmt: skip
+        argv = ["ip", "netns", "exec", self.namespace,
+                *(self.wrap(daemon) if self.wrap else daemon)]  # fmt: skip
         env = {**os.environ, "NOTIFY_SOCKET": str(self.notify.path)}
         env.pop("JOURNAL_STREAM", None)  # log to stderr, which we keep
         with self.stderr_path.open("ab") as stderr:
@@ -318,10 +322,14 @@ class DaemonProcess:
 
 @contextlib.contextmanager
 def run_daemon(
-    namespace: str, policy: Path, workdir: Path, args: Sequence[str] = ()
+    namespace: str,
+    policy: Path,
+    workdir: Path,
+    args: Sequence[str] = (),
+    wrap: Callable[[Sequence[str]], list[str]] | None = None,
 ) -> Iterator[DaemonProcess]:
     """A started tailsfwd (not yet ready), killed on exit: its rules stay."""
-    daemon = DaemonProcess(namespace, policy, workdir, args).start()
+    daemon = DaemonProcess(namespace, policy, workdir, args, wrap).start()
     try:
         yield daemon
     finally:

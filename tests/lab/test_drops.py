@@ -21,7 +21,7 @@ import pytest
 from tailsfw import policy as policy_module
 from tailsfw.droplog import DROP_MESSAGE_ID, SUMMARY_MESSAGE_ID, Limits
 from tests.lab import policies
-from tests.lab.daemon_fixtures import REPO, VENV_PYTHON, reset_host
+from tests.lab.daemon_fixtures import REPO, VENV_PYTHON, reset_host, run_daemon
 from tests.lab.journald import AuditProcess, Journald, run_audit, run_journald
 from tests.lab.topology import INTERNET_V4, INTERNET_V6, PYTHON, Lab, netns_exec
 
@@ -70,12 +70,12 @@ def audit(lab: Lab, enforced: Path, journald: Journald) -> Iterator[AuditProcess
 
 
 def wait_entries(
-    journald: Journald, audit: AuditProcess, done: Callable[[list[Entry]], bool], timeout: float = 5
+    journald: Journald, pid: int, done: Callable[[list[Entry]], bool], timeout: float = 5
 ) -> list[Entry]:
-    """This audit's entries, once `done` says they are all there."""
+    """The entries of the audit in process `pid`, once `done` says they are all there."""
     deadline = time.monotonic() + timeout
     while True:
-        entries = journald.entries(f"_PID={audit.process.pid}")
+        entries = journald.entries(f"_PID={pid}")
         if done(entries) or time.monotonic() > deadline:
             return entries
         time.sleep(0.05)
@@ -113,6 +113,23 @@ CASES = [  # (role, proto, destination, port): what Tails' own test suite checks
 
 
 def test_tails_cases_each_give_an_entry(lab: Lab, journald: Journald, audit: AuditProcess) -> None:
+    check_tails_cases(lab, journald, audit.process.pid)
+
+
+@pytest.mark.usefixtures("daemon_host")
+def test_tailsfwd_logs_the_tails_cases(
+    lab: Lab, journald: Journald, enforced: Path, tmp_path: Path
+) -> None:
+    """The same, with the audit inside tailsfwd, logging to the test's journald."""
+    with run_daemon(lab.host_ns, enforced, tmp_path / "d", wrap=journald.wrap) as daemon:
+        daemon.wait_ready()
+        daemon.wait_status(lambda s: s["drops"]["bound"])
+        check_tails_cases(lab, journald, daemon.process.pid)
+        user = lab.account("amnesia").name
+        daemon.wait_status(lambda s: s["drops"]["by_user"].get(user, 0) >= 2)
+
+
+def check_tails_cases(lab: Lab, journald: Journald, pid: int) -> None:
     since = time.time()
     for role, proto, dst, port in CASES:
         assert lab.probe(role, proto, 4, dst, port).result == "refused"
@@ -129,7 +146,7 @@ def test_tails_cases_each_give_an_entry(lab: Lab, journald: Journald, audit: Aud
         return fields
 
     wanted = [expected(*case) for case in CASES]
-    entries = wait_entries(journald, audit, lambda es: all(matching(es, **w) for w in wanted))
+    entries = wait_entries(journald, pid, lambda es: all(matching(es, **w) for w in wanted))
     for (role, proto, dst, port), fields in zip(CASES, wanted, strict=True):
         found = matching(entries, **fields)
         assert found, f"no entry for {role} {proto} {dst}:{port} in {entries}"
@@ -161,7 +178,7 @@ def test_ipv6_drops_are_decoded(lab: Lab, journald: Journald, audit: AuditProces
            "TAILSFW_DPORT": "42", "TAILSFW_UID": str(amnesia.uid)}  # fmt: skip
     icmp = {"TAILSFW_FAMILY": "ipv6", "TAILSFW_DST": dst, "TAILSFW_PROTO": "ICMPv6",
             "TAILSFW_ICMP_TYPE": "128", "TAILSFW_UID": str(root.uid)}  # fmt: skip
-    entries = wait_entries(journald, audit, lambda es: bool(matching(es, **tcp)) and
+    entries = wait_entries(journald, audit.process.pid, lambda es: bool(matching(es, **tcp)) and
                            bool(matching(es, **icmp)))  # fmt: skip
     assert matching(entries, **tcp), entries
     assert matching(entries, **icmp), entries
