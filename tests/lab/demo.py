@@ -125,8 +125,8 @@ def show(daemon: DaemonProcess, lab: Lab, journald: Journald, bus: str, policy: 
         lab.probe("amnesia", proto, 4, INTERNET_V4[0], 42)
     time.sleep(0.3)
     user = lab.account("amnesia").name
-    drops = tailsfwctl(lab, "drops", "--user", user, "--directory", str(journald.files))
-    drops = drops.splitlines()
+    listed = tailsfwctl(lab, "drops", "--user", user, "--directory", str(journald.files))
+    drops = listed.splitlines()
     print(indent("\n".join(drops[-6:]) or "(none)"))
     progress("a link change, followed live")
     print(indent(follow_a_link_change(lab)))
