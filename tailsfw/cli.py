@@ -10,7 +10,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from . import compiler, dropquery, observe, policy, summary, users
+from . import compiler, dropquery, netlink, observe, policy, summary, users, verify
 from .facts import Facts
 from .nft import Nft, NftError
 
@@ -90,6 +90,31 @@ def cmd_drops(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """0: the kernel holds what the policy compiles to; 1: it differs; 2: cannot tell."""
+    try:
+        if os.geteuid() != 0:
+            raise PermissionError("verify needs root to read the kernel's ruleset")
+        pol = policy.load(args.policy)
+        lan = netlink.read_snapshot().connected if pol.lan.mode == "connected" else frozenset()
+        ruleset = compiler.compile_policy(pol, Facts(uids=users.lookup_uids(pol), connected=lan))
+        listing = Nft().list_ruleset()
+    except (policy.PolicyError, NftError, OSError, ValueError) as e:
+        print(f"tailsfwctl: cannot verify: {e}", file=sys.stderr)
+        return 2
+    for warning in ruleset.warnings:
+        print(f"tailsfwctl: warning: {warning}", file=sys.stderr)
+    found = verify.differences(listing, ruleset)
+    for line in found:
+        print(line)
+    print(
+        f"tailsfwctl: the kernel holds {'another ruleset' if found else 'the policy'}: "
+        f"{len(found)} difference{'s' * (len(found) != 1)}",
+        file=sys.stderr,
+    )
+    return 1 if found else 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tailsfwctl", description="Control the Tails network filter.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -98,7 +123,9 @@ def parser() -> argparse.ArgumentParser:
     render.set_defaults(func=cmd_render)
     apply = sub.add_parser("apply", help="load the ruleset in one transaction")
     apply.set_defaults(func=cmd_apply)
-    for s in (render, apply):
+    check = sub.add_parser("verify", help="compare the kernel's tables with the policy")
+    check.set_defaults(func=cmd_verify)
+    for s in (render, apply, check):
         s.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy file")
     status = sub.add_parser("status", help="is the policy's ruleset in force? (exit 0 if so)")
     status.add_argument(

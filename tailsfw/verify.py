@@ -190,14 +190,17 @@ def differences(listing: Iterable[Json], ruleset: Ruleset) -> list[str]:
     found: list[str] = []
     order = {kind: i for i, kind in enumerate(KINDS)}
     keys = sorted(kernel.objects.keys() | wanted.objects.keys(), key=lambda k: (order[k[0]], k))
+    # A table on one side only is one difference, not one per object in it.
+    lone = {f for kind, f, _ in keys if kind == "table"} - (
+        {f for kind, f, _ in kernel.objects if kind == "table"}
+        & {f for kind, f, _ in wanted.objects if kind == "table"}
+    )
     for key in keys:
-        found += _object_difference(key, kernel.objects.get(key), wanted.objects.get(key))
-    gone = {f for kind, f, _ in keys if kind == "table" and (kind, f, "") not in kernel.objects}
+        if key[0] == "table" or key[1] not in lone:
+            found += _object_difference(key, kernel.objects.get(key), wanted.objects.get(key))
     for family, chain in sorted(kernel.rules.keys() | wanted.rules.keys()):
-        if family in gone or ("chain", family, chain) not in kernel.objects:
-            continue  # already named: the table or chain is missing
-        if ("chain", family, chain) not in wanted.objects:
-            continue  # already named: a chain the policy does not have
+        if ("chain", family, chain) not in kernel.objects.keys() & wanted.objects.keys():
+            continue  # already named: a chain (or its table) on one side only
         found += _rule_differences(
             f"chain {family} {TABLE} {chain}",
             kernel.rules.get((family, chain), []),
