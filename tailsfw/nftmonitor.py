@@ -353,10 +353,15 @@ class NftMonitor:
     name = "nftmonitor"
 
     def __init__(
-        self, table: str = "tailsfw", own_pid: int | None = None, retry_delay: float = 0.05
+        self,
+        table: str = "tailsfw",
+        own_pid: int | None = None,
+        rcvbuf: int = RCVBUF,
+        retry_delay: float = 0.05,
     ) -> None:
         self.table = table
         self.own_pid = os.getpid() if own_pid is None else own_pid
+        self.rcvbuf = rcvbuf
         self.retry_delay = retry_delay
         self.touched = 0  # foreign transactions seen
         self.lost = 0  # times notices were lost
@@ -367,7 +372,7 @@ class NftMonitor:
         why = "monitor started"
         while True:
             try:
-                sock = open_socket()
+                sock = open_socket(self.rcvbuf)
             except OSError as e:
                 self.last_error = f"cannot follow nftables' notifications: {e}"
                 log.error("nftmonitor: %s; retrying", self.last_error)
