@@ -22,12 +22,11 @@ from __future__ import annotations
 import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 from pyroute2.netlink.nfnetlink import nftsocket  # type: ignore[import-untyped]
 
+from bench.apply import median_ms
 from bench.daemon import POLICY, namespace, percentile
 from tailsfw import compiler, nftmonitor, policy, verify
 from tailsfw.facts import Facts
@@ -115,15 +114,6 @@ def decode_pyroute2(datagrams: list[bytes]) -> None:
             offset += (length + 3) & ~3
 
 
-def median_us(work: Callable[[], Any]) -> float:
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        work()
-        times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
-
-
 def verify_costs(ns: str, rules: compiler.Ruleset) -> tuple[float, float]:
     def measure() -> tuple[float, float]:
         nft = Nft()
@@ -131,9 +121,9 @@ def verify_costs(ns: str, rules: compiler.Ruleset) -> tuple[float, float]:
         listing = nft.list_ruleset()
         if not verify.matches(listing, rules):
             raise RuntimeError(f"kernel differs: {verify.differences(listing, rules)}")
-        return median_us(nft.list_ruleset) / 1000, median_us(
-            lambda: verify.matches(listing, rules)
-        ) / 1000
+        return median_ms(nft.list_ruleset, REPEATS), median_ms(
+            lambda: verify.matches(listing, rules), REPEATS
+        )
 
     return in_netns(ns, measure)
 
@@ -142,15 +132,17 @@ def measure() -> dict[str, Any]:
     rules = ruleset()
     with namespace() as ns:
         delays = event_delays(ns, rules)
-        datagrams = replacement_datagrams(ns, rules)
+        dgrams = replacement_datagrams(ns, rules)
         list_ms, matches_ms = verify_costs(ns, rules)
     return {
         "tamper_event_ms_p50": round(statistics.median(delays), 2),
         "tamper_event_ms_p99": round(percentile(delays, 99), 2),
         "tamper_event_samples": len(delays),
-        "decode_replacement_us": round(median_us(lambda: decode_tailsfw(datagrams))),
-        "pyroute2_decode_replacement_us": round(median_us(lambda: decode_pyroute2(datagrams))),
-        "replacement_notification_bytes": sum(len(d) for d in datagrams),
+        "decode_replacement_us": round(1000 * median_ms(lambda: decode_tailsfw(dgrams), REPEATS)),
+        "pyroute2_decode_replacement_us": round(
+            1000 * median_ms(lambda: decode_pyroute2(dgrams), REPEATS)
+        ),
+        "replacement_notification_bytes": sum(len(d) for d in dgrams),
         "verify_list_ms": round(list_ms, 2),
         "verify_matches_ms": round(matches_ms, 2),
     }

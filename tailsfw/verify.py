@@ -23,7 +23,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -304,40 +304,37 @@ def render(value: Any) -> str:
     return simple if simple is not None else json.dumps(value, sort_keys=True)
 
 
+# How each expression with a dict argument reads (nft's own words where it has them).
+DICT_FORMS: dict[str, Callable[[str, Json], str]] = {
+    "match": lambda _, a: (
+        f"{render(a.get('left'))} "
+        + ("" if a.get("op") in ("==", "in") else f"{a.get('op')} ")
+        + render(a.get("right"))
+    ),
+    "meta": lambda n, a: f"{n} {a.get('key')}",
+    "ct": lambda n, a: f"{n} {a.get('key')}",
+    "payload": lambda _, a: f"{a.get('protocol')} {a.get('field')}",
+    "prefix": lambda _, a: f"{a.get('addr')}/{a.get('len')}",
+    "jump": lambda n, a: f"{n} {a.get('target')}",
+    "goto": lambda n, a: f"{n} {a.get('target')}",
+    "vmap": lambda _, a: f"{render(a.get('key'))} vmap {render(a.get('data'))}",
+    "mangle": lambda _, a: f"{render(a.get('key'))} set {render(a.get('value'))}",
+    "redirect": lambda _, a: f"redirect to :{a.get('port')}",
+    "log": lambda _, a: "log " + " ".join(f"{k} {json.dumps(v)}" for k, v in sorted(a.items())),
+    "reject": lambda _, a: "reject with " + " ".join(str(v) for v in a.values()),
+    "elem": lambda _, a: render(a.get("val")),
+}
+# And each with a list argument: the separator between its items.
+LIST_FORMS = {"concat": " . ", "range": "-", "&": " & ", "|": " | ", "^": " ^ "}
+
+
 def _render_simple(name: str, arg: Any) -> str | None:
-    if isinstance(arg, dict):
-        if name == "match":
-            op = "" if arg.get("op") in ("==", "in") else f"{arg.get('op')} "
-            return f"{render(arg.get('left'))} {op}{render(arg.get('right'))}"
-        if name in ("meta", "ct"):
-            return f"{name} {arg.get('key')}"
-        if name == "payload":
-            return f"{arg.get('protocol')} {arg.get('field')}"
-        if name == "prefix":
-            return f"{arg.get('addr')}/{arg.get('len')}"
-        if name in ("jump", "goto"):
-            return f"{name} {arg.get('target')}"
-        if name == "vmap":
-            return f"{render(arg.get('key'))} vmap {render(arg.get('data'))}"
-        if name == "mangle":
-            return f"{render(arg.get('key'))} set {render(arg.get('value'))}"
-        if name == "redirect":
-            return f"redirect to :{arg.get('port')}"
-        if name == "log":
-            return "log " + " ".join(f"{k} {json.dumps(v)}" for k, v in sorted(arg.items()))
-        if name == "reject":
-            return "reject with " + " ".join(str(v) for v in arg.values())
-        if name == "elem":
-            return render(arg.get("val"))
-    if isinstance(arg, list):
-        if name == "set":
-            return "{ " + ", ".join(_render_element(v) for v in arg) + " }"
-        if name == "concat":
-            return " . ".join(render(v) for v in arg)
-        if name == "range":
-            return "-".join(render(v) for v in arg)
-        if name in ("&", "|", "^"):
-            return f" {name} ".join(render(v) for v in arg)
+    if isinstance(arg, dict) and name in DICT_FORMS:
+        return DICT_FORMS[name](name, arg)
+    if isinstance(arg, list) and name == "set":
+        return "{ " + ", ".join(_render_element(v) for v in arg) + " }"
+    if isinstance(arg, list) and name in LIST_FORMS:
+        return LIST_FORMS[name].join(render(v) for v in arg)
     if name in ("counter", "reject") and arg is None:
         return name
     return None
