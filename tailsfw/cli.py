@@ -99,12 +99,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
         lan = netlink.read_snapshot().connected if pol.lan.mode == "connected" else frozenset()
         ruleset = compiler.compile_policy(pol, Facts(uids=users.lookup_uids(pol), connected=lan))
         listing = Nft().list_ruleset()
+        found = verify.differences(listing, ruleset)
     except (policy.PolicyError, NftError, OSError, ValueError) as e:
         print(f"tailsfwctl: cannot verify: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a listing nft wrote wrongly, ...: one line, never a traceback
+        print(f"tailsfwctl: cannot verify: unexpected {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     for warning in ruleset.warnings:
         print(f"tailsfwctl: warning: {warning}", file=sys.stderr)
-    found = verify.differences(listing, ruleset)
     for line in found:
         print(line)
     print(

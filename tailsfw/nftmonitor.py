@@ -59,9 +59,15 @@ MESSAGES = {
     12: ("add", "element"), 14: ("delete", "element"),
     18: ("add", "object"), 20: ("delete", "object"),
     22: ("add", "flowtable"), 24: ("delete", "flowtable"),
+    # NFT_MSG_DESTROY* (Linux 6.3): delete, if it exists.
+    26: ("delete", "table"), 27: ("delete", "chain"), 28: ("delete", "rule"),
+    29: ("delete", "set"), 30: ("delete", "element"), 31: ("delete", "object"),
+    32: ("delete", "flowtable"),
 }  # fmt: skip
 NFT_MSG_NEWGEN = 15
 NAME_ATTR = {"chain": 3, "rule": 2, "set": 2, "element": 2, "object": 2, "flowtable": 2}
+NFTA_TABLE_FLAGS = 2
+NFT_TABLE_F_DORMANT = 1
 NFTA_RULE_HANDLE = 3
 NFTA_CHAIN_POLICY = 5
 NFTA_SET_ELEM_LIST_ELEMENTS = 3
@@ -87,7 +93,7 @@ class Change:
     name: str = ""  # the chain of a chain or rule; the set of a set or its elements
     handle: int = 0  # rules
     count: int = 1  # elements (the end markers of intervals are not counted)
-    policy: str = ""  # base chains
+    detail: str = ""  # a base chain's "policy accept", a table's "dormant"
 
 
 @dataclass(frozen=True)
@@ -171,13 +177,16 @@ def _notice(kind: int, data: bytes, offset: int, end: int) -> Notice | None:
     op, what = MESSAGES[msg]
     table = _string(attrs.get(1))
     if what == "table":
-        return Change(op, what, family, table)
+        # A dormant table's base chains see no packet: the filter is off.
+        dormant = _be(attrs.get(NFTA_TABLE_FLAGS), 4) & NFT_TABLE_F_DORMANT
+        return Change(op, what, family, table, detail="dormant" if dormant else "")
     name = _string(attrs.get(NAME_ATTR[what]))
     if what == "rule":
         return Change(op, what, family, table, name, handle=_be(attrs.get(NFTA_RULE_HANDLE), 8))
     if what == "chain" and NFTA_CHAIN_POLICY in attrs:
         code = _be(attrs[NFTA_CHAIN_POLICY], 4)
-        return Change(op, what, family, table, name, policy=POLICIES.get(code, str(code)))
+        policy = POLICIES.get(code, str(code))
+        return Change(op, what, family, table, name, detail=f"policy {policy}")
     if what == "element":
         count = _element_count(attrs.get(NFTA_SET_ELEM_LIST_ELEMENTS))
         return Change(op, what, family, table, name, count=count)
@@ -280,7 +289,8 @@ def summarize(changes: list[Change], rules: dict[tuple[int, str], int] | None = 
             parts.append(f"{'replaced' if 'add' in tables else 'deleted'} table {where}")
             continue
         if "add" in tables:
-            parts.append(f"added table {where}")
+            detail = next((f" ({c.detail})" for c in mine if c.kind == "table" and c.detail), "")
+            parts.append(f"added table {where}{detail}")
         parts += _objects(mine, where, family, rules)
     if len(parts) > MAX_PARTS:
         parts = [*parts[:MAX_PARTS], f"and {len(parts) - MAX_PARTS} more changes"]
@@ -295,8 +305,8 @@ def _objects(
         if c.kind == "chain":
             verb = "deleted" if c.op == "delete" else (
                 "changed" if (family, c.name) in rules else "added")  # fmt: skip
-            policy = f" (policy {c.policy})" if c.policy else ""
-            parts.append(f"{verb} chain {where} {c.name}{policy}")
+            detail = f" ({c.detail})" if c.detail else ""
+            parts.append(f"{verb} chain {where} {c.name}{detail}")
         elif c.kind in ("set", "object", "flowtable") and not c.name.startswith("__"):
             # Sets named "__..." are the anonymous sets of rules.
             parts.append(f"{'added' if c.op == 'add' else 'deleted'} {c.kind} {where} {c.name}")

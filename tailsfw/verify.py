@@ -39,6 +39,7 @@ DEFAULT_REJECT = {
 }
 FULL_PREFIX = {"ip": 32, "ip6": 128}
 KINDS = ("table", "chain", "set", "map")
+DORMANT = "a dormant table filters nothing"
 TRANSPORTS = ("tcp", "udp", "udplite", "sctp", "dccp")
 
 
@@ -68,31 +69,39 @@ def canonical(objects: Iterable[Json]) -> Tables:
     found: dict[tuple[str, str, str], Json] = {}
     rules: dict[tuple[str, str], list[Json]] = {}
     for obj in objects:
+        if not isinstance(obj, dict) or len(obj) != 1:
+            continue
         kind, body = next(iter(obj.items()))
         if not isinstance(body, dict):
             continue
-        family = body.get("family", "")
+        family = _name(body.get("family"))
         table = body.get("name") if kind == "table" else body.get("table")
         if family not in OUR_FAMILIES or table != TABLE:
             continue
         if kind == "rule":
-            rule: Json = {"expr": _expr(body.get("expr", []), family)}
+            expr = body.get("expr", [])
+            rule: Json = {"expr": _expr(expr if isinstance(expr, list) else [expr], family)}
             if body.get("comment"):
-                rule["comment"] = body["comment"]
-            rules.setdefault((family, body.get("chain", "")), []).append(rule)
+                rule["comment"] = _value(body["comment"], family)
+            rules.setdefault((family, _name(body.get("chain"))), []).append(rule)
         elif kind in KINDS:
-            name = "" if kind == "table" else body.get("name", "")
+            name = "" if kind == "table" else _name(body.get("name"))
             drop = {"family", "table", "name", "handle"}
-            rest = {k: v for k, v in body.items() if k not in drop}
-            if "elem" in rest:
-                rest["elem"] = _sorted([_value(e, family) for e in rest["elem"]])
-            if "flags" in rest:
-                rest["flags"] = sorted(rest["flags"])
+            rest = {k: _value(v, family) for k, v in body.items() if k not in drop}
+            if isinstance(rest.get("elem"), list):
+                rest["elem"] = _sorted(rest["elem"])
+            if isinstance(rest.get("flags"), list):
+                rest["flags"] = _sorted(rest["flags"])
             found[(kind, family, name)] = rest
     for kind, family, name in found:
         if kind == "chain":
             rules.setdefault((family, name), [])
     return Tables(found, rules)
+
+
+def _name(value: Any) -> str:
+    """An object's name or family: a string whatever the listing holds."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
 def _sorted(items: Sequence[Any]) -> list[Any]:
@@ -224,12 +233,18 @@ def _object_difference(
     for field in sorted(has.keys() | wants.keys()):
         if field == "elem":
             continue
-        if has.get(field) != wants.get(field):
+        if kind == "table" and field == "flags" and not wants.get(field):
+            # nft 1.0.6 lists a table's flags wrongly (another string): say what matters.
+            found.append(f"{label}: has flags, the policy sets none ({DORMANT})")
+        elif has.get(field) != wants.get(field):
             found.append(
                 f"{label}: {field} is {_text(has.get(field))}, the policy wants "
                 f"{_text(wants.get(field))}"
             )
-    extra, lacking = _elements(has.get("elem", []), wants.get("elem", []))
+    elements = has.get("elem", []), wants.get("elem", [])
+    if not all(isinstance(e, list) for e in elements):
+        return [*found, f"{label}: elements are {_text(elements[0])}"]
+    extra, lacking = _elements(*elements)
     if extra:
         found.append(f"{label}: elements not in the policy: {extra}")
     if lacking:

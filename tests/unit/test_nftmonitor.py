@@ -94,7 +94,7 @@ def test_each_kind_of_message_is_decoded() -> None:
     ])  # fmt: skip
     assert decode(data) == [
         Change("delete", "table", IP, "tailsfw"),
-        Change("add", "chain", IP, "tailsfw", "output", policy="accept"),
+        Change("add", "chain", IP, "tailsfw", "output", detail="policy accept"),
         Change("add", "rule", IP6, "tailsfw", "output", handle=54),
         Change("add", "element", IP, "tailsfw", "lan", count=2),
         Change("add", "set", INET, "tailsfw", "s"),
@@ -172,6 +172,17 @@ def test_other_tables_and_families_are_ignored() -> None:
     other = rule(NEWRULE, IP, "output", 1, table="other")
     arp = message(DELTABLE, ARP, attr(1, name("tailsfw")))
     assert events(other + arp + newgen(1234)) == []
+
+
+def test_a_table_made_dormant_is_named() -> None:
+    dormant = message(NEWTABLE, IP, attr(1, name("tailsfw")), attr(2, be(1)))
+    found = events(dormant, newgen(1234))
+    assert found == [RulesetTouched(1234, "nft", "added table ip tailsfw (dormant)")]
+
+
+def test_destroy_messages_are_deletions() -> None:
+    found = events(table(26, IP6), newgen(1234))  # NFT_MSG_DESTROYTABLE
+    assert found == [RulesetTouched(1234, "nft", "deleted table ip6 tailsfw")]
 
 
 def test_an_inet_table_named_like_ours_is_reported() -> None:
