@@ -80,6 +80,7 @@ FAMILIES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
 WATCHED_FAMILIES = frozenset({1, 2, 10})
 POLICIES = {0: "drop", 1: "accept"}
 MAX_PARTS = 8  # a summary names this many changes, then counts the rest
+MAX_RETRY_DELAY = 5.0  # s, between attempts to open the socket
 
 
 @dataclass(frozen=True)
@@ -380,27 +381,33 @@ class NftMonitor:
     async def events(self) -> AsyncIterator[RulesetTouched]:
         transactions = Transactions(self.table, own_task(self.own_pid))
         why = "monitor started"
+        delay = self.retry_delay
         while True:
             try:
                 sock = open_socket(self.rcvbuf)
             except OSError as e:
-                self.last_error = f"cannot follow nftables' notifications: {e}"
-                log.error("nftmonitor: %s; retrying", self.last_error)
-                await asyncio.sleep(self.retry_delay)
+                self._failed(f"cannot follow nftables' notifications: {e}")
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, MAX_RETRY_DELAY)  # do not flood the log
                 continue
+            delay = self.retry_delay
             try:
                 yield RulesetTouched(0, "", why)
                 async for event in self._follow(sock, transactions):
                     yield event
-            except OSError as e:
+            except Exception as e:  # the socket's errors, or a bug: never the daemon's end
                 self.lost += 1
-                self.last_error = f"notification socket: {e}"
-                log.error("nftmonitor: %s: reopening it", self.last_error)
+                self._failed(f"notification socket: {e!r}")
                 why = "notifications lost (socket reopened)"
                 await asyncio.sleep(self.retry_delay)
             finally:
                 sock.close()
             transactions.reset()
+
+    def _failed(self, error: str) -> None:
+        if error != self.last_error:
+            log.error("nftmonitor: %s; retrying", error)
+        self.last_error = error
 
     async def _follow(
         self, sock: socket.socket, transactions: Transactions

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import socket
 import struct
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tailsfw import nftmonitor
 from tailsfw.events import RulesetTouched
 from tailsfw.nftmonitor import (
     Change,
@@ -251,3 +256,51 @@ def test_an_unreadable_notice_asks_for_a_check_at_once() -> None:
 def test_a_long_summary_counts_the_rest() -> None:
     changes = [Change("add", "chain", IP, "tailsfw", f"c{i}") for i in range(12)]
     assert summarize(changes).endswith("; and 4 more changes")
+
+
+# -- the source, on a fake socket --------------------------------------------
+
+
+def test_the_source_yields_events_and_reopens_after_failures(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A datagram socket pair stands in for netlink: the test writes the
+    kernel's datagrams into one end, the monitor reads the other."""
+    pairs: list[tuple[socket.socket, socket.socket]] = []
+    failures = [OSError(errno.EPROTONOSUPPORT, "no nfnetlink")]
+
+    def open_socket(rcvbuf: int) -> socket.socket:
+        if failures:
+            raise failures.pop()
+        ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        ours.setblocking(False)
+        pairs.append((ours, kernel))
+        return ours
+
+    monkeypatch.setattr(nftmonitor, "open_socket", open_socket)
+
+    async def run() -> list[RulesetTouched]:
+        monitor = nftmonitor.NftMonitor(own_pid=OWN, retry_delay=0.001)
+        events = monitor.events()
+        seen = [await anext(events)]  # after one failed open
+        kernel = pairs[-1][1]
+        kernel.send(table(NEWTABLE, IP) + newgen(OWN))  # ours: nothing
+        kernel.send(rule(NEWRULE, IP, "output", 9) + newgen(1234, "nft"))
+        seen.append(await anext(events))
+        kernel.send(b"")  # the socket ends: reopened, and the kernel must be checked
+        seen.append(await anext(events))
+        pairs[-1][1].send(table(DELTABLE, IP6) + newgen(99))
+        seen.append(await anext(events))
+        assert monitor.touched == 2 and monitor.lost == 1
+        assert "ConnectionResetError" in monitor.last_error
+        return seen
+
+    assert asyncio.run(run()) == [
+        RulesetTouched(0, "", "monitor started"),
+        RulesetTouched(1234, "nft", "added rule to ip tailsfw output"),
+        RulesetTouched(0, "", "notifications lost (socket reopened)"),
+        RulesetTouched(99, "nft", "deleted table ip6 tailsfw"),
+    ]
+    for ours, kernel in pairs:
+        assert ours.fileno() == -1  # closed by the monitor (asyncio.run closes it at the end)
+        kernel.close()
