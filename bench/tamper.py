@@ -9,6 +9,10 @@ policy compiled for made-up uids:
   from the kernel's notice of that commit (taken by a thread that does
   nothing else) to the monitor's event; after each, the ruleset is put
   back by the monitor's own thread (and must not be reported);
+- tamper_restore_in_loop_ms_p50/p99: the same tamperings, with the whole
+  ruleset committed again on the monitor's thread as each event comes: from
+  the tampering commit to that commit (the floor of tailsfwd's
+  `tamper_restore_ms`, without its own plumbing);
 - decode_replacement_us / pyroute2_decode_replacement_us: decoding the
   notifications of one full replacement of our tables (what each of our
   own commits costs the monitor), by tailsfw's decoder and by pyroute2's
@@ -29,6 +33,7 @@ from pyroute2.netlink.nfnetlink import nftsocket  # type: ignore[import-untyped]
 from bench.apply import median_ms
 from bench.daemon import POLICY, namespace, percentile
 from tailsfw import compiler, nftmonitor, policy, verify
+from tailsfw.events import RulesetTouched
 from tailsfw.facts import Facts
 from tailsfw.nft import Nft
 from tests.lab.daemon_fixtures import CommitClock, MonitorThread, in_netns
@@ -75,6 +80,29 @@ def event_delays(ns: str, rules: compiler.Ruleset) -> list[float]:
         if monitor.next(0.2) is not None:
             raise RuntimeError("our own commit was reported")
     return delays
+
+
+def restore_times(ns: str, rules: compiler.Ruleset) -> list[float]:
+    """From a tampering commit to our full re-apply's commit, reacting at once."""
+
+    def restore(event: RulesetTouched, nft: Nft) -> None:
+        if event.pid != 0:
+            nft.apply(rules.document())
+
+    times = []
+    with MonitorThread(ns, react=restore) as monitor, CommitClock(ns) as clock:
+        monitor.commit(rules.document())
+        clock.next(2)
+        for _ in range(ROUNDS):
+            for command in TAMPERINGS:
+                subprocess.run(["ip", "netns", "exec", ns, "nft", *command.split()], check=True)
+                tampered, restored = clock.next(2), clock.next(2)
+                if tampered is None or restored is None or monitor.next(2) is None:
+                    raise RuntimeError(f"{command}: not restored")
+                times.append((restored - tampered) * 1000)
+    if not in_netns(ns, lambda: verify.matches(Nft().list_ruleset(), rules)):
+        raise RuntimeError("the ruleset was not restored")
+    return times
 
 
 def replacement_datagrams(ns: str, rules: compiler.Ruleset) -> list[bytes]:
@@ -132,12 +160,15 @@ def measure() -> dict[str, Any]:
     rules = ruleset()
     with namespace() as ns:
         delays = event_delays(ns, rules)
+        restores = restore_times(ns, rules)
         dgrams = replacement_datagrams(ns, rules)
         list_ms, matches_ms = verify_costs(ns, rules)
     return {
         "tamper_event_ms_p50": round(statistics.median(delays), 2),
         "tamper_event_ms_p99": round(percentile(delays, 99), 2),
         "tamper_event_samples": len(delays),
+        "tamper_restore_in_loop_ms_p50": round(statistics.median(restores), 2),
+        "tamper_restore_in_loop_ms_p99": round(percentile(restores, 99), 2),
         "decode_replacement_us": round(1000 * median_ms(lambda: decode_tailsfw(dgrams), REPEATS)),
         "pyroute2_decode_replacement_us": round(
             1000 * median_ms(lambda: decode_pyroute2(dgrams), REPEATS)

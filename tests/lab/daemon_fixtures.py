@@ -458,8 +458,16 @@ class MonitorThread:
     those commits as its own.
     """
 
-    def __init__(self, namespace: str, **options: Any) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        react: Callable[[RulesetTouched, Nft], None] | None = None,
+        **options: Any,
+    ) -> None:
+        """`react(event, nft)`, if given, runs on the monitor's thread as each
+        event comes (as tailsfwd's loop would restore the ruleset)."""
         self.namespace = namespace
+        self.react = react
         self.options = options
         self.seen: queue.Queue[Seen] = queue.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -498,7 +506,10 @@ class MonitorThread:
         self._task = asyncio.current_task()
         self._nft = Nft()  # made here: its socket is in the namespace
         async for event in NftMonitor(**self.options).events():
-            self.seen.put(Seen(time.monotonic(), event))
+            at = time.monotonic()
+            if self.react is not None:
+                self.react(event, self._nft)
+            self.seen.put(Seen(at, event))
 
     def next(self, timeout: float) -> Seen | None:
         try:
