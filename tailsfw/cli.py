@@ -15,6 +15,7 @@ from .facts import Facts
 from .nft import Nft, NftError
 
 DEFAULT_POLICY = Path("/etc/tailsfw/policy.toml")
+CANNOT_TELL = 2  # verify: the kernel could not be compared (1 is "it differs")
 
 
 class NeedsRoot(RuntimeError):
@@ -92,20 +93,15 @@ def cmd_drops(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """0: the kernel holds what the policy compiles to; 1: it differs; 2: cannot tell."""
+    if os.geteuid() != 0:
+        raise NeedsRoot("verify needs root to read the kernel's ruleset")
+    pol = policy.load(args.policy)
     try:
-        if os.geteuid() != 0:
-            raise PermissionError("verify needs root to read the kernel's ruleset")
-        pol = policy.load(args.policy)
         lan = netlink.read_snapshot().connected if pol.lan.mode == "connected" else frozenset()
         ruleset = compiler.compile_policy(pol, Facts(uids=users.lookup_uids(pol), connected=lan))
-        listing = Nft().list_ruleset()
-        found = verify.differences(listing, ruleset)
-    except (policy.PolicyError, NftError, OSError, ValueError) as e:
-        print(f"tailsfwctl: cannot verify: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a listing nft wrote wrongly, ...: one line, never a traceback
-        print(f"tailsfwctl: cannot verify: unexpected {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        found = verify.differences(Nft().list_ruleset(), ruleset)
+    except Exception as e:  # libnftables, netlink, a listing nft wrote wrongly: one line
+        return fail(CANNOT_TELL, f"cannot verify: {type(e).__name__}: {e}")
     for warning in ruleset.warnings:
         print(f"tailsfwctl: warning: {warning}", file=sys.stderr)
     for line in found:

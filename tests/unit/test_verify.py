@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import ipaddress
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tailsfw import cli, compiler, policy, verify
+from tailsfw import cli, compiler, policy, summary, verify
 from tailsfw.facts import Facts
+from tailsfw.nft import Nft, NftError
 
 DEFAULT = Path(__file__).parents[2] / "etc" / "tailsfw" / "policy.toml"
 Json = dict[str, Any]
@@ -220,12 +222,35 @@ def test_odd_listings_never_raise(which: int, field: int, value: Any) -> None:
     assert verify.matches(listing, RULESET) == (found == [])
 
 
-def test_verify_refuses_a_bad_policy_with_exit_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_verify_names_a_bad_policy_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bad = tmp_path / "policy.toml"
-    bad.write_bytes(b"\xff\xfe not toml")
-    # Refused before the kernel is read (as root), or for not being root.
-    assert cli.main(["verify", "--policy", str(bad)]) == 2
+    bad.write_bytes(b"[log\n")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    # Refused before the kernel is read.
+    assert cli.main(["verify", "--policy", str(bad)]) == summary.BAD_POLICY
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("tailsfwctl: cannot verify: ")
+    assert err.count("\n") == 1 and "policy.toml: not valid TOML" in err
+
+
+def test_verify_needs_root(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert cli.main(["verify", "--policy", str(DEFAULT)]) == summary.NO_PERMISSION
+    assert "verify needs root" in capsys.readouterr().err
+
+
+def test_verify_cannot_tell_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def refused(self: object) -> list[Any]:
+        raise NftError("Operation not permitted")
+
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(Nft, "list_ruleset", refused)
+    assert cli.main(["verify", "--policy", str(DEFAULT)]) == cli.CANNOT_TELL
+    assert capsys.readouterr().err == (
+        "tailsfwctl: cannot verify: NftError: Operation not permitted\n"
+    )
