@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import daemon, datapath, droplog, nm, resolv
+from bench import daemon, datapath, droplog, nm, resolv, tamper
 from tests.lab.conftest import LAB_ROLES, UNAVAILABLE
 from tests.lab.policies import lab_policy
 from tests.lab.topology import Lab
@@ -31,6 +31,8 @@ TARGETS: dict[str, tuple[float, bool]] = {
     "nm_event_ms_p99": (20.0, True),
     "drop_log_pps": (20000.0, False),
     "drop_to_journal_ms_p99": (50.0, True),
+    # Noticing leaves most of the 50 ms restore budget to the re-apply.
+    "tamper_event_ms_p99": (10.0, True),
     **{f"datapath_{p.name}_vs_floor": (0.97, False) for p in datapath.PATHS if p.allowed},
 }
 
@@ -66,6 +68,7 @@ def main() -> int:
         resolv.measure,
         nm.measure,
         droplog.measure,
+        tamper.measure,
     ]
     for part in parts:
         results.update(part())

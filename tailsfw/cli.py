@@ -10,11 +10,12 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from . import compiler, dropquery, observe, policy, summary, users
+from . import compiler, dropquery, netlink, observe, policy, summary, users, verify
 from .facts import Facts
 from .nft import Nft, NftError
 
 DEFAULT_POLICY = Path("/etc/tailsfw/policy.toml")
+CANNOT_TELL = 2  # verify: the kernel could not be compared (1 is "it differs")
 
 
 class NeedsRoot(RuntimeError):
@@ -90,6 +91,29 @@ def cmd_drops(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """0: the kernel holds what the policy compiles to; 1: it differs; 2: cannot tell."""
+    if os.geteuid() != 0:
+        raise NeedsRoot("verify needs root to read the kernel's ruleset")
+    pol = policy.load(args.policy)
+    try:
+        lan = netlink.read_snapshot().connected if pol.lan.mode == "connected" else frozenset()
+        ruleset = compiler.compile_policy(pol, Facts(uids=users.lookup_uids(pol), connected=lan))
+        found = verify.differences(Nft().list_ruleset(), ruleset)
+    except Exception as e:  # libnftables, netlink, a listing nft wrote wrongly: one line
+        return fail(CANNOT_TELL, f"cannot verify: {type(e).__name__}: {e}")
+    for warning in ruleset.warnings:
+        print(f"tailsfwctl: warning: {warning}", file=sys.stderr)
+    for line in found:
+        print(line)
+    print(
+        f"tailsfwctl: the kernel holds {'another ruleset' if found else 'the policy'}: "
+        f"{len(found)} difference{'s' * (len(found) != 1)}",
+        file=sys.stderr,
+    )
+    return 1 if found else 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tailsfwctl", description="Control the Tails network filter.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -98,7 +122,9 @@ def parser() -> argparse.ArgumentParser:
     render.set_defaults(func=cmd_render)
     apply = sub.add_parser("apply", help="load the ruleset in one transaction")
     apply.set_defaults(func=cmd_apply)
-    for s in (render, apply):
+    check = sub.add_parser("verify", help="compare the kernel's tables with the policy")
+    check.set_defaults(func=cmd_verify)
+    for s in (render, apply, check):
         s.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy file")
     status = sub.add_parser("status", help="is the policy's ruleset in force? (exit 0 if so)")
     status.add_argument(

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyroute2 import AsyncIPRoute  # type: ignore[import-untyped]
+from pyroute2 import AsyncIPRoute, IPRoute  # type: ignore[import-untyped]
 
 from .events import LinksChanged
 
@@ -140,6 +140,16 @@ class State:
 
     def snapshot(self) -> Snapshot:
         return Snapshot(frozenset(self.links.values()), frozenset(self.addresses))
+
+
+def read_snapshot() -> Snapshot:
+    """The links and addresses now, read once (for tailsfwctl, not the daemon)."""
+    with IPRoute() as ipr:
+        state = State()
+        state.load(ipr.link("dump"))
+        for msg in ipr.addr("dump"):
+            state.update(msg)
+        return state.snapshot()
 
 
 class NetlinkClosed(ConnectionError):

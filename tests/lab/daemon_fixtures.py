@@ -6,18 +6,23 @@ Shared by tests/lab/test_daemon.py and bench/daemon.py:
 - `DaemonProcess` / `run_daemon`: tailsfwd in a namespace, with its state
   directory and stderr in a work directory;
 - `NftGenerations`: the kernel's notice of every committed nftables
-  transaction in a namespace, to time the daemon's reactions;
+  transaction in a namespace, to time the daemon's reactions; `CommitClock`
+  timestamps them from a thread of their own;
+- `MonitorThread`: tailsfw's nftables monitor inside a namespace;
 - `lan_networks`, `tailsfw_tables`: the ruleset as the kernel holds it;
 - `reset_host`: undo, after the tests, what the daemon did to the lab host.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import ipaddress
 import json
 import os
+import queue
 import signal
 import socket
 import struct
@@ -27,8 +32,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from tailsfw.events import RulesetTouched
+from tailsfw.nft import Nft
+from tailsfw.nftmonitor import NftMonitor
+
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 VENV_PYTHON = str(REPO / ".venv" / "bin" / "python")
 NETNS_DIR = Path("/run/netns")
@@ -59,29 +69,39 @@ def netns_socket(namespace: str, family: int, kind: int, proto: int = 0) -> sock
     the namespace and makes the socket; the socket stays in that namespace
     whichever thread uses it later.
     """
-    made: list[socket.socket] = []
+    return in_netns(namespace, lambda: socket.socket(family, kind, proto))
+
+
+def enter_netns(namespace: str) -> None:
+    """Moves the calling thread (only) into a named network namespace."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(NETNS_DIR / namespace, os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns {namespace}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def in_netns(namespace: str, work: Callable[[], T]) -> T:
+    """`work()` run by a short-lived thread of this process inside a namespace."""
+    done: list[T] = []
     errors: list[BaseException] = []
 
-    def make() -> None:
+    def run() -> None:
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(NETNS_DIR / namespace, os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns {namespace}: {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            made.append(socket.socket(family, kind, proto))
+            enter_netns(namespace)
+            done.append(work())
         except BaseException as e:
             errors.append(e)
 
-    thread = threading.Thread(target=make)
+    thread = threading.Thread(target=run)
     thread.start()
     thread.join()
     if errors:
         raise errors[0]
-    return made[0]
+    return done[0]
 
 
 class NftGenerations:
@@ -420,3 +440,139 @@ def reset_host(
         ns_run(namespace, ["sysctl", "-q", *(f"{n}={before[n]}" for n in order)])
         if restore is not None:
             restore()
+
+
+@dataclass(frozen=True)
+class Seen:
+    """An event of the monitor and the monotonic time it came out."""
+
+    at: float
+    event: RulesetTouched
+
+
+class MonitorThread:
+    """tailsfw's `NftMonitor`, run by a thread of this process inside a namespace.
+
+    `commit()` commits a JSON document through libnftables from that same
+    thread (as tailsfwd commits from its event loop): the monitor must take
+    those commits as its own.
+    """
+
+    def __init__(
+        self,
+        namespace: str,
+        react: Callable[[RulesetTouched, Nft], None] | None = None,
+        **options: Any,
+    ) -> None:
+        """`react(event, nft)`, if given, runs on the monitor's thread as each
+        event comes (as tailsfwd's loop would restore the ruleset)."""
+        self.namespace = namespace
+        self.react = react
+        self.options = options
+        self.seen: queue.Queue[Seen] = queue.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._nft: Nft | None = None
+        self._errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MonitorThread:
+        self._thread.start()
+        first = self.next(5.0)  # "monitor started": subscribed from here on
+        if first is None:
+            self.close()
+            raise RuntimeError(f"monitor did not start: {self._errors}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._loop is not None and self._task is not None:
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        try:
+            enter_netns(self.namespace)
+            asyncio.run(self._follow())
+        except asyncio.CancelledError:
+            pass
+        except BaseException as e:
+            self._errors.append(e)
+
+    async def _follow(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._nft = Nft()  # made here: its socket is in the namespace
+        async for event in NftMonitor(**self.options).events():
+            at = time.monotonic()
+            if self.react is not None:
+                self.react(event, self._nft)
+            self.seen.put(Seen(at, event))
+
+    def next(self, timeout: float) -> Seen | None:
+        try:
+            return self.seen.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def stall(self, seconds: float) -> None:
+        """Keep the monitor's loop busy, as a long commit would."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(time.sleep, seconds)
+
+    def commit(self, document: dict[str, Any]) -> None:
+        """Commit from the monitor's own thread (and process)."""
+        assert self._loop is not None
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def apply() -> None:
+            try:
+                assert self._nft is not None
+                self._nft.apply(document)
+                done.set_result(None)
+            except BaseException as e:
+                done.set_exception(e)
+
+        self._loop.call_soon_threadsafe(apply)
+        done.result(10)
+
+
+class CommitClock:
+    """The monotonic time at which each nftables commit in a namespace was
+    announced, taken by a thread that does nothing else."""
+
+    def __init__(self, namespace: str) -> None:
+        self.generations = NftGenerations(namespace)
+        self.times: queue.Queue[float] = queue.Queue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._closed:
+            at = self.generations.wait(0.1)
+            if at is not None:
+                self.times.put(at)
+
+    def next(self, timeout: float) -> float | None:
+        try:
+            return self.times.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def drain(self) -> None:
+        while not self.times.empty():
+            self.times.get_nowait()
+
+    def close(self) -> None:
+        self._closed = True
+        self._thread.join()
+        self.generations.close()
+
+    def __enter__(self) -> CommitClock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
