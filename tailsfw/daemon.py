@@ -45,6 +45,7 @@ from .events import DnsServers, Event, FileChanged, LinksChanged, RulesetTouched
 from .facts import Facts, updated
 from .netlink import RCVBUF, NetlinkSource
 from .nft import Nft, NftError
+from .nftmonitor import NftMonitor
 from .nm import NetworkManagerSource
 from .notify import Notifier, watchdog_interval
 from .policy import Policy, PolicyError
@@ -72,6 +73,8 @@ MAX_DELAY = 0.020
 RETRY_DELAY = 1.0
 FIRST_SNAPSHOT_TIMEOUT = 5.0
 DROPS_REPORT = 1.0
+# The status says what the kernel holds: asked at most this often.
+KERNEL_CHECK = 0.1
 EXIT_FAILED = 1
 
 
@@ -203,6 +206,7 @@ class Daemon:
         self._timer: asyncio.TimerHandle | None = None
         self._retry: asyncio.TimerHandle | None = None
         self._audit: tuple[AuditApi, asyncio.Task[None]] | None = None
+        self._kernel: tuple[float, list[str]] | None = None  # when asked, what differed
 
     # -- Control ------------------------------------------------------------
 
@@ -212,9 +216,11 @@ class Daemon:
             f"sysctl {s.name}: {s.note}" for s in self.parts.sysctl.states if not s.ok
         ]
         counters = replace(self.counters, **vars(self.ruleset.counters))
+        kernel = self._kernel_truth()
         return Status(
             pid=os.getpid(),
-            state=self.report.state,
+            state="tampered" if kernel and self.report.state == "enforcing" else self.report.state,
+            kernel_differences=kernel,
             policy=str(self.options.policy),
             ruleset=self.ruleset.digest,
             lan_mode=self.policy.lan.mode if self.policy else "",
@@ -233,6 +239,20 @@ class Daemon:
             dns_refused=list(self.report.dns_refused),
             networkmanager=self.report.networkmanager,
         )
+
+    def _kernel_truth(self) -> list[str]:
+        """What the kernel holds differently from what we put in force ([]:
+        nothing), asked at most every KERNEL_CHECK seconds (a few ms each)."""
+        now = time.monotonic()
+        if self.ruleset.in_force is None:
+            return []
+        if self._kernel is None or now - self._kernel[0] >= KERNEL_CHECK:
+            try:
+                wrong = self.ruleset.differences()
+            except NftError as e:
+                wrong = [f"cannot list the ruleset: {e}"]
+            self._kernel = (now, wrong)
+        return self._kernel[1]
 
     def reload(self) -> bool:
         """Adopt the policy file again, or keep everything as it is."""
@@ -314,6 +334,7 @@ class Daemon:
     def _converge_ruleset(self, wanted: Desired, cause: str) -> Outcome:
         outcome = self.ruleset.converge(wanted.ruleset)
         if outcome is not Outcome.UNCHANGED:
+            self._kernel = None  # ask the kernel again for the next status
             self.report.last_apply, self.report.last_apply_cause = time.time(), cause
         return outcome
 
@@ -402,15 +423,7 @@ class Daemon:
     def handle(self, event: Event) -> None:
         before = self._fold(event)
         if isinstance(event, RulesetTouched):
-            log.warning(
-                "ruleset changed by another process (pid %d, %s): %s; putting it back",
-                event.pid,
-                event.process or "?",
-                event.what,
-            )
-            self.counters.tamperings += 1
-            self.ruleset.forget()
-            self.commit("tampering")
+            self._touched(event)
             return
         if isinstance(event, FileChanged):
             log.warning("%s was changed by another process: checking it", event.path)
@@ -431,6 +444,31 @@ class Daemon:
         self.changed(type(event).__name__)
         if interfaces_changed or isinstance(event, DnsServers):
             self.publish()  # the status lists interfaces, sysctls and servers
+
+    def _touched(self, event: RulesetTouched) -> None:
+        """Another process changed our tables: put them back at once.  pid 0:
+        the monitor may have missed changes; the kernel says whether it did."""
+        if event.pid == 0:
+            self.counters.unverified_notices += 1
+            try:
+                wrong = self.ruleset.differences()
+            except NftError as e:
+                wrong = [f"cannot list the ruleset: {e}"]
+            if not wrong:
+                log.info("nftables monitor: %s; the kernel holds our ruleset", event.what)
+                return
+            log.warning("nftables monitor: %s; the kernel differs: %s; putting it back",
+                        event.what, "; ".join(wrong[:3]))  # fmt: skip
+        else:
+            log.warning(
+                "ruleset changed by another process (pid %d, %s): %s; putting it back",
+                event.pid,
+                event.process or "?",
+                event.what,
+            )
+        self.counters.tamperings += 1
+        self.ruleset.forget()
+        self.commit("tampering")
 
     def changed(self, cause: str) -> None:
         """The facts changed: commit once the burst is due."""
@@ -694,7 +732,7 @@ def real_parts(options: Options) -> Parts:
         netlink=NetlinkSource(options.netlink_rcvbuf),
         sysctl=Sysctl(options.proc_sys),
         notify=Notifier(),
-        sources=[ResolvWatch(files), NetworkManagerSource(options.nm_bus)],
+        sources=[ResolvWatch(files), NetworkManagerSource(options.nm_bus), NftMonitor()],
         files=ResolvFiles(*files),
         accounts=AccountsSource((), options.passwd),
         audit=lambda group: DropAudit(group=group),

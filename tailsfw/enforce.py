@@ -13,7 +13,7 @@ import logging
 from enum import Enum
 from typing import Any, Protocol
 
-from . import compiler
+from . import compiler, verify
 from .nft import NftError
 from .status import RulesetCounters
 
@@ -39,10 +39,23 @@ class RulesetEffect:
         self.in_force: compiler.Ruleset | None = None
         self.counters = RulesetCounters()
         self._trusted = False  # does the kernel hold `in_force`?
+        self._expected: tuple[compiler.Ruleset, str] | None = None  # its kernel digest
 
     @property
     def digest(self) -> str:
         return self.in_force.digest() if self.in_force is not None else ""
+
+    def differences(self) -> list[str]:
+        """What the kernel holds that is not what we put in force; [] when it
+        is exactly that.  Asks the kernel (a few ms)."""
+        if self.in_force is None:
+            return ["nothing put in force yet"]
+        listing = self.nft.list_ruleset()
+        if self._expected is None or self._expected[0] is not self.in_force:
+            self._expected = (self.in_force, verify.expected_digest(self.in_force))
+        if verify.kernel_digest(listing) == self._expected[1]:
+            return []
+        return verify.differences(listing, self.in_force) or ["the tables differ"]
 
     def forget(self) -> None:
         """The kernel may not hold what we loaded: the next converge replaces it."""

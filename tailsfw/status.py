@@ -31,6 +31,7 @@ class Counters(RulesetCounters):
     files_rewritten: int = 0  # resolv files written because they differed
     files_refused: int = 0  # writes of them that failed
     tamperings: int = 0  # changes to our tables by other processes, undone
+    unverified_notices: int = 0  # lost change notifications: the kernel was checked
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Status:
     """What tailsfwd reports, in its state file and (shorter) to systemd."""
 
     pid: int
-    state: str  # starting | enforcing | lockdown | failed
+    state: str  # starting | enforcing | tampered | lockdown | failed
     policy: str
     ruleset: str
     lan_mode: str
@@ -56,6 +57,8 @@ class Status:
     dns_refused: list[str] = field(default_factory=list)  # NetworkManager values refused
     networkmanager: str = "unknown"  # unknown | available | absent
     drops: DropCounters = field(default_factory=DropCounters)  # the refused packets' audit
+    # What the kernel holds that differs from the ruleset in force ([]: none).
+    kernel_differences: list[str] = field(default_factory=list)
     updated: float = field(default_factory=time.time)
 
     def line(self) -> str:

@@ -182,10 +182,6 @@ def test_lost_notifications_ask_for_a_check(
 # -- tailsfwd ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="until tailsfwd's sources include NftMonitor (tailsfw/daemon.py, real_parts)",
-    strict=True,
-)
 @pytest.mark.usefixtures("daemon_host")
 def test_the_daemon_puts_back_each_tampering(
     lab: Lab, tmp_path: Path, ruleset: compiler.Ruleset

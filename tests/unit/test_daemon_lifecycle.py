@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tailsfw import compiler
-from tailsfw.daemon import MAX_DELAY, stderr_is_journal
+from tailsfw.daemon import KERNEL_CHECK, MAX_DELAY, stderr_is_journal
 from tailsfw.desired import desired
 from tailsfw.events import AccountsChanged, DnsServers, Event, FileChanged, RulesetTouched
 from tailsfw.notify import Notifier
@@ -123,6 +123,25 @@ def test_tampering_is_undone_at_once(tmp_path: Path) -> None:
     step(r, RulesetTouched(4243, "nft", "added rule"))
     assert r.kernel.holds(compiled(r).document())
     assert r.daemon.status().counters.tamperings == 2
+
+
+def test_the_status_says_what_the_kernel_holds(tmp_path: Path) -> None:
+    r = rig(tmp_path, links("192.168.1.2/24"))
+    start(r)
+    assert r.daemon.status().state == "enforcing"
+    assert r.daemon.status().kernel_differences == []
+    r.kernel.tamper({"flush": {"chain": {"family": "ip", "table": "tailsfw", "name": "output"}}})
+    time.sleep(KERNEL_CHECK)
+    status = r.daemon.status()
+    assert status.state == "tampered" and status.kernel_differences
+    # Lost notifications: the kernel is checked, and put back since it differs...
+    step(r, RulesetTouched(0, "", "notifications lost"))
+    assert r.kernel.holds(compiled(r).document())
+    commits = r.daemon.status().counters.commits
+    # ... but not when it holds our ruleset.
+    step(r, RulesetTouched(0, "", "notifications lost"))
+    assert r.daemon.status().counters.commits == commits
+    assert r.daemon.status().counters.unverified_notices == 2
 
 
 def test_new_interfaces_get_ipv6_switched_off(tmp_path: Path) -> None:
