@@ -23,13 +23,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "etc" / "dbus-1" / "system.d" / "org.boum.tails.Firewall.conf"
 
-CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
+HEADER = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">"""
+# The system bus's own default policy: deny owning names and method calls,
+# allow signals and replies; the project's policy file is included.
+SYSTEM_POLICY = """  <policy context="default">
     <allow user="*"/>
     <deny own="*"/>
     <deny send_type="method_call"/>
@@ -44,9 +42,15 @@ CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configurat
     <allow send_destination="org.freedesktop.DBus"
            send_interface="org.freedesktop.DBus.Introspectable"/>
   </policy>
-  <include>{policy}</include>
-</busconfig>
-"""
+  <include>{policy}</include>"""
+
+
+def bus_config(socket: Path, policy: str) -> str:
+    """A system-type bus listening on `socket`, with `policy` (busconfig XML)."""
+    return (
+        f"{HEADER}\n<busconfig>\n  <type>system</type>\n  <listen>unix:path={socket}</listen>\n"
+        f"  <auth>EXTERNAL</auth>\n{policy}\n</busconfig>\n"
+    )
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ def write_config(directory: Path, policy: Path = POLICY) -> Path:
     """A system-like bus configuration listening on directory/bus.sock."""
     directory.chmod(0o755)  # other users' clients reach the socket
     config = directory / "bus.conf"
-    config.write_text(CONFIG.format(socket=directory / "bus.sock", policy=policy))
+    config.write_text(bus_config(directory / "bus.sock", SYSTEM_POLICY.format(policy=policy)))
     return config
 
 
