@@ -51,6 +51,16 @@ NFNLGRP_NFTABLES = 7
 NFT_NEWGEN = (10 << 8) | 15
 
 
+def wait_for(check: Callable[[], bool], timeout: float = 2.0, poll: float = 0.002) -> float:
+    """Seconds until `check` held; AssertionError after `timeout`."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not within {timeout} s")
+        time.sleep(poll)
+    return time.monotonic() - start
+
+
 def ns_run(namespace: str, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """A command in a namespace, as root; raises on failure with its stderr."""
     done = subprocess.run(

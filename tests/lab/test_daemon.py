@@ -32,6 +32,7 @@ from tests.lab.daemon_fixtures import (
     read_sysctls,
     run_daemon,
     tailsfw_tables,
+    wait_for,
 )
 from tests.lab.topology import (
     HOST_IF,
@@ -95,13 +96,6 @@ def changer(lab: Lab) -> Iterator[Changer]:
 def assert_blocked(lab: Lab, role: str = "amnesia") -> None:
     probe = lab.probe(role, "tcp", 4, INTERNET, 443)
     assert (probe.result, probe.arrived) == ("refused", 0), probe
-
-
-def wait_for(condition: Any, timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never met"
-        time.sleep(0.005)
 
 
 # -- start -------------------------------------------------------------------

@@ -5,14 +5,13 @@ DNS whatever another process does to it."""
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.lab.conftest import LEASED
-from tests.lab.daemon_fixtures import DaemonProcess, run_daemon
+from tests.lab.daemon_fixtures import DaemonProcess, run_daemon, wait_for
 from tests.lab.networkmanager import NetworkManagerLab
 from tests.lab.policies import lab_policy
 from tests.lab.topology import Lab
@@ -23,16 +22,6 @@ pytestmark = pytest.mark.usefixtures("daemon_host")
 
 def nameservers(*servers: str) -> str:
     return "".join(f"nameserver {s}\n" for s in servers)
-
-
-def wait_for(check: Callable[[], bool], timeout: float) -> float:
-    """Seconds until `check` held; fails after `timeout`."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"not within {timeout} s")
-        time.sleep(0.002)
-    return time.monotonic() - start
 
 
 def text(path: Path) -> str | None:
