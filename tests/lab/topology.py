@@ -135,6 +135,15 @@ def endpoint(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
+def host_listener_args() -> list[str]:
+    """listeners.py's arguments for the stand-ins on the host's loopback."""
+    return [
+        *(arg for p in HOST_TCP_PORTS for arg in ("--tcp", endpoint("127.0.0.1", p))),
+        *(arg for a, p in HOST_TCP6 for arg in ("--tcp", endpoint(a, p))),
+        *(arg for a, p in HOST_UDP for arg in ("--udp", endpoint(a, p))),
+    ]
+
+
 def command_env() -> dict[str, str]:
     return {**os.environ, "PATH": COMMAND_PATH}
 
@@ -299,6 +308,7 @@ class Lab:
     lock_timeout: float = 120.0
     accounts: dict[str, Account] = field(init=False, default_factory=dict)
     scripts: Path | None = field(init=False, default=None)  # set while built
+    _host_listeners: subprocess.Popen[str] = field(init=False, repr=False)
     _stack: ExitStack = field(init=False, repr=False, default_factory=ExitStack)
 
     @property
@@ -400,28 +410,34 @@ class Lab:
             *(arg for e in peer_endpoints for arg in ("--tcp", e)),
             *(arg for e in peer_endpoints for arg in ("--udp", e)),
         ]
-        host_args = [
-            *(arg for p in HOST_TCP_PORTS for arg in ("--tcp", endpoint("127.0.0.1", p))),
-            *(arg for a, p in HOST_TCP6 for arg in ("--tcp", endpoint(a, p))),
-            *(arg for a, p in HOST_UDP for arg in ("--udp", endpoint(a, p))),
-        ]
-        processes = [
-            self._listeners(self.peer_ns, peer_args),
-            self._listeners(self.host_ns, host_args),
-        ]
-        wait_ready(processes, timeout=10.0)
+        peer = self._listeners(self.peer_ns, peer_args)
+        self._stack.callback(stop_process, peer)
+        self._host_listeners = self._listeners(self.host_ns, host_listener_args())
+        # Stops whichever host listeners run at the end (see without_host_listeners).
+        self._stack.callback(lambda: stop_process(self._host_listeners))
+        wait_ready([peer, self._host_listeners], timeout=10.0)
 
     def _listeners(self, namespace: str, args: list[str]) -> subprocess.Popen[str]:
         # `ip netns exec` execs in place, so terminate() reaches the script.
-        process = subprocess.Popen(
+        return subprocess.Popen(
             [*netns_exec(namespace), PYTHON, "-I", self._script("listeners.py"), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=command_env(),
         )
-        self._stack.callback(stop_process, process)
-        return process
+
+    @contextmanager
+    def without_host_listeners(self) -> Iterator[None]:
+        """The lab without its stand-in listeners on the host's loopback
+        while inside, so that the real services (a real Tor on 9050, 9040,
+        5353...) can bind those ports; they are back on exit."""
+        stop_process(self._host_listeners)
+        try:
+            yield
+        finally:
+            self._host_listeners = self._listeners(self.host_ns, host_listener_args())
+            wait_ready([self._host_listeners], timeout=10.0)
 
     # -- using ----------------------------------------------------------------
 
