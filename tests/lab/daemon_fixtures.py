@@ -8,7 +8,8 @@ Shared by tests/lab/test_daemon.py and bench/daemon.py:
 - `NftGenerations`: the kernel's notice of every committed nftables
   transaction in a namespace, to time the daemon's reactions;
 - `lan_networks`, `tailsfw_tables`: the ruleset as the kernel holds it;
-- `reset_host`: undo, after the tests, what the daemon did to the lab host.
+- `reset_host`: undo, after the tests, what the daemon did to the lab host;
+  `lab_host_put_back`: the same for the Lab's host namespace.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from tests.lab.topology import HOST_IF, HOST_V6, PEER_LAN_V6
+
+if TYPE_CHECKING:
+    from tests.lab.topology import Lab
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_PYTHON = str(REPO / ".venv" / "bin" / "python")
@@ -39,6 +45,11 @@ NETLINK_ADD_MEMBERSHIP = 1
 NFNLGRP_NFTABLES = 7
 # (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN: the end of every transaction.
 NFT_NEWGEN = (10 << 8) | 15
+# What tailsfwd changes in the lab's host: the settings, its own and eth0's.
+LAB_HOST_SYSCTLS = (
+    "net.ipv4.tcp_mtu_probing",
+    *(f"net.ipv6.conf.{i}.disable_ipv6" for i in ("all", "default", "lo", HOST_IF)),
+)
 
 
 def ns_run(namespace: str, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -386,10 +397,29 @@ def reset_host(
     try:
         yield
     finally:
-        for family in sorted(tailsfw_tables(namespace)):
-            ns_run(namespace, ["nft", "delete", "table", family, "tailsfw"])
+        remove_tailsfw_tables(namespace)
         # `all` first: writing it also writes every interface.
         order = sorted(before, key=lambda n: (".all." not in n, n))
         ns_run(namespace, ["sysctl", "-q", *(f"{n}={before[n]}" for n in order)])
         if restore is not None:
             restore()
+
+
+def remove_tailsfw_tables(namespace: str) -> None:
+    """Test set-up only: the daemon itself never removes a rule."""
+    for family in sorted(tailsfw_tables(namespace)):
+        ns_run(namespace, ["nft", "delete", "table", family, "tailsfw"])
+
+
+def restore_lab_ipv6(lab: Lab) -> None:
+    # Switching IPv6 off on eth0 dropped its address and default route.
+    lab.host(["ip", "-6", "addr", "replace", f"{HOST_V6}/64", "dev", HOST_IF, "nodad"])
+    lab.host(["ip", "-6", "route", "replace", "default", "via", PEER_LAN_V6])
+
+
+@contextlib.contextmanager
+def lab_host_put_back(lab: Lab) -> Iterator[None]:
+    """On exit, the lab's host as the other lab tests expect it: no
+    ruleset, its sysctls as on entry, IPv6 on."""
+    with reset_host(lab.host_ns, LAB_HOST_SYSCTLS, restore=lambda: restore_lab_ipv6(lab)):
+        yield

@@ -23,22 +23,22 @@ import pytest
 from tailsfw.daemon import MAX_DELAY
 from tests.lab import policies
 from tests.lab.daemon_fixtures import (
+    LAB_HOST_SYSCTLS,
     Changer,
     DaemonProcess,
     NftGenerations,
+    lab_host_put_back,
     lan_networks,
     ns_run,
     read_sysctls,
-    reset_host,
+    remove_tailsfw_tables,
     run_daemon,
     tailsfw_tables,
 )
 from tests.lab.topology import (
     HOST_IF,
-    HOST_V6,
     INTERNET_V4,
     PEER_LAN_V4,
-    PEER_LAN_V6,
     PYTHON,
     Lab,
     netns_exec,
@@ -53,28 +53,12 @@ NEW_IF = "tfwd0"  # host side of the interface added while the daemon runs
 NEW_PEER_IF = "tfwd1"
 NEW_LAN = Net("10.77.1.0/24")
 ROUTED_PRIVATE = "10.99.0.1"  # RFC 1918, reachable only through the gateway
-SYSCTLS = (
-    "net.ipv4.tcp_mtu_probing",
-    *(f"net.ipv6.conf.{i}.disable_ipv6" for i in ("all", "default", "lo", HOST_IF)),
-)
 REACT_LIMIT = 0.100
-
-
-def remove_tailsfw_tables(lab: Lab) -> None:
-    """Test set-up only: the daemon itself never removes a rule."""
-    for family in sorted(tailsfw_tables(lab.host_ns)):
-        lab.host(["nft", "delete", "table", family, "tailsfw"])
-
-
-def restore_lab_ipv6(lab: Lab) -> None:
-    # Switching IPv6 off on eth0 dropped its address and default route.
-    lab.host(["ip", "-6", "addr", "replace", f"{HOST_V6}/64", "dev", HOST_IF, "nodad"])
-    lab.host(["ip", "-6", "route", "replace", "default", "via", PEER_LAN_V6])
 
 
 @pytest.fixture(scope="module", autouse=True)
 def host_put_back(lab: Lab) -> Iterator[None]:
-    with reset_host(lab.host_ns, SYSCTLS, restore=lambda: restore_lab_ipv6(lab)):
+    with lab_host_put_back(lab):
         yield
 
 
@@ -123,7 +107,7 @@ def wait_for(condition: Any, timeout: float = 2.0) -> None:
 
 
 def test_ready_only_once_the_ruleset_is_in_force(lab: Lab, policy: Path, tmp_path: Path) -> None:
-    remove_tailsfw_tables(lab)
+    remove_tailsfw_tables(lab.host_ns)
     # Without a firewall the probe gets through: the check below can fail.
     assert lab.probe("amnesia", "tcp", 4, INTERNET, 443).result == "open"
     with (
@@ -137,7 +121,7 @@ def test_ready_only_once_the_ruleset_is_in_force(lab: Lab, policy: Path, tmp_pat
         status = daemon.status()
         assert status["state"] == "enforcing" and status["counters"]["commits"] == 1
         assert status["ruleset"].startswith(ready["STATUS"].split()[1])
-    assert read_sysctls(lab.host_ns, SYSCTLS) == {
+    assert read_sysctls(lab.host_ns, LAB_HOST_SYSCTLS) == {
         "net.ipv4.tcp_mtu_probing": "1",
         "net.ipv6.conf.all.disable_ipv6": "1",
         "net.ipv6.conf.default.disable_ipv6": "1",
@@ -149,7 +133,7 @@ def test_ready_only_once_the_ruleset_is_in_force(lab: Lab, policy: Path, tmp_pat
 
 
 def test_a_broken_policy_at_start_locks_down(lab: Lab, tmp_path: Path) -> None:
-    remove_tailsfw_tables(lab)
+    remove_tailsfw_tables(lab.host_ns)
     broken = tmp_path / "broken.toml"
     broken.write_text("[log\n")
     with run_daemon(lab.host_ns, broken, tmp_path / "d") as daemon:

@@ -85,6 +85,10 @@ COUNTER = "fromhost"
 # link comes up and again later, and neighbour probes whenever a cache entry
 # ages. Counting them would make "arrived" noisy; they go to a separate
 # counter, so they stay visible but never blur a probe's count.
+HOUSEKEEPING_ICMPV6 = (
+    "nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, "
+    "mld-listener-report, mld2-listener-report, mld-listener-done"
+)
 COUNTER_RULESET = f"""
 table netdev {COUNTER_TABLE} {{
     counter {COUNTER} {{ }}
@@ -92,9 +96,7 @@ table netdev {COUNTER_TABLE} {{
     chain ingress {{
         type filter hook ingress device "{PEER_IF}" priority 0; policy accept;
         meta protocol arp accept
-        icmpv6 type {{ nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert,
-            mld-listener-report, mld2-listener-report, mld-listener-done }} \
-            counter name "housekeeping" accept
+        icmpv6 type {{ {HOUSEKEEPING_ICMPV6} }} counter name "housekeeping" accept
         counter name "{COUNTER}"
     }}
 }}
@@ -257,7 +259,7 @@ def stage_scripts(directory: Path) -> None:
     The work tree may sit below a directory that only root can enter.
     """
     directory.chmod(0o755)
-    for name in ("probe.py", "listeners.py"):
+    for name in ("probe.py", "listeners.py", "dnsquery.py"):
         shutil.copy(HERE / name, directory / name)
         (directory / name).chmod(0o644)
 
@@ -420,7 +422,7 @@ class Lab:
     def _listeners(self, namespace: str, args: list[str]) -> subprocess.Popen[str]:
         # `ip netns exec` execs in place, so terminate() reaches the script.
         return subprocess.Popen(
-            [*netns_exec(namespace), PYTHON, "-I", self._script("listeners.py"), *args],
+            [*netns_exec(namespace), PYTHON, "-I", self.script("listeners.py"), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -490,7 +492,7 @@ class Lab:
             "--",
         ]
 
-    def _script(self, name: str) -> str:
+    def script(self, name: str) -> str:
         if self.scripts is None:
             raise LabError("the lab is not built: use it as `with Lab(roles) as lab:`")
         return str(self.scripts / name)
@@ -531,7 +533,7 @@ class Lab:
         argv = [
             PYTHON,
             "-I",
-            self._script("probe.py"),
+            self.script("probe.py"),
             f"--proto={proto}",
             f"--family={family}",
             f"--dst={dst}",

@@ -24,6 +24,8 @@ stopped by its pid, and every address, route and table removed, on exit.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import re
@@ -41,11 +43,10 @@ from types import TracebackType
 from tests.lab.daemon_fixtures import netns_socket
 from tests.lab.topology import (
     COMMAND_PATH,
-    COUNTER,
-    COUNTER_TABLE,
     HERE,
     HOST_IF,
     HOST_V4,
+    HOUSEKEEPING_ICMPV6,
     PEER_IF,
     PYTHON,
     Lab,
@@ -67,7 +68,8 @@ DIR_PORT = 5101
 WEB_V4 = "203.0.113.80"
 WEB_PORT = 80
 DNS_V4 = "203.0.113.53"
-WEB_NAME = "www.lab.example"  # the one name the lab's DNS knows
+WEB_DOMAIN = "lab.example"  # the lab's DNS answers WEB_V4 for it and all below it
+WEB_NAME = f"www.{WEB_DOMAIN}"
 PAGE = "tailsfw tor lab: the page arrived\n"
 # The networks of the lab: nothing of the Tor network may go anywhere else.
 LAB_NETWORKS_V4 = ("198.51.100.0/24", "203.0.113.0/24", "192.168.77.0/24", "127.0.0.0/8")
@@ -223,6 +225,13 @@ def client_torrc(datadir: Path, identities: Sequence[Identity]) -> str:
     )
 
 
+def onion_address(key: bytes) -> str:
+    """A well-formed v3 onion name for a 32-byte public key (rend-spec-v3)."""
+    version = b"\x03"
+    checksum = hashlib.sha3_256(b".onion checksum" + key + version).digest()[:2]
+    return base64.b32encode(key + checksum + version).decode().lower() + ".onion"
+
+
 # -- keys ------------------------------------------------------------------------
 
 
@@ -315,9 +324,13 @@ def peer_watch_ruleset(relays: Sequence[Relay]) -> str:
     return f"""
 table netdev {WATCH_TABLE} {{
     counter tor {{ }}
+    counter other {{ }}
     chain ingress {{
         type filter hook ingress device "{PEER_IF}" priority 10; policy accept;
-        ip saddr {HOST_V4} ip daddr . tcp dport {{ {endpoints} }} counter name "tor"
+        ip saddr {HOST_V4} ip daddr . tcp dport {{ {endpoints} }} counter name "tor" accept
+        meta protocol arp accept
+        icmpv6 type {{ {HOUSEKEEPING_ICMPV6} }} accept
+        counter name "other"
     }}
 }}
 table inet {WATCH_TABLE} {{
@@ -375,13 +388,11 @@ class Watch:
         self.lab.host(["nft", "delete", "table", "inet", WATCH_TABLE])
 
     def totals(self) -> Leaks:
-        tor = read_counter(self.lab, "peer", "netdev", WATCH_TABLE, "tor")
-        from_host = read_counter(self.lab, "peer", "netdev", COUNTER_TABLE, COUNTER)
         return Leaks(
-            from_host=from_host - tor,
+            from_host=read_counter(self.lab, "peer", "netdev", WATCH_TABLE, "other"),
             not_tor_user=read_counter(self.lab, "host", "inet", WATCH_TABLE, "other"),
             outside_lab=read_counter(self.lab, "peer", "inet", WATCH_TABLE, "outside"),
-            tor=tor,
+            tor=read_counter(self.lab, "peer", "netdev", WATCH_TABLE, "tor"),
         )
 
     def since(self, before: Leaks) -> Leaks:
@@ -524,7 +535,7 @@ class TorNetwork:
             [*netns_exec(self.lab.peer_ns), DNSMASQ, "--keep-in-foreground",
              "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces",
              f"--listen-address={DNS_V4}", "--port=53", "--pid-file=", "--log-queries",
-             "--log-facility=-", f"--host-record={WEB_NAME},{WEB_V4}"],
+             "--log-facility=-", f"--address=/{WEB_DOMAIN}/{WEB_V4}"],
             self._stack, self.dns_log,
         )  # fmt: skip
 
@@ -539,8 +550,10 @@ class TorNetwork:
         lines = self.web_log.read_text().splitlines()
         return [line.split()[0] for line in lines if '"GET ' in line]
 
-    def relay(self, nick: str) -> Relay:
-        return next(r for r in RELAYS if r.nick == nick)
+    def dns_queries(self) -> list[tuple[str, str]]:
+        """(name, client address) of every query the lab's DNS logged."""
+        found = re.findall(r"query\[A\] (\S+) from (\S+)$", self.dns_log.read_text(), re.M)
+        return [(name.lower(), client) for name, client in found]
 
 
 # -- the client ------------------------------------------------------------------
