@@ -16,16 +16,14 @@ errors at teardown, with the counts.
 from __future__ import annotations
 
 import ipaddress
-import json
 import secrets
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.lab.daemon_fixtures import lab_host_put_back, remove_tailsfw_tables, run_daemon
 from tests.lab.policies import TAILSFWCTL, lab_policy
-from tests.lab.topology import HOST_V4, INTERNET_V4, PYTHON, Lab
+from tests.lab.topology import HOST_V4, INTERNET_V4, Lab
 from tests.lab.tor_network import (
     AUTOMAP_NETWORK,
     BOOTSTRAP_TIMEOUT,
@@ -41,8 +39,12 @@ from tests.lab.tor_network import (
     TorClient,
     TorNetwork,
     built_circuits,
+    curl,
+    dns_query,
     missing_tools,
     onion_address,
+    refused_packets,
+    through_tor,
     tor_lab,
 )
 
@@ -97,39 +99,6 @@ def only_tor_leaves(network: TorNetwork, client: TorClient) -> Iterator[None]:
     yield
     leaks = network.watch.since(before)
     assert not leaks.any, f"packets other than Tor's to its relays: {leaks}"
-
-
-# -- helpers ---------------------------------------------------------------------
-
-
-def curl(lab: Lab, role: str, url: str, *options: str) -> tuple[int, str, float]:
-    """curl as the role: its exit code, the page, and the seconds it took."""
-    start = time.monotonic()
-    done = lab.run_as(role, ["curl", "-sS", "--max-time", "30", *options, url], timeout=40)
-    return done.returncode, done.stdout or done.stderr, time.monotonic() - start
-
-
-def through_tor(lab: Lab, role: str, url: str) -> tuple[int, str, float]:
-    return curl(lab, role, url, "--socks5-hostname", "127.0.0.1:9050")
-
-
-def dns_query(lab: Lab, role: str, server: str, port: int, name: str) -> dict[str, object]:
-    argv = [PYTHON, "-I", lab.script("dnsquery.py"), server, str(port), name]
-    done = lab.run_as(role, argv)
-    report: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
-    return report
-
-
-def refused_packets(lab: Lab) -> int:
-    """What the ruleset's refuse chain counted so far (IPv4)."""
-    listing = json.loads(lab.host(["nft", "-j", "list", "chain", "ip", "tailsfw", "refuse"]).stdout)
-    return sum(
-        expr["counter"]["packets"]
-        for item in listing["nftables"]
-        if "rule" in item
-        for expr in item["rule"]["expr"]
-        if "counter" in expr
-    )
 
 
 # -- what works through Tor --------------------------------------------------------

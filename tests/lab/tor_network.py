@@ -710,6 +710,46 @@ class TorClient:
         self.bootstrap_seconds = time.monotonic() - started
 
 
+# -- using it --------------------------------------------------------------------
+
+
+def curl(lab: Lab, role: str, url: str, *options: str) -> tuple[int, str, float]:
+    """curl as the role: its exit code, the page (or its error), and the
+    seconds it took."""
+    start_time = time.monotonic()
+    done = lab.run_as(role, [CURL, "-sS", "--max-time", "30", *options, url], timeout=40)
+    return done.returncode, done.stdout or done.stderr, time.monotonic() - start_time
+
+
+def through_tor(lab: Lab, role: str, url: str) -> tuple[int, str, float]:
+    """curl through Tor's SocksPort, the name resolved at the exit."""
+    return curl(lab, role, url, "--socks5-hostname", f"127.0.0.1:{SOCKS_PORTS[0]}")
+
+
+def dns_query(lab: Lab, role: str, server: str, port: int, name: str) -> dict[str, object]:
+    """dnsquery.py's report of one query as the role."""
+    argv = [PYTHON, "-I", lab.script("dnsquery.py"), server, str(port), name]
+    done = lab.run_as(role, argv)
+    try:
+        report: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError) as exc:
+        raise LabError(f"dnsquery.py as {role} gave no report: {done.stderr.strip()}") from exc
+    return report
+
+
+def refused_packets(lab: Lab) -> int:
+    """What the ruleset's refuse chain counted so far (IPv4)."""
+    argv = ["nft", "-j", "list", "chain", "ip", "tailsfw", "refuse"]
+    listing = json.loads(lab.host(argv).stdout)
+    return sum(
+        int(expr["counter"]["packets"])
+        for item in listing["nftables"]
+        if "rule" in item
+        for expr in item["rule"]["expr"]
+        if "counter" in expr
+    )
+
+
 @contextmanager
 def tor_lab(lab: Lab) -> Iterator[TorNetwork]:
     """The lab without its stand-in listeners on the host, and the network."""
