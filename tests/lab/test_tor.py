@@ -114,7 +114,7 @@ def test_desktop_user_fetches_a_page_through_tor(
 ) -> None:
     seen = len(network.web_clients())
     code, page, _ = through_tor(lab, "amnesia", f"http://{host}/")
-    assert (code, page) == (0, PAGE)
+    assert (code, page) == (0, PAGE), f"{client.log()}\n{network.logs()}"
     # The web server saw the exit relay, never the host.
     assert network.web_clients()[seen:] == [EXIT.address]
     with client.control() as control:

@@ -545,6 +545,13 @@ class TorNetwork:
                 log = self.base / "relays" / nick / "notice.log"
                 raise LabError(f"tor {nick} exited with {process.returncode}:\n{tail(log)}")
 
+    def logs(self) -> str:
+        """The end of every relay's log, for a failure's message."""
+        return "\n".join(
+            f"--- {r.nick}:\n{tail(self.base / 'relays' / r.nick / 'notice.log', 8)}"
+            for r in RELAYS
+        )
+
     def web_clients(self) -> list[str]:
         """The client address of every request the web server logged."""
         lines = self.web_log.read_text().splitlines()
@@ -633,6 +640,13 @@ def consensus_relays(control: Control) -> dict[str, set[str]]:
     return relays
 
 
+def has_microdescriptor(control: Control, nick: str) -> bool:
+    try:
+        return bool(control.getinfo(f"md/name/{nick}"))
+    except ControlError:
+        return False  # "552 ... not found"
+
+
 def built_circuits(control: Control) -> list[list[str]]:
     """The relays' nicknames of every built general-purpose circuit."""
     circuits = []
@@ -694,15 +708,20 @@ class TorClient:
             raise LabError(f"the Tor client exited with {self.process.returncode}:\n{self.log()}")
         if not (self.datadir / "control_auth_cookie").exists():
             return False
+        wanted = {r.nick for r in RELAYS}
         try:
             with self.control() as control:
                 if bootstrap_progress(control) < 100:
                     return False
                 relays = consensus_relays(control)
+                return (
+                    wanted <= relays.keys()
+                    and {"Exit", "Running", "Valid"} <= relays[EXIT.nick]
+                    # and the microdescriptors that circuits are built from
+                    and all(has_microdescriptor(control, nick) for nick in wanted)
+                )
         except OSError:
             return False  # not listening yet
-        wanted = {r.nick for r in RELAYS}
-        return wanted <= relays.keys() and {"Exit", "Running", "Valid"} <= relays[EXIT.nick]
 
     def wait_ready(self, started: float) -> None:
         """Until bootstrapped, with every relay in its consensus."""
