@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 DEBS := nftables python3-nftables python3-venv python3-dev libsystemd-dev pkg-config gcc \
-        iproute2 util-linux passwd procps
+        iproute2 util-linux passwd procps tor dnsmasq curl
 STAMP := $(VENV)/.installed
 
 .PHONY: venv test lint unit lab demo bench clean

@@ -45,6 +45,7 @@ from tests.lab.tor_network import (
     onion_address,
     refused_packets,
     through_tor,
+    tor_client,
     tor_lab,
 )
 
@@ -89,7 +90,7 @@ def firewall(request: pytest.FixtureRequest, lab: Lab, network: TorNetwork) -> I
 @pytest.fixture(scope="module")
 def client(network: TorNetwork, firewall: str) -> Iterator[TorClient]:
     """The Tor client, bootstrapped behind the firewall."""
-    with TorClient(network) as started:
+    with tor_client(network) as started:
         yield started
 
 

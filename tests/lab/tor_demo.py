@@ -18,18 +18,18 @@ from pathlib import Path
 
 from tests.lab.conftest import LAB_ROLES, UNAVAILABLE
 from tests.lab.policies import TAILSFWCTL, lab_policy
-from tests.lab.topology import Lab
+from tests.lab.topology import HOST_V4, Lab
 from tests.lab.tor_network import (
     EXIT,
     RELAYS,
     WEB_NAME,
     WEB_V4,
-    TorClient,
     built_circuits,
     curl,
     missing_tools,
     refused_packets,
     through_tor,
+    tor_client,
     tor_lab,
 )
 
@@ -47,7 +47,7 @@ def tor_act(lab: Lab) -> None:
             relays = ", ".join(f"{r.nick} {r.address}" for r in RELAYS)
             say(f"private Tor network in {lab.peer_ns}: {relays}")
             say(f"the Internet: http://{WEB_V4}/ ({WEB_NAME}), its DNS on the same network")
-            with TorClient(network) as client:
+            with tor_client(network) as client:
                 say(
                     f"network up, Tor client (as {lab.account('debian-tor').name}) bootstrapped"
                     f" behind tailsfw in {client.bootstrap_seconds:.1f} s"
@@ -56,7 +56,9 @@ def tor_act(lab: Lab) -> None:
                 code, page, seconds = through_tor(lab, "amnesia", f"http://{WEB_NAME}/")
                 outcome = f"{page.strip()!r}" if code == 0 else f"FAILED (curl {code}: {page})"
                 say(f"amnesia, through Tor: http://{WEB_NAME}/ -> {outcome} in {seconds:.1f} s")
-                say(f"  the web server saw {network.web_clients()[-1:]} (the exit: {EXIT.address})")
+                clients = network.web_clients()
+                seen = clients[-1] if clients else "nothing"
+                say(f"  the web server logged it from {seen} ({EXIT.nick}), not {HOST_V4}")
                 refused = refused_packets(lab)
                 code, error, seconds = curl(lab, "amnesia", f"http://{WEB_V4}/")
                 verdict = "refused" if code == 7 else f"NOT REFUSED (curl {code})"

@@ -38,7 +38,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from tests.lab.daemon_fixtures import netns_socket
 from tests.lab.topology import (
@@ -448,99 +447,18 @@ def wait_for(
 @dataclass
 class TorNetwork:
     """The authorities, the exit, the web server and the DNS server in the
-    lab's peer namespace, and their counters; ``with TorNetwork(lab) as net``.
-
-    The lab's host must not run its stand-in listeners on Tor's ports (see
-    ``Lab.without_host_listeners``), for ``TorClient`` to bind them.
-    """
+    lab's peer namespace, and their counters (made by ``tor_network``)."""
 
     lab: Lab
-    base: Path = field(init=False)
-    identities: list[Identity] = field(init=False, default_factory=list)
-    watch: Watch = field(init=False)
-    _stack: ExitStack = field(init=False, repr=False, default_factory=ExitStack)
-    _relays: dict[str, subprocess.Popen[str]] = field(init=False, default_factory=dict)
-
-    def __enter__(self) -> TorNetwork:
-        try:
-            self._build()
-        except BaseException:
-            self._stack.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._stack.close()
-
-    def _build(self) -> None:
-        self.base = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="tfwtor-")))
-        # The client's data directory below is entered by the Tor user.
-        self.base.chmod(0o755)
-        self._add_addresses()
-        self.watch = Watch(self.lab, self.lab.account("debian-tor").uid)
-        self.watch.install()
-        self._stack.callback(self.watch.remove)
-        self._start_internet()
-        self.identities = make_identities(self.base / "relays")
-        resolv_conf = self.base / "resolv.conf"
-        resolv_conf.write_text(f"nameserver {DNS_V4}\n")
-        for relay in RELAYS:
-            datadir = self.base / "relays" / relay.nick
-            torrc = datadir / "torrc"
-            torrc.write_text(relay_torrc(relay, datadir, self.identities, resolv_conf))
-            self._relays[relay.nick] = start(
-                [*netns_exec(self.lab.peer_ns), TOR, "-f", str(torrc)],
-                self._stack,
-                datadir / "stdout.log",
-            )
-
-    def _add_addresses(self) -> None:
-        peer = self.lab.peer_ns
-        addresses = [r.address for r in RELAYS] + [WEB_V4, DNS_V4]
-        commands = [f"addr add {a}/24 dev inet0" for a in addresses] + [
-            # A way "out" that leads nowhere, so that any attempt to leave the
-            # lab becomes a packet that the watch counts (and rejects)
-            # rather than an unseen "network unreachable".
-            "route add default dev inet0",
-            "route add ::/0 dev inet0",
-        ]
-        run(["ip", "-n", peer, "-batch", "-"], input="\n".join(commands) + "\n")
-        self._stack.callback(
-            run,
-            ["ip", "-n", peer, "-batch", "-"],
-            input="\n".join(
-                [f"addr del {a}/24 dev inet0" for a in addresses]
-                + ["route del default dev inet0", "route del ::/0 dev inet0"]
-            )
-            + "\n",
-        )
-
-    def _start_internet(self) -> None:
-        www = self.base / "www"
-        www.mkdir()
-        (www / "index.html").write_text(PAGE)
-        self.web_log = self.base / "web.log"
-        start(
-            [*netns_exec(self.lab.peer_ns), PYTHON, "-I", str(HERE / "webserver.py"),
-             WEB_V4, str(WEB_PORT), str(www)],
-            self._stack, self.web_log,
-        )  # fmt: skip
-        self.dns_log = self.base / "dnsmasq.log"
-        start(
-            [*netns_exec(self.lab.peer_ns), DNSMASQ, "--keep-in-foreground",
-             "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces",
-             f"--listen-address={DNS_V4}", "--port=53", "--pid-file=", "--log-queries",
-             "--log-facility=-", f"--address=/{WEB_DOMAIN}/{WEB_V4}"],
-            self._stack, self.dns_log,
-        )  # fmt: skip
+    base: Path  # the temporary directory: keys, data, logs
+    identities: list[Identity]
+    watch: Watch
+    relays: dict[str, subprocess.Popen[str]]
+    web_log: Path
+    dns_log: Path
 
     def check_running(self) -> None:
-        for nick, process in self._relays.items():
+        for nick, process in self.relays.items():
             if process.poll() is not None:
                 log = self.base / "relays" / nick / "notice.log"
                 raise LabError(f"tor {nick} exited with {process.returncode}:\n{tail(log)}")
@@ -561,6 +479,73 @@ class TorNetwork:
         """(name, client address) of every query the lab's DNS logged."""
         found = re.findall(r"query\[A\] (\S+) from (\S+)$", self.dns_log.read_text(), re.M)
         return [(name.lower(), client) for name, client in found]
+
+
+@contextmanager
+def tor_network(lab: Lab) -> Iterator[TorNetwork]:
+    """The network, running until the block ends; then every process, file,
+    address, route and table of it is gone (also when a step fails).
+
+    The lab's host must not run its stand-in listeners on Tor's ports (see
+    ``Lab.without_host_listeners``), for ``tor_client`` to bind them.
+    """
+    with ExitStack() as stack:
+        base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tfwtor-")))
+        base.chmod(0o755)  # the client's data directory below is the Tor user's
+        add_peer_addresses(lab, stack)
+        watch = Watch(lab, lab.account("debian-tor").uid)
+        watch.install()
+        stack.callback(watch.remove)
+        web_log, dns_log = start_internet(lab, base, stack)
+        identities = make_identities(base / "relays")
+        resolv_conf = base / "resolv.conf"
+        resolv_conf.write_text(f"nameserver {DNS_V4}\n")
+        relays = {}
+        for relay in RELAYS:
+            datadir = base / "relays" / relay.nick
+            torrc = datadir / "torrc"
+            torrc.write_text(relay_torrc(relay, datadir, identities, resolv_conf))
+            relays[relay.nick] = start(
+                [*netns_exec(lab.peer_ns), TOR, "-f", str(torrc)], stack, datadir / "stdout.log"
+            )
+        yield TorNetwork(lab, base, identities, watch, relays, web_log, dns_log)
+
+
+def add_peer_addresses(lab: Lab, stack: ExitStack) -> None:
+    """The relays', web server's and DNS server's addresses, and a dead end."""
+    addresses = [r.address for r in RELAYS] + [WEB_V4, DNS_V4]
+    batch = ["ip", "-n", lab.peer_ns, "-batch", "-"]
+    commands = [f"addr add {a}/24 dev inet0" for a in addresses] + [
+        # A way "out" that leads nowhere, so that any attempt to leave the
+        # lab becomes a packet that the watch counts (and rejects) rather
+        # than an unseen "network unreachable".
+        "route add default dev inet0",
+        "route add ::/0 dev inet0",
+    ]
+    run(batch, input="\n".join(commands) + "\n")
+    undo = [c.replace(" add ", " del ", 1) for c in reversed(commands)]
+    stack.callback(run, batch, input="\n".join(undo) + "\n")
+
+
+def start_internet(lab: Lab, base: Path, stack: ExitStack) -> tuple[Path, Path]:
+    """The web server and dnsmasq; their logs."""
+    www = base / "www"
+    www.mkdir()
+    (www / "index.html").write_text(PAGE)
+    web_log, dns_log = base / "web.log", base / "dnsmasq.log"
+    start(
+        [*netns_exec(lab.peer_ns), PYTHON, "-I", str(HERE / "webserver.py"),
+         WEB_V4, str(WEB_PORT), str(www)],
+        stack, web_log,
+    )  # fmt: skip
+    start(
+        [*netns_exec(lab.peer_ns), DNSMASQ, "--keep-in-foreground",
+         "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces",
+         f"--listen-address={DNS_V4}", "--port=53", "--pid-file=", "--log-queries",
+         "--log-facility=-", f"--address=/{WEB_DOMAIN}/{WEB_V4}"],
+        stack, dns_log,
+    )  # fmt: skip
+    return web_log, dns_log
 
 
 # -- the client ------------------------------------------------------------------
@@ -659,42 +644,13 @@ def built_circuits(control: Control) -> list[list[str]]:
 
 @dataclass
 class TorClient:
-    """Tor as the policy's Tor user in the lab host, configured as Tails'."""
+    """Tor as the policy's Tor user in the lab host, configured as Tails'
+    (made by ``tor_client``)."""
 
     network: TorNetwork
-    role: str = "debian-tor"
-    datadir: Path = field(init=False)
-    process: subprocess.Popen[str] = field(init=False)
-    bootstrap_seconds: float = field(init=False)
-    _stack: ExitStack = field(init=False, repr=False, default_factory=ExitStack)
-
-    def __enter__(self) -> TorClient:
-        try:
-            self._start()
-        except BaseException:
-            self._stack.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stack.close()
-
-    def _start(self) -> None:
-        lab = self.network.lab
-        account = lab.account(self.role)
-        self.datadir = Path(tempfile.mkdtemp(prefix="client-", dir=self.network.base))
-        self._stack.callback(shutil.rmtree, self.datadir, ignore_errors=True)
-        os.chown(self.datadir, account.uid, account.gid)
-        self.datadir.chmod(0o700)
-        torrc = self.network.base / f"{self.datadir.name}.torrc"
-        torrc.write_text(client_torrc(self.datadir, self.network.identities))
-        started = time.monotonic()
-        self.process = start(
-            [*netns_exec(lab.host_ns), *lab.setpriv(self.role), TOR, "-f", str(torrc)],
-            self._stack,
-            self.network.base / f"{self.datadir.name}.stdout",
-        )
-        self.wait_ready(started)
+    datadir: Path
+    process: subprocess.Popen[str]
+    bootstrap_seconds: float = 0.0
 
     def control(self) -> Control:
         return Control(self.network.lab.host_ns, self.datadir / "control_auth_cookie")
@@ -702,7 +658,8 @@ class TorClient:
     def log(self) -> str:
         return tail(self.datadir / "notice.log")
 
-    def _ready(self) -> bool:
+    def ready(self) -> bool:
+        """Bootstrapped, with every relay and its microdescriptor at hand."""
         self.network.check_running()
         if self.process.poll() is not None:
             raise LabError(f"the Tor client exited with {self.process.returncode}:\n{self.log()}")
@@ -717,16 +674,34 @@ class TorClient:
                 return (
                     wanted <= relays.keys()
                     and {"Exit", "Running", "Valid"} <= relays[EXIT.nick]
-                    # and the microdescriptors that circuits are built from
                     and all(has_microdescriptor(control, nick) for nick in wanted)
                 )
         except OSError:
             return False  # not listening yet
 
-    def wait_ready(self, started: float) -> None:
-        """Until bootstrapped, with every relay in its consensus."""
-        wait_for("Tor client bootstrap", self._ready, BOOTSTRAP_TIMEOUT, self.log)
-        self.bootstrap_seconds = time.monotonic() - started
+
+@contextmanager
+def tor_client(network: TorNetwork, role: str = "debian-tor") -> Iterator[TorClient]:
+    """The client, once ready (within BOOTSTRAP_TIMEOUT), until the block ends."""
+    lab = network.lab
+    account = lab.account(role)
+    with ExitStack() as stack:
+        datadir = Path(tempfile.mkdtemp(prefix="client-", dir=network.base))
+        stack.callback(shutil.rmtree, datadir, ignore_errors=True)
+        os.chown(datadir, account.uid, account.gid)
+        datadir.chmod(0o700)
+        torrc = network.base / f"{datadir.name}.torrc"
+        torrc.write_text(client_torrc(datadir, network.identities))
+        process = start(
+            [*netns_exec(lab.host_ns), *lab.setpriv(role), TOR, "-f", str(torrc)],
+            stack,
+            network.base / f"{datadir.name}.stdout",
+        )
+        client = TorClient(network, datadir, process)
+        client.bootstrap_seconds = wait_for(
+            "Tor client bootstrap", client.ready, BOOTSTRAP_TIMEOUT, client.log
+        )
+        yield client
 
 
 # -- using it --------------------------------------------------------------------
@@ -772,5 +747,5 @@ def refused_packets(lab: Lab) -> int:
 @contextmanager
 def tor_lab(lab: Lab) -> Iterator[TorNetwork]:
     """The lab without its stand-in listeners on the host, and the network."""
-    with lab.without_host_listeners(), TorNetwork(lab) as network:
+    with lab.without_host_listeners(), tor_network(lab) as network:
         yield network
