@@ -55,6 +55,9 @@ from typing import IO
 LAB_PREFIX = "tfwlab"
 USER_PREFIX = "tfwt-"
 SCRIPTS_PREFIX = f"{LAB_PREFIX}-scripts-"
+# For the temporary directories of the lab's parts (the Tor network's keys
+# and data): a crashed run's are removed with the rest of its leftovers.
+TEMP_PREFIX = f"{LAB_PREFIX}-tmp-"
 OTHER_ROLE = "other"  # an account that no policy names
 PYTHON = "/usr/bin/python3"  # Debian's: the scripts need nothing else
 LOCK_PATH = Path("/run/lock/tfwlab.lock")
@@ -198,12 +201,14 @@ def delete_namespace(namespace: str) -> None:
 
 
 def remove_leftovers() -> None:
-    """Deletes every ``tfwlab*`` namespace, ``tfwt-*`` account or group, and
-    staged copy of the scripts: what a crashed run left behind."""
+    """Deletes every ``tfwlab*`` namespace, ``tfwt-*`` account or group,
+    staged copy of the scripts and temporary directory: what a crashed run
+    left behind."""
     for namespace in lab_namespaces():
         delete_namespace(namespace)
-    for directory in Path(tempfile.gettempdir()).glob(f"{SCRIPTS_PREFIX}*"):
-        shutil.rmtree(directory, ignore_errors=True)
+    for prefix in (SCRIPTS_PREFIX, TEMP_PREFIX):
+        for directory in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+            shutil.rmtree(directory, ignore_errors=True)
     for name in prefixed_accounts():
         # --force: a killed process may still be a zombie owned by the account.
         run(["userdel", "--force", name])

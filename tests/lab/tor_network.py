@@ -48,6 +48,7 @@ from tests.lab.topology import (
     HOUSEKEEPING_ICMPV6,
     PEER_IF,
     PYTHON,
+    TEMP_PREFIX,
     Lab,
     LabError,
     command_env,
@@ -490,7 +491,7 @@ def tor_network(lab: Lab) -> Iterator[TorNetwork]:
     ``Lab.without_host_listeners``), for ``tor_client`` to bind them.
     """
     with ExitStack() as stack:
-        base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tfwtor-")))
+        base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}tor-")))
         base.chmod(0o755)  # the client's data directory below is the Tor user's
         add_peer_addresses(lab, stack)
         watch = Watch(lab, lab.account("debian-tor").uid)
