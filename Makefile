@@ -4,6 +4,9 @@ PY := $(VENV)/bin/python
 DEBS := nftables python3-nftables python3-venv python3-dev libsystemd-dev pkg-config gcc \
         iproute2 util-linux passwd procps tor dnsmasq curl
 STAMP := $(VENV)/.installed
+# Packages are installed with a policy-rc.d that forbids starting services
+# (tor and dnsmasq would otherwise start in this machine's own namespace);
+# the lab starts its own, in its namespaces.
 
 .PHONY: venv test lint unit lab demo bench clean
 
@@ -13,7 +16,11 @@ $(STAMP): pyproject.toml
 	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \
+	  guard=; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; guard=1; \
+	  fi; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  rc=$$?; [ -z "$$guard" ] || rm -f /usr/sbin/policy-rc.d; [ $$rc -eq 0 ]; \
 	fi
 	[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -1,6 +1,7 @@
 """The Tor act of `make demo`: a real Tor behind tailsfw (docs/tor-lab.md).
 
-``tor_act(lab)`` takes a built lab (it loads the default policy itself),
+``tor_act(lab)`` takes a built lab (it loads the default policy itself;
+without tor, dnsmasq or curl it says so and returns),
 brings up the private Tor network and the Tor client, shows the desktop
 user's fetch through Tor, the same fetch refused without it, the circuit's
 relays (from Tor's control port) and the watch's count of what left the
@@ -39,6 +40,10 @@ def say(line: str) -> None:
 
 
 def tor_act(lab: Lab) -> None:
+    missing = missing_tools()
+    if missing:
+        say(f"act skipped: missing {', '.join(missing)} (Debian: tor, dnsmasq, curl)")
+        return
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tailsfw-tor-demo") as tmp:
         policy = lab_policy(lab, Path(tmp) / "policy.toml")
@@ -82,9 +87,8 @@ def tor_act(lab: Lab) -> None:
 
 
 def main() -> int:
-    missing = missing_tools()
-    if UNAVAILABLE or missing:
-        print(UNAVAILABLE or f"missing {', '.join(missing)}", file=sys.stderr)
+    if UNAVAILABLE:
+        print(UNAVAILABLE, file=sys.stderr)
         return 2
     with Lab(LAB_ROLES) as lab:
         tor_act(lab)
