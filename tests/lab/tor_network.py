@@ -12,8 +12,8 @@ client in its host namespace (see docs/tor-lab.md).
 
 Built as the Tor project's chutney does (``TestingTorNetwork``, our own
 ``DirAuthority`` lines, short voting intervals), with torrcs of our own. No
-Tor process knows of any address outside the lab, and two counters prove it
-(``Watch``): on the peer, every packet from the host must be a TCP packet to
+Tor process knows of any address outside the lab, and the watch's counters
+prove it (``Watch``): on the peer, every packet from the host must be a TCP packet to
 a relay's ORPort or DirPort, and whatever a peer process sends outside the
 lab's networks is counted and rejected; on the host, every packet leaving by
 eth0 with an owner must be the Tor user's.
@@ -117,7 +117,7 @@ EXIT = next(r for r in RELAYS if r.exit)
 
 @dataclass(frozen=True)
 class Identity:
-    """What a DirAuthority line needs to know about an authority."""
+    """A relay's identity, and an authority's v3 identity (DirAuthority lines)."""
 
     relay: Relay
     fingerprint: str  # the relay's RSA identity
@@ -567,9 +567,13 @@ class Control:
 
     def __enter__(self) -> Control:
         self.sock = netns_socket(self.namespace, socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.settimeout(10)
-        self.sock.connect(("127.0.0.1", CONTROL_PORT))
-        self.command(f"AUTHENTICATE {self.cookie.read_bytes().hex()}")
+        try:
+            self.sock.settimeout(10)
+            self.sock.connect(("127.0.0.1", CONTROL_PORT))
+            self.command(f"AUTHENTICATE {self.cookie.read_bytes().hex()}")
+        except BaseException:
+            self.sock.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
