@@ -464,6 +464,20 @@ class TorNetwork:
                 log = self.base / "relays" / nick / "notice.log"
                 raise LabError(f"tor {nick} exited with {process.returncode}:\n{tail(log)}")
 
+    def _logs_say(self, words: str) -> bool:
+        """Every relay started so far has logged these words."""
+        self.check_running()
+        logs = (self.base / "relays" / nick / "notice.log" for nick in self.relays)
+        return all(log.exists() and words in log.read_text() for log in logs)
+
+    def has_consensus(self) -> bool:
+        """The authorities have published one (before any other relay runs)."""
+        return self._logs_say("Published microdesc consensus")
+
+    def bootstrapped(self) -> bool:
+        """Every relay has a consensus and can build circuits."""
+        return self._logs_say("Bootstrapped 100%")
+
     def logs(self) -> str:
         """The end of every relay's log, for a failure's message."""
         return "\n".join(
@@ -501,15 +515,24 @@ def tor_network(lab: Lab) -> Iterator[TorNetwork]:
         identities = make_identities(base / "relays")
         resolv_conf = base / "resolv.conf"
         resolv_conf.write_text(f"nameserver {DNS_V4}\n")
-        relays = {}
-        for relay in RELAYS:
-            datadir = base / "relays" / relay.nick
-            torrc = datadir / "torrc"
-            torrc.write_text(relay_torrc(relay, datadir, identities, resolv_conf))
-            relays[relay.nick] = start(
-                [*netns_exec(lab.peer_ns), TOR, "-f", str(torrc)], stack, datadir / "stdout.log"
-            )
-        yield TorNetwork(lab, base, identities, watch, relays, web_log, dns_log)
+        network = TorNetwork(lab, base, identities, watch, {}, web_log, dns_log)
+        # The authorities first, until they have a consensus: a relay that
+        # asks for one before it exists is told 404 and backs off, so long
+        # that an exit started with them may have none (and exits nothing)
+        # for a minute.
+        for authorities in (True, False):
+            for relay in (r for r in RELAYS if r.authority == authorities):
+                datadir = base / "relays" / relay.nick
+                torrc = datadir / "torrc"
+                torrc.write_text(relay_torrc(relay, datadir, identities, resolv_conf))
+                network.relays[relay.nick] = start(
+                    [*netns_exec(lab.peer_ns), TOR, "-f", str(torrc)], stack, datadir / "stdout.log"
+                )
+            if authorities:
+                wait_for(
+                    "a first consensus", network.has_consensus, BOOTSTRAP_TIMEOUT, network.logs
+                )
+        yield network
 
 
 def add_peer_addresses(lab: Lab, stack: ExitStack) -> None:
@@ -664,8 +687,11 @@ class TorClient:
         return tail(self.datadir / "notice.log")
 
     def ready(self) -> bool:
-        """Bootstrapped, with every relay and its microdescriptor at hand."""
-        self.network.check_running()
+        """Bootstrapped, with every relay and its microdescriptor at hand,
+        and every relay bootstrapped too (an exit without a consensus exits
+        nothing)."""
+        if not self.network.bootstrapped():
+            return False
         if self.process.poll() is not None:
             raise LabError(f"the Tor client exited with {self.process.returncode}:\n{self.log()}")
         if not (self.datadir / "control_auth_cookie").exists():
@@ -714,10 +740,16 @@ def tor_client(network: TorNetwork, role: str = "debian-tor") -> Iterator[TorCli
 
 def curl(lab: Lab, role: str, url: str, *options: str) -> tuple[int, str, float]:
     """curl as the role: its exit code, the page (or its error), and the
-    seconds it took."""
-    start_time = time.monotonic()
-    done = lab.run_as(role, [CURL, "-sS", "--max-time", "30", *options, url], timeout=40)
-    return done.returncode, done.stdout or done.stderr, time.monotonic() - start_time
+    seconds the transfer took by curl's own clock (not counting the start of
+    the process, which a loaded machine makes slow)."""
+    argv = [CURL, "-sS", "--max-time", "30", "--write-out", "\n%{time_total}", *options, url]
+    done = lab.run_as(role, argv, timeout=40)
+    page, _, seconds = done.stdout.rpartition("\n")
+    try:
+        took = float(seconds)
+    except ValueError:
+        raise LabError(f"curl as {role} gave no time: {done.stdout!r} {done.stderr!r}") from None
+    return done.returncode, page if done.returncode == 0 else done.stderr, took
 
 
 def through_tor(lab: Lab, role: str, url: str) -> tuple[int, str, float]:
