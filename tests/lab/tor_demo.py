@@ -54,8 +54,9 @@ def tor_act(lab: Lab) -> None:
             say(f"the Internet: http://{WEB_V4}/ ({WEB_NAME}), its DNS on the same network")
             with tor_client(network) as client:
                 say(
-                    f"network up, Tor client (as {lab.account('debian-tor').name}) bootstrapped"
-                    f" behind tailsfw in {client.bootstrap_seconds:.1f} s"
+                    f"network up, and the Tor client (as {lab.account('debian-tor').name})"
+                    f" bootstrapped behind tailsfw, {network.bootstrap_seconds or 0:.1f} s after"
+                    " the first key was made"
                 )
                 before = network.watch.totals()
                 code, page, seconds = through_tor(lab, "amnesia", f"http://{WEB_NAME}/")

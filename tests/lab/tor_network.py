@@ -457,6 +457,9 @@ class TorNetwork:
     relays: dict[str, subprocess.Popen[str]]
     web_log: Path
     dns_log: Path
+    started: float = field(default_factory=time.monotonic)
+    # From the start (keys included) until a first client was ready.
+    bootstrap_seconds: float | None = None
 
     def check_running(self) -> None:
         for nick, process in self.relays.items():
@@ -504,6 +507,7 @@ def tor_network(lab: Lab) -> Iterator[TorNetwork]:
     The lab's host must not run its stand-in listeners on Tor's ports (see
     ``Lab.without_host_listeners``), for ``tor_client`` to bind them.
     """
+    started = time.monotonic()
     with ExitStack() as stack:
         base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}tor-")))
         base.chmod(0o755)  # the client's data directory below is the Tor user's
@@ -515,7 +519,7 @@ def tor_network(lab: Lab) -> Iterator[TorNetwork]:
         identities = make_identities(base / "relays")
         resolv_conf = base / "resolv.conf"
         resolv_conf.write_text(f"nameserver {DNS_V4}\n")
-        network = TorNetwork(lab, base, identities, watch, {}, web_log, dns_log)
+        network = TorNetwork(lab, base, identities, watch, {}, web_log, dns_log, started)
         # The authorities first, until they have a consensus: a relay that
         # asks for one before it exists is told 404 and backs off, so long
         # that an exit started with them may have none (and exits nothing)
@@ -732,6 +736,8 @@ def tor_client(network: TorNetwork, role: str = "debian-tor") -> Iterator[TorCli
         client.bootstrap_seconds = wait_for(
             "Tor client bootstrap", client.ready, BOOTSTRAP_TIMEOUT, client.log
         )
+        if network.bootstrap_seconds is None:
+            network.bootstrap_seconds = time.monotonic() - network.started
         yield client
 
 
