@@ -85,7 +85,7 @@ def firewall(request: pytest.FixtureRequest, lab: Lab, network: TorNetwork) -> I
             lab_host_put_back(lab),
             run_daemon(lab.host_ns, policy, network.base / "tailsfwd") as daemon,
         ):
-            daemon.wait_ready()
+            daemon.wait_ready(timeout=30)  # a readiness wait, not a measure: a loaded CI is slow
             yield request.param
 
 
