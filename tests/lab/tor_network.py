@@ -110,7 +110,12 @@ RELAYS = (
     Relay("auth1", "198.51.100.21", authority=True),
     Relay("auth2", "198.51.100.22", authority=True),
     Relay("auth3", "198.51.100.23", authority=True),
-    Relay("exit1", "198.51.100.31", exit=True),
+    # The exit is an authority too: a relay that is not asks the authorities
+    # for the consensus as it starts, is answered 404 while there is none
+    # yet, and backs off (exponentially, at random); an exit without a
+    # consensus exits nothing, and once did so for over a minute. (The
+    # client, which must ask, starts once there is one: see tor_client.)
+    Relay("exit1", "198.51.100.31", authority=True, exit=True),
 )
 EXIT = next(r for r in RELAYS if r.exit)
 
@@ -468,13 +473,12 @@ class TorNetwork:
                 raise LabError(f"tor {nick} exited with {process.returncode}:\n{tail(log)}")
 
     def _logs_say(self, words: str) -> bool:
-        """Every relay started so far has logged these words."""
         self.check_running()
         logs = (self.base / "relays" / nick / "notice.log" for nick in self.relays)
         return all(log.exists() and words in log.read_text() for log in logs)
 
     def has_consensus(self) -> bool:
-        """The authorities have published one (before any other relay runs)."""
+        """Every authority has published a first consensus."""
         return self._logs_say("Published microdesc consensus")
 
     def bootstrapped(self) -> bool:
@@ -520,22 +524,13 @@ def tor_network(lab: Lab) -> Iterator[TorNetwork]:
         resolv_conf = base / "resolv.conf"
         resolv_conf.write_text(f"nameserver {DNS_V4}\n")
         network = TorNetwork(lab, base, identities, watch, {}, web_log, dns_log, started)
-        # The authorities first, until they have a consensus: a relay that
-        # asks for one before it exists is told 404 and backs off, so long
-        # that an exit started with them may have none (and exits nothing)
-        # for a minute.
-        for authorities in (True, False):
-            for relay in (r for r in RELAYS if r.authority == authorities):
-                datadir = base / "relays" / relay.nick
-                torrc = datadir / "torrc"
-                torrc.write_text(relay_torrc(relay, datadir, identities, resolv_conf))
-                network.relays[relay.nick] = start(
-                    [*netns_exec(lab.peer_ns), TOR, "-f", str(torrc)], stack, datadir / "stdout.log"
-                )
-            if authorities:
-                wait_for(
-                    "a first consensus", network.has_consensus, BOOTSTRAP_TIMEOUT, network.logs
-                )
+        for relay in RELAYS:
+            datadir = base / "relays" / relay.nick
+            torrc = datadir / "torrc"
+            torrc.write_text(relay_torrc(relay, datadir, identities, resolv_conf))
+            network.relays[relay.nick] = start(
+                [*netns_exec(lab.peer_ns), TOR, "-f", str(torrc)], stack, datadir / "stdout.log"
+            )
         yield network
 
 
@@ -720,6 +715,9 @@ def tor_client(network: TorNetwork, role: str = "debian-tor") -> Iterator[TorCli
     """The client, once ready (within BOOTSTRAP_TIMEOUT), until the block ends."""
     lab = network.lab
     account = lab.account(role)
+    # Not before there is a consensus: asked too early, the authorities
+    # answer 404, and Tor backs off (once for over a minute).
+    wait_for("a first consensus", network.has_consensus, BOOTSTRAP_TIMEOUT, network.logs)
     with ExitStack() as stack:
         datadir = Path(tempfile.mkdtemp(prefix="client-", dir=network.base))
         stack.callback(shutil.rmtree, datadir, ignore_errors=True)

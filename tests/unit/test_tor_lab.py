@@ -32,7 +32,7 @@ def option(torrc: str, name: str) -> list[str]:
 
 def test_only_authorities_get_a_dir_authority_line() -> None:
     lines = dir_authority_lines(IDENTITIES).splitlines()
-    assert len(lines) == sum(r.authority for r in RELAYS) == 3
+    assert len(lines) == sum(r.authority for r in RELAYS) == 4
     assert lines[0] == (
         f"DirAuthority auth1 orport=5100 no-v2 v3ident={10:040X} 198.51.100.21:5101 {0:040X}"
     )
