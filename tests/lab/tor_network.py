@@ -6,7 +6,7 @@ client in its host namespace (see docs/tor-lab.md).
     host namespace                          peer namespace ("the Internet")
     tor client (the policy's Tor user)      auth1..auth3  198.51.100.21-23  directory
       SocksPort 9050 9062 9063                            authorities, also relays
-      TransPort 9040, DNSPort 5353          exit1         198.51.100.31     exit relay
+      TransPort 9040, DNSPort 5353          exit1         198.51.100.31     the same, exit
       ControlPort 9052 (cookie)             web server    203.0.113.80:80   logs clients
       only way out: eth0, through tailsfw   dnsmasq       203.0.113.53:53   the exit's DNS
 
