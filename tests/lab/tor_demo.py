@@ -61,7 +61,8 @@ def tor_act(lab: Lab) -> None:
                 before = network.watch.totals()
                 code, page, seconds = through_tor(lab, "amnesia", f"http://{WEB_NAME}/")
                 outcome = f"{page.strip()!r}" if code == 0 else f"FAILED (curl {code}: {page})"
-                say(f"amnesia, through Tor: http://{WEB_NAME}/ -> {outcome} in {seconds:.1f} s")
+                ms = seconds * 1000
+                say(f"amnesia, through Tor: http://{WEB_NAME}/ -> {outcome} in {ms:.0f} ms")
                 clients = network.web_clients()
                 seen = clients[-1] if clients else "nothing"
                 say(f"  the web server logged it from {seen} ({EXIT.nick}), not {HOST_V4}")
