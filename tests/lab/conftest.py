@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.daemon_fixtures import reset_host
+from tests.lab.daemon_fixtures import lab_host_put_back
 from tests.lab.dbus_fixtures import unavailable as bus_unavailable
 from tests.lab.networkmanager import NetworkManagerLab, extra_link, network_manager
-from tests.lab.topology import COMMAND_PATH, HOST_IF, HOST_V6, PEER_LAN_V6, PYTHON, Lab
+from tests.lab.topology import COMMAND_PATH, PYTHON, Lab
 
 LAB_ROLES = [
     "amnesia",
@@ -98,22 +98,9 @@ def nm_lab(lab: Lab) -> Iterator[NetworkManagerLab]:
         yield nm_lab
 
 
-# What tailsfwd changes in the lab host, besides its tables.
-DAEMON_SYSCTLS = (
-    "net.ipv4.tcp_mtu_probing",
-    *(f"net.ipv6.conf.{i}.disable_ipv6" for i in ("all", "default", "lo", HOST_IF)),
-)
-
-
-def restore_lab_ipv6(lab: Lab) -> None:
-    # Switching IPv6 off on eth0 dropped its address and default route.
-    lab.host(["ip", "-6", "addr", "replace", f"{HOST_V6}/64", "dev", HOST_IF, "nodad"])
-    lab.host(["ip", "-6", "route", "replace", "default", "via", PEER_LAN_V6])
-
-
 @pytest.fixture(scope="module")
 def daemon_host(lab: Lab) -> Iterator[None]:
     """For a module whose tests run tailsfwd in the lab host: afterwards the
     host is put back as the other tests expect it (no ruleset, IPv6 on)."""
-    with reset_host(lab.host_ns, DAEMON_SYSCTLS, restore=lambda: restore_lab_ipv6(lab)):
+    with lab_host_put_back(lab):
         yield

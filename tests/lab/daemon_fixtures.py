@@ -10,7 +10,8 @@ Shared by tests/lab/test_daemon.py and bench/daemon.py:
   timestamps them from a thread of their own;
 - `MonitorThread`: tailsfw's nftables monitor inside a namespace;
 - `lan_networks`, `tailsfw_tables`: the ruleset as the kernel holds it;
-- `reset_host`: undo, after the tests, what the daemon did to the lab host.
+- `reset_host`: undo, after the tests, what the daemon did to the lab host;
+  `lab_host_put_back`: the same for the Lab's host namespace.
 """
 
 from __future__ import annotations
@@ -32,11 +33,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tailsfw.events import RulesetTouched
 from tailsfw.nft import Nft
 from tailsfw.nftmonitor import NftMonitor
+from tests.lab.topology import HOST_IF, HOST_V6, PEER_LAN_V6
+
+if TYPE_CHECKING:
+    from tests.lab.topology import Lab
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -49,6 +54,11 @@ NETLINK_ADD_MEMBERSHIP = 1
 NFNLGRP_NFTABLES = 7
 # (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN: the end of every transaction.
 NFT_NEWGEN = (10 << 8) | 15
+# What tailsfwd changes in the lab's host: the settings, its own and eth0's.
+LAB_HOST_SYSCTLS = (
+    "net.ipv4.tcp_mtu_probing",
+    *(f"net.ipv6.conf.{i}.disable_ipv6" for i in ("all", "default", "lo", HOST_IF)),
+)
 
 
 def wait_for(check: Callable[[], bool], timeout: float = 2.0, poll: float = 0.002) -> float:
@@ -443,8 +453,7 @@ def reset_host(
     try:
         yield
     finally:
-        for family in sorted(tailsfw_tables(namespace)):
-            ns_run(namespace, ["nft", "delete", "table", family, "tailsfw"])
+        remove_tailsfw_tables(namespace)
         # `all` first: writing it also writes every interface.
         order = sorted(before, key=lambda n: (".all." not in n, n))
         ns_run(namespace, ["sysctl", "-q", *(f"{n}={before[n]}" for n in order)])
@@ -586,3 +595,21 @@ class CommitClock:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+def remove_tailsfw_tables(namespace: str) -> None:
+    """Test set-up only: the daemon itself never removes a rule."""
+    for family in sorted(tailsfw_tables(namespace)):
+        ns_run(namespace, ["nft", "delete", "table", family, "tailsfw"])
+
+
+def restore_lab_ipv6(lab: Lab) -> None:
+    # Switching IPv6 off on eth0 dropped its address and default route.
+    lab.host(["ip", "-6", "addr", "replace", f"{HOST_V6}/64", "dev", HOST_IF, "nodad"])
+    lab.host(["ip", "-6", "route", "replace", "default", "via", PEER_LAN_V6])
+
+
+@contextlib.contextmanager
+def lab_host_put_back(lab: Lab) -> Iterator[None]:
+    """On exit, the lab's host as the other lab tests expect it: no
+    ruleset, its sysctls as on entry, IPv6 on."""
+    with reset_host(lab.host_ns, LAB_HOST_SYSCTLS, restore=lambda: restore_lab_ipv6(lab)):
+        yield

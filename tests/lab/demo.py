@@ -27,12 +27,12 @@ from typing import Any
 
 from tests.lab import matrix
 from tests.lab.bus import private_system_bus
-from tests.lab.conftest import DAEMON_SYSCTLS, LAB_ROLES, LEASED, UNAVAILABLE, restore_lab_ipv6
+from tests.lab.conftest import LAB_ROLES, LEASED, UNAVAILABLE
 from tests.lab.daemon_fixtures import (
     VENV_PYTHON,
     DaemonProcess,
+    lab_host_put_back,
     lan_networks,
-    reset_host,
     run_daemon,
 )
 from tests.lab.journald import Journald, run_journald
@@ -171,9 +171,7 @@ def main() -> int:
         print(f"    DHCP hands out DNS {', '.join(LEASED)} ({progress.elapsed():.1f} s)")
         progress("tailsfwd in the lab host, with the shipped policy")
         policy = lab_policy(lab, tmp / "policy.toml", connected_mode)
-        stack.enter_context(
-            reset_host(lab.host_ns, DAEMON_SYSCTLS, restore=lambda: restore_lab_ipv6(lab))
-        )
+        stack.enter_context(lab_host_put_back(lab))
         stack.enter_context(new_link(lab))
         daemon = stack.enter_context(
             run_daemon(lab.host_ns, policy, tmp / "tailsfwd",

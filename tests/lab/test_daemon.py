@@ -22,14 +22,15 @@ import pytest
 
 from tailsfw.daemon import MAX_DELAY
 from tests.lab import policies
-from tests.lab.conftest import DAEMON_SYSCTLS
 from tests.lab.daemon_fixtures import (
+    LAB_HOST_SYSCTLS,
     Changer,
     DaemonProcess,
     NftGenerations,
     lan_networks,
     ns_run,
     read_sysctls,
+    remove_tailsfw_tables,
     run_daemon,
     tailsfw_tables,
     wait_for,
@@ -53,12 +54,6 @@ NEW_PEER_IF = "tfwd1"
 NEW_LAN = Net("10.77.1.0/24")
 ROUTED_PRIVATE = "10.99.0.1"  # RFC 1918, reachable only through the gateway
 REACT_LIMIT = 0.100
-
-
-def remove_tailsfw_tables(lab: Lab) -> None:
-    """Test set-up only: the daemon itself never removes a rule."""
-    for family in sorted(tailsfw_tables(lab.host_ns)):
-        lab.host(["nft", "delete", "table", family, "tailsfw"])
 
 
 pytestmark = pytest.mark.usefixtures("daemon_host")
@@ -102,7 +97,7 @@ def assert_blocked(lab: Lab, role: str = "amnesia") -> None:
 
 
 def test_ready_only_once_the_ruleset_is_in_force(lab: Lab, policy: Path, tmp_path: Path) -> None:
-    remove_tailsfw_tables(lab)
+    remove_tailsfw_tables(lab.host_ns)
     # Without a firewall the probe gets through: the check below can fail.
     assert lab.probe("amnesia", "tcp", 4, INTERNET, 443).result == "open"
     with (
@@ -116,7 +111,7 @@ def test_ready_only_once_the_ruleset_is_in_force(lab: Lab, policy: Path, tmp_pat
         status = daemon.status()
         assert status["state"] == "enforcing" and status["counters"]["commits"] == 1
         assert status["ruleset"].startswith(ready["STATUS"].split()[1])
-    assert read_sysctls(lab.host_ns, DAEMON_SYSCTLS) == {
+    assert read_sysctls(lab.host_ns, LAB_HOST_SYSCTLS) == {
         "net.ipv4.tcp_mtu_probing": "1",
         "net.ipv6.conf.all.disable_ipv6": "1",
         "net.ipv6.conf.default.disable_ipv6": "1",
@@ -128,7 +123,7 @@ def test_ready_only_once_the_ruleset_is_in_force(lab: Lab, policy: Path, tmp_pat
 
 
 def test_a_broken_policy_at_start_locks_down(lab: Lab, tmp_path: Path) -> None:
-    remove_tailsfw_tables(lab)
+    remove_tailsfw_tables(lab.host_ns)
     broken = tmp_path / "broken.toml"
     broken.write_text("[log\n")
     with run_daemon(lab.host_ns, broken, tmp_path / "d") as daemon:

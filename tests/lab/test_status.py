@@ -17,8 +17,13 @@ import pytest
 from tailsfw import compiler, summary
 from tests.lab import policies
 from tests.lab.bus import private_system_bus
-from tests.lab.daemon_fixtures import REPO, VENV_PYTHON, run_daemon, tailsfw_tables
-from tests.lab.test_daemon import remove_tailsfw_tables
+from tests.lab.daemon_fixtures import (
+    REPO,
+    VENV_PYTHON,
+    remove_tailsfw_tables,
+    run_daemon,
+    tailsfw_tables,
+)
 from tests.lab.topology import Lab, netns_exec
 
 pytestmark = pytest.mark.usefixtures("daemon_host")
@@ -48,7 +53,7 @@ def status(lab: Lab, policy: Path, state_file: Path, *extra: str) -> tuple[int, 
 
 
 def test_the_applied_policy_is_in_force(lab: Lab, policy: Path, tmp_path: Path) -> None:
-    remove_tailsfw_tables(lab)
+    remove_tailsfw_tables(lab.host_ns)
     assert tailsfwctl(lab, "apply", "--policy", str(policy)).returncode == 0
     code, data = status(lab, policy, tmp_path / "none.json")
     assert code == summary.OK, data
@@ -60,7 +65,7 @@ def test_the_applied_policy_is_in_force(lab: Lab, policy: Path, tmp_path: Path) 
 
 
 def test_no_tables_is_3(lab: Lab, policy: Path, tmp_path: Path) -> None:
-    remove_tailsfw_tables(lab)
+    remove_tailsfw_tables(lab.host_ns)
     code, data = status(lab, policy, tmp_path / "none.json")
     assert (code, data["kernel"]["holds"]) == (summary.NOT_IN_FORCE, "none")
 
@@ -85,7 +90,7 @@ def test_another_policy_is_3(lab: Lab, policy: Path, tmp_path: Path) -> None:
 def test_a_status_file_left_by_a_dead_daemon_is_not_running(
     lab: Lab, policy: Path, tmp_path: Path
 ) -> None:
-    remove_tailsfw_tables(lab)
+    remove_tailsfw_tables(lab.host_ns)
     with run_daemon(lab.host_ns, policy, tmp_path / "d") as daemon:
         daemon.wait_ready()
         state_file = daemon.state_dir / "status.json"

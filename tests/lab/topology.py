@@ -55,6 +55,9 @@ from typing import IO
 LAB_PREFIX = "tfwlab"
 USER_PREFIX = "tfwt-"
 SCRIPTS_PREFIX = f"{LAB_PREFIX}-scripts-"
+# For the temporary directories of the lab's parts (the Tor network's keys
+# and data): a crashed run's are removed with the rest of its leftovers.
+TEMP_PREFIX = f"{LAB_PREFIX}-tmp-"
 OTHER_ROLE = "other"  # an account that no policy names
 PYTHON = "/usr/bin/python3"  # Debian's: the scripts need nothing else
 LOCK_PATH = Path("/run/lock/tfwlab.lock")
@@ -85,6 +88,10 @@ COUNTER = "fromhost"
 # link comes up and again later, and neighbour probes whenever a cache entry
 # ages. Counting them would make "arrived" noisy; they go to a separate
 # counter, so they stay visible but never blur a probe's count.
+HOUSEKEEPING_ICMPV6 = (
+    "nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, "
+    "mld-listener-report, mld2-listener-report, mld-listener-done"
+)
 COUNTER_RULESET = f"""
 table netdev {COUNTER_TABLE} {{
     counter {COUNTER} {{ }}
@@ -92,9 +99,7 @@ table netdev {COUNTER_TABLE} {{
     chain ingress {{
         type filter hook ingress device "{PEER_IF}" priority 0; policy accept;
         meta protocol arp accept
-        icmpv6 type {{ nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert,
-            mld-listener-report, mld2-listener-report, mld-listener-done }} \
-            counter name "housekeeping" accept
+        icmpv6 type {{ {HOUSEKEEPING_ICMPV6} }} counter name "housekeeping" accept
         counter name "{COUNTER}"
     }}
 }}
@@ -133,6 +138,15 @@ def account_name(role: str) -> str:
 def endpoint(address: str, port: int) -> str:
     """``ADDR:PORT`` as listeners.py reads it (IPv6 in brackets)."""
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def host_listener_args() -> list[str]:
+    """listeners.py's arguments for the stand-ins on the host's loopback."""
+    return [
+        *(arg for p in HOST_TCP_PORTS for arg in ("--tcp", endpoint("127.0.0.1", p))),
+        *(arg for a, p in HOST_TCP6 for arg in ("--tcp", endpoint(a, p))),
+        *(arg for a, p in HOST_UDP for arg in ("--udp", endpoint(a, p))),
+    ]
 
 
 def command_env() -> dict[str, str]:
@@ -187,12 +201,14 @@ def delete_namespace(namespace: str) -> None:
 
 
 def remove_leftovers() -> None:
-    """Deletes every ``tfwlab*`` namespace, ``tfwt-*`` account or group, and
-    staged copy of the scripts: what a crashed run left behind."""
+    """Deletes every ``tfwlab*`` namespace, ``tfwt-*`` account or group,
+    staged copy of the scripts and temporary directory: what a crashed run
+    left behind."""
     for namespace in lab_namespaces():
         delete_namespace(namespace)
-    for directory in Path(tempfile.gettempdir()).glob(f"{SCRIPTS_PREFIX}*"):
-        shutil.rmtree(directory, ignore_errors=True)
+    for prefix in (SCRIPTS_PREFIX, TEMP_PREFIX):
+        for directory in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+            shutil.rmtree(directory, ignore_errors=True)
     for name in prefixed_accounts():
         # --force: a killed process may still be a zombie owned by the account.
         run(["userdel", "--force", name])
@@ -248,7 +264,7 @@ def stage_scripts(directory: Path) -> None:
     The work tree may sit below a directory that only root can enter.
     """
     directory.chmod(0o755)
-    for name in ("probe.py", "listeners.py"):
+    for name in ("probe.py", "listeners.py", "dnsquery.py"):
         shutil.copy(HERE / name, directory / name)
         (directory / name).chmod(0o644)
 
@@ -299,6 +315,7 @@ class Lab:
     lock_timeout: float = 120.0
     accounts: dict[str, Account] = field(init=False, default_factory=dict)
     scripts: Path | None = field(init=False, default=None)  # set while built
+    _host_listeners: subprocess.Popen[str] = field(init=False, repr=False)
     _stack: ExitStack = field(init=False, repr=False, default_factory=ExitStack)
 
     @property
@@ -400,28 +417,34 @@ class Lab:
             *(arg for e in peer_endpoints for arg in ("--tcp", e)),
             *(arg for e in peer_endpoints for arg in ("--udp", e)),
         ]
-        host_args = [
-            *(arg for p in HOST_TCP_PORTS for arg in ("--tcp", endpoint("127.0.0.1", p))),
-            *(arg for a, p in HOST_TCP6 for arg in ("--tcp", endpoint(a, p))),
-            *(arg for a, p in HOST_UDP for arg in ("--udp", endpoint(a, p))),
-        ]
-        processes = [
-            self._listeners(self.peer_ns, peer_args),
-            self._listeners(self.host_ns, host_args),
-        ]
-        wait_ready(processes, timeout=10.0)
+        peer = self._listeners(self.peer_ns, peer_args)
+        self._stack.callback(stop_process, peer)
+        self._host_listeners = self._listeners(self.host_ns, host_listener_args())
+        # Stops whichever host listeners run at the end (see without_host_listeners).
+        self._stack.callback(lambda: stop_process(self._host_listeners))
+        wait_ready([peer, self._host_listeners], timeout=10.0)
 
     def _listeners(self, namespace: str, args: list[str]) -> subprocess.Popen[str]:
         # `ip netns exec` execs in place, so terminate() reaches the script.
-        process = subprocess.Popen(
-            [*netns_exec(namespace), PYTHON, "-I", self._script("listeners.py"), *args],
+        return subprocess.Popen(
+            [*netns_exec(namespace), PYTHON, "-I", self.script("listeners.py"), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=command_env(),
         )
-        self._stack.callback(stop_process, process)
-        return process
+
+    @contextmanager
+    def without_host_listeners(self) -> Iterator[None]:
+        """The lab without its stand-in listeners on the host's loopback
+        while inside, so that the real services (a real Tor on 9050, 9040,
+        5353...) can bind those ports; they are back on exit."""
+        stop_process(self._host_listeners)
+        try:
+            yield
+        finally:
+            self._host_listeners = self._listeners(self.host_ns, host_listener_args())
+            wait_ready([self._host_listeners], timeout=10.0)
 
     # -- using ----------------------------------------------------------------
 
@@ -474,7 +497,7 @@ class Lab:
             "--",
         ]
 
-    def _script(self, name: str) -> str:
+    def script(self, name: str) -> str:
         if self.scripts is None:
             raise LabError("the lab is not built: use it as `with Lab(roles) as lab:`")
         return str(self.scripts / name)
@@ -515,7 +538,7 @@ class Lab:
         argv = [
             PYTHON,
             "-I",
-            self._script("probe.py"),
+            self.script("probe.py"),
             f"--proto={proto}",
             f"--family={family}",
             f"--dst={dst}",
