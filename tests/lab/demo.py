@@ -39,8 +39,9 @@ from tests.lab.journald import Journald, run_journald
 from tests.lab.networkmanager import extra_link, network_manager
 from tests.lab.policies import lab_policy
 from tests.lab.topology import INTERNET_V4, Lab, command_env, netns_exec, run
+from tests.lab.tor_demo import tor_act
 
-STEPS = 8
+STEPS = 9
 NEW_LINK = ("tfwdemo0", "tfwdemo1")
 NEW_LAN = ipaddress.IPv4Network("10.77.9.0/24")
 
@@ -130,6 +131,8 @@ def show(daemon: DaemonProcess, lab: Lab, journald: Journald, bus: str, policy: 
     print(indent("\n".join(drops[-6:]) or "(none)"))
     progress("a link change, followed live")
     print(indent(follow_a_link_change(lab)))
+    progress("a real Tor network behind tailsfwd (docs/tor-lab.md)")
+    tor_act(lab, apply=False)
     return not any(c.problem for c in cases)
 
 

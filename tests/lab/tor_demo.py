@@ -1,6 +1,7 @@
 """The Tor act of `make demo`: a real Tor behind tailsfw (docs/tor-lab.md).
 
-``tor_act(lab)`` takes a built lab (it loads the default policy itself;
+``tor_act(lab)`` takes a built lab (it loads the default policy itself,
+unless told that tailsfwd keeps it in force;
 without tor, dnsmasq or curl it says so and returns),
 brings up the private Tor network and the Tor client, shows the desktop
 user's fetch through Tor, the same fetch refused without it, the circuit's
@@ -39,15 +40,17 @@ def say(line: str) -> None:
     print(f"tor: {line}", flush=True)
 
 
-def tor_act(lab: Lab) -> None:
+def tor_act(lab: Lab, apply: bool = True) -> None:
+    """`apply` False: the policy is in force already (tailsfwd runs)."""
     missing = missing_tools()
     if missing:
         say(f"act skipped: missing {', '.join(missing)} (Debian: tor, dnsmasq, curl)")
         return
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tailsfw-tor-demo") as tmp:
-        policy = lab_policy(lab, Path(tmp) / "policy.toml")
-        lab.host([TAILSFWCTL, "apply", "--policy", str(policy)])
+        if apply:
+            policy = lab_policy(lab, Path(tmp) / "policy.toml")
+            lab.host([TAILSFWCTL, "apply", "--policy", str(policy)])
         with tor_lab(lab) as network:
             relays = ", ".join(f"{r.nick} {r.address}" for r in RELAYS)
             say(f"private Tor network in {lab.peer_ns}: {relays}")
