@@ -30,10 +30,10 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import users
 from .accounts import PASSWD, AccountsSource
@@ -44,7 +44,7 @@ from .enforce import FailState, NftApi, Outcome, RulesetEffect, fail_closed
 from .events import DnsServers, Event, FileChanged, LinksChanged, RulesetTouched, Source
 from .facts import Facts, updated
 from .netlink import RCVBUF, NetlinkSource
-from .nft import Nft, NftError
+from .nft import Nft, NftError, list_in_child
 from .nftmonitor import NftMonitor
 from .nm import NetworkManagerSource
 from .notify import Notifier, watchdog_interval
@@ -56,6 +56,7 @@ from .status import Counters, Status, write_status
 from .sysctl import DEFAULT_ROOT, Sysctl
 
 log = logging.getLogger("tailsfwd")
+Listing = list[dict[str, Any]]  # `nft -j list ruleset`'s objects
 
 DEFAULT_POLICY = Path("/etc/tailsfw/policy.toml")
 DEFAULT_STATE_DIR = Path("/run/tailsfw")
@@ -176,6 +177,8 @@ class Parts:
     accounts: AccountsApi | None = None  # follows the policy's accounts live
     audit: Callable[[int], AuditApi] | None = None  # an audit of an NFLOG group
     lookup_uids: Callable[[Policy], Mapping[str, int]] = users.lookup_uids
+    # The ruleset listed away from the loop (for the status); None: by `nft`.
+    list_ruleset: Callable[[], Awaitable[Listing]] | None = None
 
 
 @dataclass
@@ -215,6 +218,7 @@ class Daemon:
         self._audit: tuple[AuditApi, asyncio.Task[None]] | None = None
         self._kernel: tuple[float, list[str]] | None = None  # when asked, what differed
         self._kernel_cost = 0.0  # how long the last asking took
+        self._checking: asyncio.Task[None] | None = None
         self._published = -PUBLISH_INTERVAL  # loop time of the last publish
         self._publish_timer: asyncio.TimerHandle | None = None
 
@@ -252,19 +256,42 @@ class Daemon:
 
     def _kernel_truth(self) -> list[str]:
         """What the kernel holds differently from what we put in force ([]:
-        nothing), asked at most every KERNEL_CHECK seconds (a few ms each)."""
-        now = time.monotonic()
+        nothing), asked at most every KERNEL_CHECK seconds and at most a
+        KERNEL_CHECK_SHARE of the time; by a child process when the parts
+        have one (the answer is then published when it changes)."""
         if self.ruleset.in_force is None:
             return []
+        now = time.monotonic()
         every = max(KERNEL_CHECK, self._kernel_cost / KERNEL_CHECK_SHARE)
-        if self._kernel is None or now - self._kernel[0] >= every:
-            try:
-                wrong = self.ruleset.differences()
-            except NftError as e:
-                wrong = [f"cannot list the ruleset: {e}"]
-            self._kernel_cost = time.monotonic() - now
-            self._kernel = (now, wrong)
-        return self._kernel[1]
+        if self._kernel is not None and now - self._kernel[0] < every:
+            return self._kernel[1]
+        if self.parts.list_ruleset is not None and self._kernel is not None:
+            if self._checking is None:
+                self._checking = asyncio.create_task(self._check_kernel(self.parts.list_ruleset))
+            return self._kernel[1]
+        try:
+            wrong = self.ruleset.differences()
+        except NftError as e:
+            wrong = [f"cannot list the ruleset: {e}"]
+        self._kernel_cost = time.monotonic() - now
+        self._kernel = (now, wrong)
+        return wrong
+
+    async def _check_kernel(self, list_ruleset: Callable[[], Awaitable[Listing]]) -> None:
+        started, in_force = time.monotonic(), self.ruleset.in_force
+        try:
+            wrong = self.ruleset.differences_in(await list_ruleset())
+        except (NftError, OSError, ValueError) as e:
+            wrong = [f"cannot list the ruleset: {e}"]
+        finally:
+            self._checking = None
+        self._kernel_cost = time.monotonic() - started
+        if self.ruleset.in_force is not in_force:
+            return  # committed meanwhile: the listing may predate it; ask again
+        known = self._kernel[1] if self._kernel is not None else None
+        self._kernel = (started, wrong)
+        if wrong != known:
+            self.publish_soon()
 
     def reload(self) -> bool:
         """Adopt the policy file again, or keep everything as it is."""
@@ -364,10 +391,10 @@ class Daemon:
         if outcome is Outcome.UNCHANGED:
             return outcome
         self.report.last_apply, self.report.last_apply_cause = time.time(), cause
-        if outcome is Outcome.REPLACED and self._kernel is not None:
+        if outcome is Outcome.REPLACED:
             # One transaction replaced our tables whole: the kernel holds them
             # now; asked again when the rate allows.
-            self._kernel = (self._kernel[0], [])
+            self._kernel = (self._kernel[0] if self._kernel else time.monotonic(), [])
         elif self._kernel and self._kernel[1]:
             self._kernel = None  # the differences may be others now: ask again
         return outcome
@@ -618,7 +645,9 @@ class Daemon:
                 {stop, *tasks, *pumps}, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
-            side = [t for t in (serving, self._stop_audit()) if t is not None]
+            if self._publish_timer is not None:
+                self._publish_timer.cancel()
+            side = [t for t in (serving, self._stop_audit(), self._checking) if t is not None]
             for task in (*tasks, *side):
                 task.cancel()
             await asyncio.gather(*tasks, *side, return_exceptions=True)
@@ -782,6 +811,7 @@ def real_parts(options: Options) -> Parts:
         accounts=AccountsSource((), options.passwd),
         audit=lambda group: DropAudit(group=group),
         lookup_uids=lambda policy: users.lookup_uids(policy, options.passwd),
+        list_ruleset=list_in_child,
     )
 
 

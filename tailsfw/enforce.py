@@ -50,7 +50,13 @@ class RulesetEffect:
         is exactly that.  Asks the kernel (a few ms)."""
         if self.in_force is None:
             return ["nothing put in force yet"]
-        listing = self.nft.list_ruleset()
+        return self.differences_in(self.nft.list_ruleset())
+
+    def differences_in(self, listing: list[dict[str, Any]]) -> list[str]:
+        """What `listing` (the kernel's ruleset) holds that is not what we put
+        in force; [] when it is exactly that."""
+        if self.in_force is None:
+            return ["nothing put in force yet"]
         if self._expected is None or self._expected[0] is not self.in_force:
             self._expected = (self.in_force, verify.expected_digest(self.in_force))
         if verify.kernel_digest(listing) == self._expected[1]:
