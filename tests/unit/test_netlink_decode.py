@@ -24,14 +24,15 @@ def encoded(msg: Any, kind: int, seq: int = 0) -> bytes:
 def link(kind: int, index: int, name: str, up: bool = True) -> bytes:
     msg = ifinfmsg()
     msg["index"], msg["flags"] = index, IFF_UP if up else 0
-    msg["attrs"] = [("IFLA_MTU", 1500), ("IFLA_IFNAME", name), ("IFLA_TXQLEN", 1000)]
+    # Odd-sized attributes first: each must be found at its aligned offset.
+    msg["attrs"] = [("IFLA_QDISC", "pfifo"), ("IFLA_IFNAME", name), ("IFLA_TXQLEN", 1000)]
     return encoded(msg, kind)
 
 
 def addr(kind: int, index: int, family: int, address: str, prefixlen: int, local: str) -> bytes:
     msg = ifaddrmsg()
     msg["index"], msg["family"], msg["prefixlen"] = index, family, prefixlen
-    msg["attrs"] = [("IFA_ADDRESS", address), ("IFA_LOCAL", local), ("IFA_LABEL", "x")]
+    msg["attrs"] = [("IFA_LABEL", "x"), ("IFA_ADDRESS", address), ("IFA_LOCAL", local)]
     return encoded(msg, kind)
 
 
