@@ -14,8 +14,9 @@ can (tests/lab/storm.py).  Returns (bench/run.py prints and saves):
 - storm_2000_cpu_s: the daemon's CPU time (user + system) from the start of
   the burst to the settled set; storm_2000_rss_mb_peak: its peak resident
   memory (VmHWM) after it; storm_rss_mb_before: its memory before;
-- storm_2000_removed_ms: all of them removed at once, to the commit after
-  which the set is back to what it was.
+- storm_2000_removed_ms: all of them removed by one command (`ip link del
+  group`, ~1 s itself), from its start to the commit after which the set is
+  back to what it was.
 """
 
 from __future__ import annotations

@@ -226,7 +226,9 @@ class State:
     """The link and address state, kept up to date by netlink messages."""
 
     links: dict[int, Link] = field(default_factory=dict)
-    addresses: set[Address] = field(default_factory=set)
+    # By interface index: an interface's removal drops its addresses at once
+    # (a storm removes thousands of interfaces).
+    addresses: dict[int, set[Address]] = field(default_factory=dict)
 
     def update(self, msg: Any) -> None:
         event = msg.get("event")
@@ -237,15 +239,17 @@ class State:
             index = int(msg["index"])
             self.links.pop(index, None)
             # The kernel announces the addresses' removal too; do not rely on it.
-            self.addresses = {a for a in self.addresses if a.index != index}
+            self.addresses.pop(index, None)
         elif event in ("RTM_NEWADDR", "RTM_DELADDR"):
             address = address_of(msg)
             if address is None:
                 return
             if event == "RTM_NEWADDR":
-                self.addresses.add(address)
-            else:
-                self.addresses.discard(address)
+                self.addresses.setdefault(address.index, set()).add(address)
+            elif (held := self.addresses.get(address.index)) is not None:
+                held.discard(address)
+                if not held:
+                    del self.addresses[address.index]
 
     def load(self, messages: Iterable[Any]) -> None:
         """Replace everything with a full dump."""
@@ -255,7 +259,8 @@ class State:
             self.update(msg)
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(frozenset(self.links.values()), frozenset(self.addresses))
+        addresses = frozenset(a for held in self.addresses.values() for a in held)
+        return Snapshot(frozenset(self.links.values()), addresses)
 
 
 def read_snapshot() -> Snapshot:

@@ -50,12 +50,14 @@ def storm(namespace: str, count: int) -> float:
 
 
 def remove_storm(namespace: str) -> float:
-    """Removes every storm interface at once; the monotonic time it ended."""
+    """Removes every storm interface at once (one command, ~1 s for 2,000);
+    the monotonic time it started."""
+    start = time.monotonic()
     subprocess.run(
         ["ip", "-n", namespace, "link", "del", "group", str(GROUP)],
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
-    return time.monotonic()
+    return start
 
 
 def collapsed(networks: set[Net]) -> set[Net]:
