@@ -753,7 +753,6 @@ def setup_logging() -> None:
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO, handlers=[handler], force=True
     )
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug is per message
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
