@@ -5,7 +5,8 @@ tailsfwd there with the shipped policy in `lan.mode = "connected"`, measures,
 deletes the namespace, and returns (bench/run.py prints and saves):
 
 - start_to_ready_ms: from starting the process to READY=1 (median of 5);
-- daemon_rss_mb: resident memory once started (after the first READY);
+- daemon_rss_mb_alone: resident memory once started (after the first READY),
+  without NetworkManager or a bus (bench/full.py: daemon_rss_mb, with them);
 - react_addr_ms_p50/p99: an address added or removed by another process
   (`ip -batch`, fed one line at a time) to the kernel's notice that the
   transaction changing the LAN set is committed; each new set is checked;
@@ -178,7 +179,7 @@ def measure(changes: int) -> dict[str, Any]:
         "flaps_duration_ms": round(flap_ms, 1),
         "commits_per_1000_flaps_burst": burst_commits,
         "flaps_burst_duration_ms": round(burst_ms, 1),
-        "daemon_rss_mb": round(rss, 1),
+        "daemon_rss_mb_alone": round(rss, 1),
         "daemon_rss_mb_after_flaps": round(rss_after, 1),
         "start_to_ready_ms": round(statistics.median(starts), 1),
     }

@@ -18,7 +18,11 @@ policy compiled for made-up uids:
   own commits costs the monitor), by tailsfw's decoder and by pyroute2's
   nftables message classes (median of 50);
 - verify_list_ms / verify_matches_ms: listing the ruleset through
-  libnftables and comparing it with the compiled one (the status check).
+  libnftables and comparing it with the compiled one (the status check);
+- tamper_restore_ms_p50/p99: the real tailsfwd (its NftMonitor wired), the
+  same tamperings ROUNDS times each: from the tampering commit to the
+  daemon's restoring commit, both timed by a thread that does nothing else;
+  the kernel holds the daemon's ruleset after each.
 """
 
 from __future__ import annotations
@@ -26,17 +30,19 @@ from __future__ import annotations
 import statistics
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from pyroute2.netlink.nfnetlink import nftsocket  # type: ignore[import-untyped]
 
 from bench.apply import median_ms
-from bench.daemon import POLICY, namespace, percentile
+from bench.daemon import POLICY, namespace, percentile, write_policy
 from tailsfw import compiler, nftmonitor, policy, verify
 from tailsfw.events import RulesetTouched
 from tailsfw.facts import Facts
 from tailsfw.nft import Nft
-from tests.lab.daemon_fixtures import CommitClock, MonitorThread, in_netns
+from tests.lab.daemon_fixtures import CommitClock, MonitorThread, in_netns, run_daemon
 
 ROUNDS = 12
 TAMPERINGS = (
@@ -94,6 +100,27 @@ def tamper_times(ns: str, rules: compiler.Ruleset, restore_at_once: bool) -> lis
             raise RuntimeError("our own commit was reported")
     if not in_netns(ns, lambda: verify.matches(Nft().list_ruleset(), rules)):
         raise RuntimeError("the ruleset was not restored")
+    return times
+
+
+def daemon_restore_times(ns: str) -> list[float]:
+    """Per tampering, in ms, from its commit to tailsfwd's restoring commit."""
+    times = []
+    with tempfile.TemporaryDirectory(prefix="tfwtamper") as tmp:
+        policy = write_policy(Path(tmp) / "policy.toml")
+        with run_daemon(ns, policy, Path(tmp) / "run") as daemon, CommitClock(ns) as clock:
+            daemon.wait_ready()
+            for _ in range(ROUNDS):
+                for command in TAMPERINGS:
+                    clock.drain()
+                    subprocess.run(["ip", "netns", "exec", ns, "nft", *command.split()], check=True)
+                    tampered, restored = clock.next(2), clock.next(2)
+                    if tampered is None or restored is None:
+                        raise RuntimeError(f"{command}: not put back:\n{daemon.log()}")
+                    times.append((restored - tampered) * 1000)
+            status = daemon.wait_status(lambda s: s["counters"]["tamperings"] == len(times))
+            if status["state"] != "enforcing" or status["kernel_differences"]:
+                raise RuntimeError(f"after the tamperings: {status['state']}")
     return times
 
 
@@ -155,7 +182,11 @@ def measure() -> dict[str, Any]:
         restores = tamper_times(ns, rules, restore_at_once=True)
         dgrams = replacement_datagrams(ns, rules)
         list_ms, matches_ms = verify_costs(ns, rules)
+        daemon_restores = daemon_restore_times(ns)
     return {
+        "tamper_restore_ms_p50": round(statistics.median(daemon_restores), 2),
+        "tamper_restore_ms_p99": round(percentile(daemon_restores, 99), 2),
+        "tamper_restore_samples": len(daemon_restores),
         "tamper_event_ms_p50": round(statistics.median(delays), 2),
         "tamper_event_ms_p99": round(percentile(delays, 99), 2),
         "tamper_event_samples": len(delays),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from . import compiler
@@ -26,3 +27,10 @@ def desired(policy: Policy, facts: Facts) -> Desired:
         interfaces=frozenset(facts.interfaces.items()),
         clearnet_dns=facts.dns if facts.dns_known else None,
     )
+
+
+def ruleset_facts(facts: Facts) -> Hashable:
+    """What the compiler reads of the facts: when it is the same, the ruleset
+    is, and nothing need be compiled (a DNS change then costs no commit).
+    tests/unit/test_desired.py checks that nothing else changes a ruleset."""
+    return (facts.connected, tuple(sorted(facts.uids.items())))

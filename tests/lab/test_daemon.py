@@ -217,8 +217,11 @@ def test_new_interfaces_get_ipv6_off_from_the_daemon(
         assert read_sysctls(lab.host_ns, ["net.ipv6.conf.lo.disable_ipv6"]) == {
             "net.ipv6.conf.lo.disable_ipv6": "0"
         }
-        states = {s["name"]: s for s in daemon.status()["sysctls"]}
-        assert states[sysctl]["actual"] == "1"
+        # The status is published at most every 0.1 s: it follows soon.
+        daemon.wait_status(
+            lambda status: {s["name"]: s["actual"] for s in status["sysctls"]}.get(sysctl) == "1",
+            timeout=1.0,
+        )
     finally:
         ns_run(lab.host_ns, ["ip", "link", "del", name])
 
