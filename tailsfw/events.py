@@ -14,7 +14,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
 
-if TYPE_CHECKING:  # netlink imports pyroute2: the compiler's users need not
+if TYPE_CHECKING:  # the compiler's users need no netlink socket code
     from .netlink import Snapshot
 
 

@@ -21,7 +21,7 @@ import pytest
 from tailsfw import policy as policy_module
 from tailsfw.droplog import DROP_MESSAGE_ID, SUMMARY_MESSAGE_ID, Limits
 from tests.lab import policies
-from tests.lab.daemon_fixtures import REPO, VENV_PYTHON, reset_host, run_daemon
+from tests.lab.daemon_fixtures import REPO, VENV_PYTHON, lab_host_put_back, reset_host, run_daemon
 from tests.lab.journald import AuditProcess, Journald, run_audit, run_journald
 from tests.lab.topology import INTERNET_V4, INTERNET_V6, PYTHON, Lab, netns_exec
 
@@ -116,17 +116,21 @@ def test_tails_cases_each_give_an_entry(lab: Lab, journald: Journald, audit: Aud
     check_tails_cases(lab, journald, audit.process.pid)
 
 
-@pytest.mark.usefixtures("daemon_host")
 def test_tailsfwd_logs_the_tails_cases(
     lab: Lab, journald: Journald, enforced: Path, tmp_path: Path
 ) -> None:
     """The same, with the audit inside tailsfwd, logging to the test's journald."""
-    with run_daemon(lab.host_ns, enforced, tmp_path / "d", wrap=journald.wrap) as daemon:
+    with (
+        lab_host_put_back(lab),
+        run_daemon(lab.host_ns, enforced, tmp_path / "d", wrap=journald.wrap) as daemon,
+    ):
         daemon.wait_ready()
         daemon.wait_status(lambda s: s["drops"]["bound"])
         check_tails_cases(lab, journald, daemon.process.pid)
         user = lab.account("amnesia").name
         daemon.wait_status(lambda s: s["drops"]["by_user"].get(user, 0) >= 2)
+    # The host as the module's other tests have it: IPv6 on, the policy applied.
+    assert policies.apply(lab, enforced).returncode == 0
 
 
 def check_tails_cases(lab: Lab, journald: Journald, pid: int) -> None:
