@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tailsfw import policy
-from tailsfw.compiler import Ruleset, compile_policy
+from tailsfw.compiler import Ruleset, compile_policy, lockdown
 from tailsfw.facts import Facts
 
 DEFAULT = Path(__file__).parents[2] / "etc" / "tailsfw" / "policy.toml"
@@ -125,8 +125,7 @@ def test_output_follows_tails_rule_order(pol: policy.Policy) -> None:
     out = rules(build(pol), "ip", "output")
     assert out[0] == [match(STATE, ["established", "related"], "in"), jump("conntracked")]
     assert out[1] == [match(DADDR, "127.0.0.1"), jump("local")]
-    th = {"payload": {"protocol": "th", "field": "dport"}}
-    outside_refused = match(th, {"range": [53, 137]}, "!=")
+    outside_refused = match(TH_DPORT, {"range": [53, 137]}, "!=")
     lan = []
     for net in ("192.168.0.0/16", "10.0.0.0/8", "172.16.0.0/12"):  # the policy's order
         lan += [
@@ -141,7 +140,7 @@ def test_output_follows_tails_rule_order(pol: policy.Policy) -> None:
 DIRECT_DISPATCH = {
     "vmap": {
         "key": SKUID,
-        "data": {"set": [[107, jump("direct_debian_tor")], [110, jump("direct_clearnet")]]},
+        "data": {"set": [[107, jump("direct_debian-tor")], [110, jump("direct_clearnet")]]},
     }
 }
 
@@ -150,8 +149,9 @@ def test_a_direct_users_udp_flow_is_only_its_own(pol: policy.Policy) -> None:
     """Conntrack knows flows, not users: clearnet's answered DNS flow must
     not carry another user's datagrams from the same port."""
     rs = build(pol)
-    tor_udp = rules(rs, "ip", "direct_debian_tor")[0]
-    assert {"mangle": {"key": MARK, "value": 107}} in tor_udp
+    assert [UDP_DPORT_53, {"mangle": {"key": MARK, "value": 107}}, ACCEPT] in rules(
+        rs, "ip", "direct_debian-tor"
+    )
     assert rules(rs, "ip", "conntracked") == [
         [match(STATE, "established"), match(MARK, 0), ACCEPT],  # nearly all traffic
         [match(STATE, "related"), jump("out_related")],
@@ -173,24 +173,48 @@ def test_a_lookup_miss_never_leads_to_accept(pol: policy.Policy) -> None:
                     assert "vmap" not in text and "@" not in text and "'set'" not in text, chain
 
 
+L4PROTO = {"meta": {"key": "l4proto"}}
+TH_DPORT = {"payload": {"protocol": "th", "field": "dport"}}
+UDP_DPORT_53 = match({"payload": {"protocol": "udp", "field": "dport"}}, 53)
+TCP_DPORT_53 = match({"payload": {"protocol": "tcp", "field": "dport"}}, 53)
+OIF_LO = match({"meta": {"key": "oif"}}, "lo")
+# Tails' "syn": of these four flags only SYN (a new connection), never SYN+ACK.
+SYN_ONLY = match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}},
+                        ["fin", "syn", "rst", "ack"]]}, "syn")  # fmt: skip
+
+
 def test_only_clearnet_and_debian_tor_leave_by_themselves(pol: policy.Policy) -> None:
+    """Whole chains, operators and masks included: an inverted test must fail here."""
     rs = build(pol)
     # clearnet never on loopback; Tor only new TCP connections and DNS.
-    assert rules(rs, "ip", "direct_clearnet")[0][0]["match"]["right"] == "lo"
-    tor = rules(rs, "ip", "direct_debian_tor")
-    assert tor[0][0]["match"]["right"] == 53
-    assert tor[1][0]["match"]["right"] == "syn"
+    assert rules(rs, "ip", "direct_clearnet") == [
+        [OIF_LO, RETURN],
+        [UDP_DPORT_53, {"mangle": {"key": MARK, "value": 110}}, ACCEPT],
+        [match(L4PROTO, 6), ACCEPT],
+    ]
+    assert rules(rs, "ip", "direct_debian-tor") == [
+        [UDP_DPORT_53, {"mangle": {"key": MARK, "value": 107}}, ACCEPT],
+        [SYN_ONLY, ACCEPT],
+    ]
     direct = [c["name"] for c in objects(rs, "chain", "ip") if c["name"].startswith("direct")]
-    assert sorted(direct) == ["direct_clearnet", "direct_debian_tor"]
+    assert sorted(direct) == ["direct_clearnet", "direct_debian-tor"]
     assert "skuid" not in repr(rules(rs, "ip6", "output"))
 
 
-def test_lan_refuses_dns_and_netbios_but_not_to_direct_users(pol: policy.Policy) -> None:
+RETURN = {"return": None}
+
+
+def test_lan_refuses_dns_and_netbios_on_every_transport_with_ports(pol: policy.Policy) -> None:
+    """TCP's and UDP's own ports, and both on UDP-Lite, SCTP and DCCP: a LAN
+    resolver is reached by no transport.  Plain comparisons only (the chain
+    ends in accept)."""
     rs = build(pol)
     *refused, accept = rules(rs, "ip", "lan")
-    keys = [(r[0]["match"]["left"]["payload"]["protocol"], r[0]["match"]["right"]) for r in refused]
-    assert keys == [("tcp", 53), ("udp", 53), ("udp", 137)]
-    assert all(r[-1] == jump("lan_refused") for r in refused)
+    expected = {(6, 53), (17, 53), (17, 137)} | {(p, port) for p in (33, 132, 136)
+                                                 for port in (53, 137)}  # fmt: skip
+    assert sorted(refused, key=repr) == sorted(
+        ([match(L4PROTO, proto), match(TH_DPORT, port), jump("lan_refused")]
+         for proto, port in expected), key=repr)  # fmt: skip
     assert accept == [ACCEPT]
     # Tails rules 3 and 4 come before rule 5: a refused LAN port still asks
     # the direct users' chains.
@@ -202,28 +226,29 @@ def test_ipv6_allows_only_the_accessibility_daemon_on_loopback(pol: policy.Polic
     daddr6 = {"payload": {"protocol": "ip6", "field": "daddr"}}
     assert rules(rs, "ip6", "output")[1:] == [[match(daddr6, "::1"), jump("local")], [REJECT]]
     assert elements(rs, "ip6", "local_ports") == {
-        ("tcp", 4101, 1000): ACCEPT,
-        ("tcp", 4101, 123): ACCEPT,
+        (6, 4101, 1000): ACCEPT,
+        (6, 4101, 123): ACCEPT,
     }
 
 
 def test_nat_has_only_the_two_redirects(pol: policy.Policy) -> None:
-    nat = rules(build(pol), "ip", "nat_output")
-    assert [r[-1] for r in nat] == [{"redirect": {"port": 9040}}, {"redirect": {"port": 5353}}]
-    assert nat[0][0]["match"]["right"] == {"prefix": {"addr": "127.192.0.0", "len": 10}}
-    assert nat[1][0]["match"]["right"] == "127.0.0.1"
+    assert rules(build(pol), "ip", "nat_output") == [
+        [match(DADDR, prefix("127.192.0.0/10")), match(L4PROTO, 6), {"redirect": {"port": 9040}}],
+        [match(DADDR, "127.0.0.1"), match(L4PROTO, 17), match(TH_DPORT, 53),
+         {"redirect": {"port": 5353}}],
+    ]  # fmt: skip
 
 
 def test_local_ports_first_match_and_any_port(pol: policy.Policy) -> None:
     rs = build(pol)
     exact = elements(rs, "ip", "local_ports")
-    assert exact[("tcp", 9050, 42)] == ACCEPT  # _apt to Tor's SocksPort
-    assert exact[("tcp", 9063, 1000)] == REJECT  # amnesia rejected before "any port"
-    assert exact[("tcp", 9052, 1000)] == REJECT
-    assert exact[("udp", 53, 42)] == REJECT  # _apt never resolves on its own
-    assert exact[("udp", 5353, 121)] == ACCEPT
-    assert ("tcp", 9050, 1000) not in exact  # amnesia reaches 9050 by "any port"
-    assert elements(rs, "ip", "local_any") == {("tcp", 1000): ACCEPT}
+    assert exact[(6, 9050, 42)] == ACCEPT  # _apt to Tor's SocksPort
+    assert exact[(6, 9063, 1000)] == REJECT  # amnesia rejected before "any port"
+    assert exact[(6, 9052, 1000)] == REJECT
+    assert exact[(17, 53, 42)] == REJECT  # _apt never resolves on its own
+    assert exact[(17, 5353, 121)] == ACCEPT
+    assert (6, 9050, 1000) not in exact  # amnesia reaches 9050 by "any port"
+    assert elements(rs, "ip", "local_any") == {(6, 1000): ACCEPT}
 
 
 def test_same_input_same_document(pol: policy.Policy) -> None:
@@ -248,7 +273,7 @@ def test_a_missing_user_costs_only_its_own_exceptions(pol: policy.Policy) -> Non
 
 def test_a_missing_account_with_a_fallback_uid_uses_it(pol: policy.Policy) -> None:
     rs = build(pol, amnesia=None)
-    assert elements(rs, "ip", "local_any") == {("tcp", 1000): ACCEPT}
+    assert elements(rs, "ip", "local_any") == {(6, 1000): ACCEPT}
     assert any("fallback uid 1000" in w for w in rs.warnings)
     taken = build(pol, amnesia=None, htp=1000)
     assert any("belongs to user 'htp'" in w for w in taken.warnings)
