@@ -40,9 +40,11 @@ USER_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # A system account name (useradd's rules, and at most 32 bytes, as utmp).
 ACCOUNT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,30}\$?")
 # What the LAN may be: private space (RFC 1918), never anything routed.
-RFC1918 = tuple(
-    ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
-)
+RFC1918 = tuple(ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
+# A plain dotted quad with an optional prefix length, no leading zeros: read
+# without ipaddress's string parser (10,000 networks: 0.2 s less).
+_DOTTED = re.compile(r"(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})"
+                     r"(?:/(0|[1-9]\d?))?")  # fmt: skip
 
 
 class PolicyError(ValueError):
@@ -181,7 +183,10 @@ def decode(data: bytes, source: str) -> dict[str, Any]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise PolicyError(f"{source}: not UTF-8: byte {e.start} is {data[e.start]:#04x}") from e
+        line = data.count(b"\n", 0, e.start) + 1
+        raise PolicyError(
+            f"{source}: not UTF-8: line {line}: byte {data[e.start]:#04x} at offset {e.start}"
+        ) from e
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -264,7 +269,7 @@ class _Parser:
         if not isinstance(value, str) or value not in choices:
             allowed = ", ".join(repr(c) for c in choices)
             raise self.fail(where, f"unknown value {_show(value)} (allowed: {allowed})")
-        return value  # type: ignore[return-value]
+        return value
 
     def boolean(self, value: Any, where: str) -> bool:
         if not isinstance(value, bool):
@@ -288,8 +293,14 @@ class _Parser:
 
     def network(self, value: Any, where: str) -> ipaddress.IPv4Network:
         text = self.string(value, where)
+        spec: str | tuple[int, int] = text
+        quad = _DOTTED.fullmatch(text)
+        if quad:
+            *octets, length = (int(g) for g in quad.groups(32))
+            if max(octets) <= 255 and length <= 32:
+                spec = (int.from_bytes(bytes(octets), "big"), length)
         try:
-            return ipaddress.IPv4Network(text)
+            return ipaddress.IPv4Network(spec)
         except ValueError as e:
             raise self.fail(where, f"bad IPv4 network {_show(text)}: {_one_line(str(e))}") from e
 
@@ -434,14 +445,16 @@ class _Parser:
         t = self.table(value, "lan", ("networks", "reject_tcp_ports", "reject_udp_ports", "mode"))
         where = "lan.networks"
         networks = self.unique_list(self.required(t, "networks", "lan"), where, self.network)
-        for i, net in enumerate(networks):
-            if not any(net.subnet_of(private) for private in RFC1918):
+        spans = [_span(net) for net in networks]
+        private = [_span(net) for net in RFC1918]
+        for i, (start, end) in enumerate(spans):
+            if not any(low <= start and end <= high for low, high in private):
                 raise self.fail(
                     f"{where}[{i}]",
-                    f"{net} is not private: a LAN network lies inside RFC 1918 "
+                    f"{networks[i]} is not private: a LAN network lies inside RFC 1918 "
                     "(10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16)",
                 )
-        overlap = _first_overlap(networks)
+        overlap = _first_overlap(spans)
         if overlap is not None:
             i, j = overlap
             raise self.fail(f"{where}[{i}]", f"{networks[i]} overlaps {where}[{j}] {networks[j]}")
@@ -470,29 +483,34 @@ class _Parser:
         t = self.table(value, "dns", ("clearnet", "stray", "tor_port"))
         default = Dns()
         return Dns(
-            clearnet=self.choice(t.get("clearnet", default.clearnet), "dns.clearnet", ("any", "nm")),
+            clearnet=self.choice(
+                t.get("clearnet", default.clearnet), "dns.clearnet", ("any", "nm")
+            ),
             stray=self.choice(t.get("stray", default.stray), "dns.stray", ("reject", "tor")),
             tor_port=self.port(t.get("tor_port", default.tor_port), "dns.tor_port"),
         )
 
 
-def _first_overlap(networks: tuple[ipaddress.IPv4Network, ...]) -> tuple[int, int] | None:
-    """The first network (in the policy's order) that overlaps an earlier one.
+def _span(net: ipaddress.IPv4Network) -> tuple[int, int]:
+    """First and last address, as integers."""
+    start = int(net.network_address)
+    return start, start + (1 << (32 - net.prefixlen)) - 1
 
-    Sorted by start, two CIDR blocks overlap only if one starts inside the
-    other: one pass keeps the widest block seen so far.  O(n log n).
+
+def _first_overlap(spans: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """(i, j), j < i: a network that overlaps an earlier one, the first such
+    in the policy's order.
+
+    Sorted by start, a CIDR block overlaps an earlier-starting one only if it
+    starts before the furthest end seen so far: one pass, O(n log n).
     """
-    order = sorted(range(len(networks)), key=lambda i: int(networks[i].network_address))
     found: list[tuple[int, int]] = []
-    widest: int | None = None
-    for i in order:
-        if widest is not None and networks[i].overlaps(networks[widest]):
-            found.append((max(i, widest), min(i, widest)))
-            continue
-        if widest is None or int(networks[i].broadcast_address) > int(
-            networks[widest].broadcast_address
-        ):
-            widest = i
+    furthest: int | None = None  # the index of the block that ends last so far
+    for i in sorted(range(len(spans)), key=lambda i: spans[i]):
+        if furthest is not None and spans[i][0] <= spans[furthest][1]:
+            found.append((max(i, furthest), min(i, furthest)))
+        elif furthest is None or spans[i][1] > spans[furthest][1]:
+            furthest = i
     return min(found) if found else None
 
 
@@ -509,8 +527,9 @@ def _kind(value: Any) -> str:
 
 def _show(value: Any, limit: int = 40) -> str:
     """A value for an error message: one line, bounded, control characters escaped."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**limit:
-        return f"an integer of {len(str(abs(value)))} digits"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        # str() of a huge integer is slow, or refused past 4,300 digits.
+        return f"an integer of {value.bit_length()} bits"
     if isinstance(value, (dict, list)):
         return _kind(value)
     text = repr(value)

@@ -318,3 +318,145 @@ def test_changes_since_touches_only_what_changed(pol: policy.Policy) -> None:
     assert appeared is not None
     assert [c["flush"]["map"]["name"] for c in appeared if "flush" in c] == ["local_ports"]
     assert build(pol).changes_since(build(pol, clearnet=None)) is None
+
+
+IIF_LO = match({"meta": {"key": "iif"}}, "lo")
+
+
+def test_lockdown_keeps_loopback_only() -> None:
+    """Exact rules, operators included: `oif != lo accept` would open everything."""
+    rs = lockdown()
+    for family in ("ip", "ip6"):
+        chains = {c["name"]: c for c in objects(rs, "chain", family)}
+        assert {n: (c["hook"], c["policy"]) for n, c in chains.items()} == {
+            "input": ("input", "drop"), "forward": ("forward", "drop"),
+            "output": ("output", "drop"),
+        }  # fmt: skip
+        assert rules(rs, family, "input") == [[IIF_LO, ACCEPT]]
+        assert rules(rs, family, "output") == [[OIF_LO, ACCEPT]]
+        assert rules(rs, family, "forward") == []
+
+
+def test_new_inbound_is_dropped_and_related_is_accepted_only_on_lo(pol: policy.Policy) -> None:
+    rs = build(pol)
+    assert rules(rs, "ip", "input") == [
+        [match(STATE, "established"), ACCEPT],
+        [IIF_LO, ACCEPT],
+        [{"counter": None}, {"drop": None}],
+    ]
+    assert rules(rs, "ip", "out_related") == [[OIF_LO, match(L4PROTO, 1), ACCEPT], [REJECT]]
+    assert rules(rs, "ip6", "out_related") == [
+        [OIF_LO, match(L4PROTO, 58), ACCEPT],
+        [OIF_LO, match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, "rst"]}, "rst"),
+         ACCEPT],
+        [REJECT],
+    ]  # fmt: skip
+    assert rules(rs, "ip6", "in_related")[-1] == [{"counter": None}, {"drop": None}]
+
+
+def walk(node: Any) -> Any:
+    yield node
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from walk(v)
+
+
+def test_protocols_and_ports_are_numbers(pol: policy.Policy) -> None:
+    """nft resolves names through /etc/protocols and /etc/services, which a
+    minimal system lacks: the ruleset holds numbers only."""
+    for rs in (build(pol), nm_and_tor(pol, "198.51.100.10")):
+        document = rs.document()
+        for node in walk(document):
+            if isinstance(node, dict) and "match" in node and node["match"]["left"] == L4PROTO:
+                assert isinstance(node["match"]["right"], int), node
+        for family in ("ip", "ip6"):
+            for name in ("local_ports", "local_any"):
+                if name in [m["name"] for m in objects(rs, "map", family)]:
+                    for key in elements(rs, family, name):
+                        assert all(isinstance(k, int) for k in key), (name, key)
+        for node in walk(document):
+            if isinstance(node, dict) and node.get("left") == TH_DPORT:
+                assert isinstance(node["right"], (int, dict)), node
+
+
+def test_chain_names_are_distinct_for_distinct_user_keys(pol: policy.Policy) -> None:
+    """Keys that differ only by '-', '_' or '.' once shared one chain, and
+    so each other's rights."""
+    users = (policy.User("a-b", "acct1"), policy.User("a_b", "acct2"), policy.User("a.b", "acct3"))
+    direct = (policy.DirectRule("a-b", False, "any", ()),
+              policy.DirectRule("a_b", False, "none", (53,)),
+              policy.DirectRule("a.b", False, "new", ()))  # fmt: skip
+    p = policy.Policy(pol.source, pol.log, users, (), direct, pol.lan, ())
+    rs = compile_policy(p, Facts(uids=MappingProxyType({"acct1": 1, "acct2": 2, "acct3": 3})))
+    assert rules(rs, "ip", "direct_a-b")[-1] == [match(L4PROTO, 6), ACCEPT]
+    assert rules(rs, "ip", "direct_a_b")[-1] == [UDP_DPORT_53, {"mangle": {"key": MARK,
+                                                 "value": 2}}, ACCEPT]  # fmt: skip
+    assert rules(rs, "ip", "direct_a.b")[-1] == [SYN_ONLY, ACCEPT]
+
+
+def with_dns(pol: policy.Policy, dns: policy.Dns) -> policy.Policy:
+    return policy.Policy(pol.source, pol.log, pol.users, pol.local, pol.direct, pol.lan,
+                         pol.redirects, dns)  # fmt: skip
+
+
+def nm_and_tor(pol: policy.Policy, *servers: str) -> Ruleset:
+    facts = Facts(uids=MappingProxyType(UIDS),
+                  dns=tuple(ipaddress.IPv4Address(s) for s in servers))  # fmt: skip
+    return compile_policy(with_dns(pol, policy.Dns(clearnet="nm", stray="tor")), facts)
+
+
+def test_clearnet_dns_nm_sends_the_direct_users_dns_only_to_networkmanagers_servers(
+    pol: policy.Policy,
+) -> None:
+    rs = nm_and_tor(pol, "203.0.113.53", "198.51.100.10", "203.0.113.53")
+    assert named(rs, "set", "ip", "clearnet_dns") == {
+        "family": "ip", "table": "tailsfw", "name": "clearnet_dns", "type": "ipv4_addr",
+        "elem": ["198.51.100.10", "203.0.113.53"],
+    }  # fmt: skip
+    servers = match(DADDR, "@clearnet_dns")
+    only_theirs = [match(TH_DPORT, 53), RETURN]
+    assert rules(rs, "ip", "direct_clearnet") == [
+        [OIF_LO, RETURN],
+        [UDP_DPORT_53, servers, {"mangle": {"key": MARK, "value": 110}}, ACCEPT],
+        [TCP_DPORT_53, servers, match(L4PROTO, 6), ACCEPT],
+        only_theirs,
+        [match(L4PROTO, 6), ACCEPT],
+    ]
+    assert rules(rs, "ip", "direct_debian-tor") == [
+        [UDP_DPORT_53, servers, {"mangle": {"key": MARK, "value": 107}}, ACCEPT],
+        [TCP_DPORT_53, servers, SYN_ONLY, ACCEPT],
+        only_theirs,
+        [SYN_ONLY, ACCEPT],
+    ]
+
+
+def test_clearnet_dns_with_no_server_known_refuses_their_dns(pol: policy.Policy) -> None:
+    rs = nm_and_tor(pol)
+    assert "elem" not in named(rs, "set", "ip", "clearnet_dns")
+    assert [match(TH_DPORT, 53), RETURN] in rules(rs, "ip", "direct_clearnet")
+
+
+def test_a_new_dns_server_is_a_set_only_change(pol: policy.Policy) -> None:
+    before = nm_and_tor(pol, "198.51.100.10")
+    after = nm_and_tor(pol, "203.0.113.10")
+    name = {"family": "ip", "table": "tailsfw", "name": "clearnet_dns"}
+    assert after.changes_since(before) == [
+        {"flush": {"set": name}},
+        {"add": {"element": {**name, "elem": ["203.0.113.10"]}}},
+    ]
+    assert nm_and_tor(pol).changes_since(before) == [{"flush": {"set": name}}]
+
+
+def test_stray_dns_tor_redirects_other_users_dns_to_tors_dns_port(pol: policy.Policy) -> None:
+    nat = rules(nm_and_tor(pol, "198.51.100.10"), "ip", "nat_output")
+    assert nat[-1] == [
+        UDP_DPORT_53,
+        match(DADDR, prefix("127.0.0.0/8"), "!="),
+        match(SKUID, {"set": [107, 110]}, "!="),
+        {"redirect": {"port": 5353}},
+    ]
+    assert len(nat) == 3  # after the two redirects of the policy
+    assert rules(build(pol), "ip", "nat_output") == nat[:2]  # "reject": nothing more
