@@ -396,8 +396,9 @@ class Lab:
             f"route add default via {PEER_LAN_V4}",
             f"route add ::/0 via {PEER_LAN_V6}",
         )
-        # Lets the unprivileged probes use ICMP echo sockets.
-        self.host(["sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"])
+        # Lets the probes use ICMP echo sockets (in the peer: towards the host).
+        for namespace in (self.host, self.peer):
+            namespace(["sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"])
 
     def _forget(self) -> None:
         # After teardown nothing here exists any more: fail loudly if used.
