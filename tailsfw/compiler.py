@@ -344,7 +344,14 @@ class _Compiler(_Builder):
                 "local_any", ["inet_proto", "uid"], ((k, anyport[k]) for k in sorted(anyport))
             )
         self.chain("local")
-        self.rule("local", _match(_meta("oif"), "lo", "!="), RETURN)
+        not_lo = [_match(_meta("oif"), "lo", "!=")]
+        if family == "ipv4":
+            # A packet our nat redirected here (stray DNS, a [[redirect]] from
+            # outside 127.0.0.0/8) goes out on lo, but the output hook still
+            # names the interface of its first route: let only those through.
+            dnat = {"&": [{"ct": {"key": "status"}}, "dnat"]}
+            not_lo.append(_match(dnat, 0))
+        self.rule("local", *not_lo, RETURN)
         if family == "ipv6":
             self.rule("local", _match(_payload("ip6", "saddr"), "::1", "!="), RETURN)
         if any(r.protocol == "tcp" for r in rules):

@@ -460,3 +460,13 @@ def test_stray_dns_tor_redirects_other_users_dns_to_tors_dns_port(pol: policy.Po
     ]
     assert len(nat) == 3  # after the two redirects of the policy
     assert rules(build(pol), "ip", "nat_output") == nat[:2]  # "reject": nothing more
+
+
+def test_local_is_for_lo_and_for_what_our_nat_sent_there(pol: policy.Policy) -> None:
+    """The output hook names the first route's interface: a datagram our
+    nat redirected from the Internet to 127.0.0.1 still shows eth0."""
+    rs = build(pol)
+    dnat = {"&": [{"ct": {"key": "status"}}, "dnat"]}
+    assert rules(rs, "ip", "local")[0] == [match(OIF_LO["match"]["left"], "lo", "!="),
+                                           match(dnat, 0), RETURN]  # fmt: skip
+    assert rules(rs, "ip6", "local")[0] == [match(OIF_LO["match"]["left"], "lo", "!="), RETURN]
