@@ -55,6 +55,17 @@ VALUES: st.SearchStrategy[Any] = st.recursive(
     max_leaves=8,
 )
 KEYS = st.one_of(TOKENS, st.text(max_size=12))
+# Names that must never reach pwd, nft or a log line as they are.
+NASTY_NAMES = st.one_of(
+    st.sampled_from(["x\x00y", "a\nb", "", "a:b", "-x", "x" * 40, "\x7f", "é", "a b", "a/b"]),
+    st.text(max_size=12),
+)
+# Values written straight into the TOML text after a `key = `.
+VALUE_BYTES = st.sampled_from(
+    [b"[" * 2000, b"9" * 5000, b"-" + b"9" * 5000, b'"\\u0000"', b'"x\x00"', b"\xff\xfe",
+     b"{ a = { b = { c = 1 } } }", b"-1", b"0", b"1e400", b"nan", b"true", b'"a\\nb"', b"[]",
+     b'"' + b"x" * 300 + b'"', b"1000.9", b'"1000"', b"2020-01-01"]
+)  # fmt: skip
 BYTES = st.one_of(
     st.binary(min_size=1, max_size=6),
     st.sampled_from(
@@ -136,7 +147,7 @@ def structural(draw: Draw, tree: Tree, ops: int) -> Tree:
 def byte_level(draw: Draw, data: bytes, ops: int) -> bytes:
     """`ops` random edits of the bytes: flip, insert, delete, duplicate, truncate."""
     for _ in range(ops):
-        op = draw(st.sampled_from(["flip", "insert", "delete", "duplicate", "truncate"]))
+        op = draw(st.sampled_from(["flip", "insert", "delete", "duplicate", "truncate", "value"]))
         i = draw(st.integers(0, len(data)))
         j = draw(st.integers(i, min(len(data), i + 64)))
         if op == "flip" and i < len(data):
@@ -149,6 +160,12 @@ def byte_level(draw: Draw, data: bytes, ops: int) -> bytes:
             data = data[:j] + data[i:j] + data[j:]
         elif op == "truncate":
             data = data[:i]
+        elif op == "value":  # the value after one `key = `, whole to the line's end
+            starts = [k + 3 for k in range(len(data)) if data[k : k + 3] == b" = "]
+            if starts:
+                start = draw(st.sampled_from(starts))
+                end = data.find(b"\n", start)
+                data = data[:start] + draw(VALUE_BYTES) + (data[end:] if end >= 0 else b"")
     return data
 
 
@@ -158,7 +175,7 @@ def semantic(draw: Draw, tree: Tree) -> Tree:
     users = sorted(tree["users"])
     op = draw(st.sampled_from(
         ["swap", "drop_local", "drop_direct", "port", "lan", "mode", "dns", "new_user",
-         "direct", "refused_ports", "log", "rename", "account", "junk"]
+         "direct", "refused_ports", "log", "rename", "account", "names", "junk"]
     ))  # fmt: skip
     port = st.integers(1, 65535)
     if op == "swap":
@@ -205,6 +222,16 @@ def semantic(draw: Draw, tree: Tree) -> Tree:
         a, b = draw(st.sampled_from(users)), draw(st.sampled_from(users))
         tree["users"][a]["account"], tree["users"][b]["account"] = (
             tree["users"][b]["account"], tree["users"][a]["account"])  # fmt: skip
+    elif op == "names":
+        user = draw(st.sampled_from(users))
+        field = draw(st.sampled_from(["account", "key", "prefix"]))
+        name = draw(NASTY_NAMES)
+        if field == "account":
+            tree["users"][user]["account"] = name
+        elif field == "key":
+            rename_user(tree, user, name)
+        else:
+            tree["log"]["prefix"] = name
     else:
         tree = structural(draw, tree, 1)
     return tree
