@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import signal
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +314,22 @@ def test_a_port_after_any_port_for_the_same_user_is_unreachable() -> None:
 # -- the file itself --------------------------------------------------------
 
 
+@contextlib.contextmanager
+def hang_fails_in(seconds: int) -> Iterator[None]:
+    """A blocking open or read (a FIFO with no writer) fails the test."""
+
+    def hung(signum: int, frame: object) -> None:
+        raise TimeoutError(f"policy.load still blocked after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -336,7 +354,7 @@ def test_the_file_is_a_bounded_regular_utf8_toml_file(
     path = tmp_path / "policy.toml"
     make(path)
     start = time.monotonic()
-    with pytest.raises(policy.PolicyError) as raised:
+    with hang_fails_in(5), pytest.raises(policy.PolicyError) as raised:
         policy.load(path)
     assert time.monotonic() - start < 2
     text = str(raised.value)
