@@ -72,11 +72,10 @@ def index(section: str, **content: Any) -> int:
 
 TOR_SOCKS = index("local", ports=[9050])
 ONION_GRATER = index("local", ports=[951])
-LOCAL_DNS = index("local", protocol="udp")
 CLEARNET = index("direct", user="clearnet")
 TOR = index("direct", user="debian-tor")
-DNS_REDIRECT = index("redirect", protocol="udp")
-AUTOMAP = index("redirect", protocol="tcp")
+DNS_REDIRECT = index("redirect", to_port=5353)
+AUTOMAP = index("redirect", to_port=9040)
 
 
 def mutate(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
