@@ -133,6 +133,9 @@ def test_a_ruleset_the_kernel_refuses_leaves_the_ruleset_in_force(
     )
     done = lab.host([VENV_PYTHON, "-c", script])
     assert done.stdout.startswith("refused:"), done.stdout + done.stderr
+    # nft's own words, on one line: never the whole JSON document.
+    assert done.stdout.count("\n") == 1 and "No such file or directory" in done.stdout
+    assert len(done.stdout) < 300, done.stdout
     assert_cases(lab, ("amnesia", "debian-tor"), SAMPLE)
 
 
