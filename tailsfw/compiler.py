@@ -451,9 +451,22 @@ class _Compiler(_Builder):
             self.rule("lan_refused", direct)
         self.rule("lan_refused", _jump(REFUSE))
         self.chain("lan")
-        for proto, port in self.lan_refused_ports():
+        refused = self.lan_refused_ports()
+        common = [(proto, port) for proto, port in refused if proto in ("tcp", "udp")]
+        other = [(proto, port) for proto, port in refused if (proto, port) not in common]
+        for proto, port in common:
             dport = _match(_payload("th", "dport"), port)
             self.rule("lan", _l4proto(proto), dport, _jump("lan_refused"))
+        if other:
+            # The rarer transports behind one range comparison, so that TCP
+            # and UDP in the refused span pay one comparison for them.
+            numbers = sorted(PROTO[proto] for proto, _ in other)
+            span = {"range": [numbers[0], numbers[-1]]}
+            self.rule("lan", _match(_meta("l4proto"), span), _jump("lan_other"))
+            self.chain("lan_other")
+            for proto, port in other:
+                dport = _match(_payload("th", "dport"), port)
+                self.rule("lan_other", _l4proto(proto), dport, _jump("lan_refused"))
         self.rule("lan", ACCEPT, comment="Tails rule 5")
 
     def lan_refused_ports(self) -> list[tuple[str, int]]:
