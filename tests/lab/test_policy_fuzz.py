@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 from tailsfw import policy
 from tests import policy_mutants as mutants
 from tests.lab.matrix import INTERNET, INTERNET2, INTERNET6, ROUTER
-from tests.lab.policies import lab_policy
-from tests.lab.test_matrix import apply
+from tests.lab.policies import apply, lab_policy
 from tests.lab.topology import Lab
 
 # (role, proto, family, destination, port): all refused by the shipped policy.

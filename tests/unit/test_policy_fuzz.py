@@ -15,7 +15,7 @@ import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tailsfw import cli
+from tailsfw import cli, summary
 from tests import policy_mutants as mutants
 
 SETTINGS = settings(
@@ -45,7 +45,7 @@ def check(data: bytes) -> None:
         document = json.loads(out)  # compiled, and valid JSON
         assert {"add": {"table": {"family": "ip", "name": "tailsfw"}}} in document["nftables"]
     else:
-        assert code == 1
+        assert code == summary.BAD_POLICY
         (error,) = [line for line in lines if "warning" not in line]
         assert "policy.toml: " in error and len(error) < 400, error
 
