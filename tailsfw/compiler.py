@@ -349,8 +349,8 @@ class _Compiler(_Builder):
             # A packet our nat redirected here (stray DNS, a [[redirect]] from
             # outside 127.0.0.0/8) goes out on lo, but the output hook still
             # names the interface of its first route: let only those through.
-            dnat = {"&": [{"ct": {"key": "status"}}, "dnat"]}
-            not_lo.append(_match(dnat, 0))
+            # (`ct status ! dnat`: the form nft lists back, so verify compares it.)
+            not_lo.append(_match({"ct": {"key": "status"}}, "dnat", "!"))
         self.rule("local", *not_lo, RETURN)
         if family == "ipv6":
             self.rule("local", _match(_payload("ip6", "saddr"), "::1", "!="), RETURN)

@@ -142,7 +142,7 @@ def test_an_operator_change_is_a_difference() -> None:
     rules_of(listing, "ip", "local")[0]["expr"][0]["match"]["op"] = "=="
     (found,) = verify.differences(listing, ruleset)
     assert found.startswith(
-        "chain ip tailsfw local: rule 1 is `meta oif lo ct status & dnat 0 return`"
+        "chain ip tailsfw local: rule 1 is `meta oif lo ct status ! dnat return`"
     )
 
 
