@@ -36,6 +36,15 @@ from .policy import DirectRule, Family, LocalRule, Policy
 
 TABLE = "tailsfw"
 FAMILIES = {"ipv4": "ip", "ipv6": "ip6"}
+# IP protocol numbers (IANA).  The ruleset holds numbers, never names: nft
+# resolves names through /etc/protocols, which a minimal system lacks.
+PROTO = {"icmp": 1, "tcp": 6, "udp": 17, "dccp": 33, "ipv6-icmp": 58, "sctp": 132, "udplite": 136}
+# The transports whose header starts with source and destination ports (what
+# `th dport` reads): a refused LAN port is refused on each of them.
+PORTED = ("tcp", "udp", "dccp", "sctp", "udplite")
+DNS_PORT = 53
+# The set of NetworkManager's DNS servers (`dns.clearnet = "nm"`).
+CLEARNET_DNS = "clearnet_dns"
 LOOPBACK = {"ipv4": "127.0.0.1", "ipv6": "::1"}
 # Tails' "syn": of these four flags only SYN is set (a new connection).
 SYN_MASK = ["fin", "syn", "rst", "ack"]
@@ -107,7 +116,7 @@ def _shape(obj: Json) -> Json:
 
 def compile_policy(policy: Policy, facts: Facts) -> Ruleset:
     uids, warnings = _resolve_users(policy, facts)
-    c = _Compiler(policy, uids)
+    c = _Compiler(policy, uids, facts.dns)
     c.ipv4(_lan_networks(policy, facts))
     c.ipv6()
     # nft resolves names as it reads: chains before the maps that jump to
@@ -238,8 +247,12 @@ RETURN: Json = {"return": None}
 COUNTER: Json = {"counter": None}
 
 
-def _ports(ports: Sequence[int]) -> Any:
-    return ports[0] if len(ports) == 1 else {"set": sorted(ports)}
+def _one_or_set(values: Sequence[int]) -> Any:
+    return values[0] if len(values) == 1 else {"set": sorted(values)}
+
+
+def _l4proto(name: str) -> Json:
+    return _match(_meta("l4proto"), PROTO[name])
 
 
 def _network(net: ipaddress.IPv4Network) -> Any:
@@ -308,10 +321,13 @@ class _Builder:
 
 
 class _Compiler(_Builder):
-    def __init__(self, policy: Policy, uids: Mapping[str, int]) -> None:
+    def __init__(
+        self, policy: Policy, uids: Mapping[str, int], dns: Sequence[ipaddress.IPv4Address]
+    ) -> None:
         super().__init__()
         self.policy = policy
         self.uids = uids
+        self.dns = dns
 
     # shared pieces
 
@@ -326,7 +342,7 @@ class _Compiler(_Builder):
             # An ICMPv6 error is only honoured by TCP on its next SYN (1 s
             # later): answer TCP with a reset so it fails at once, as in IPv4.
             self.rule(REFUSE, COUNTER, log, comment="Tails rule 6")
-            self.rule(REFUSE, _match(_meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}})
+            self.rule(REFUSE, _l4proto("tcp"), {"reject": {"type": "tcp reset"}})
             self.rule(REFUSE, {"reject": {"type": "icmpv6", "expr": "port-unreachable"}})
 
     def related_chain(self, name: str, direction: str, *final: Json) -> None:
@@ -334,7 +350,7 @@ class _Compiler(_Builder):
         lo = _match(_meta(direction), "lo")
         self.chain(name)
         icmp = "icmp" if self.family == "ip" else "ipv6-icmp"
-        self.rule(name, lo, _match(_meta("l4proto"), icmp), ACCEPT)
+        self.rule(name, lo, _l4proto(icmp), ACCEPT)
         if self.family == "ip6":
             self.rule(name, lo, _flags("rst", "rst"), ACCEPT)
         self.rule(name, *final)
@@ -360,7 +376,14 @@ class _Compiler(_Builder):
                 "local_any", ["inet_proto", "uid"], ((k, anyport[k]) for k in sorted(anyport))
             )
         self.chain("local")
-        self.rule("local", _match(_meta("oif"), "lo", "!="), RETURN)
+        not_lo = [_match(_meta("oif"), "lo", "!=")]
+        if family == "ipv4":
+            # A packet our nat redirected here (stray DNS, a [[redirect]] from
+            # outside 127.0.0.0/8) goes out on lo, but the output hook still
+            # names the interface of its first route: let only those through.
+            # (`ct status ! dnat`: the form nft lists back, so verify compares it.)
+            not_lo.append(_match({"ct": {"key": "status"}}, "dnat", "!"))
+        self.rule("local", *not_lo, RETURN)
         if family == "ipv6":
             self.rule("local", _match(_payload("ip6", "saddr"), "::1", "!="), RETURN)
         if any(r.protocol == "tcp" for r in rules):
@@ -374,16 +397,17 @@ class _Compiler(_Builder):
 
     def _local_verdicts(
         self, rules: Sequence[LocalRule]
-    ) -> tuple[dict[tuple[str, int, int], Json], dict[tuple[str, int], Json]]:
-        exact: dict[tuple[str, int, int], Json] = {}
-        anyport: dict[tuple[str, int], Json] = {}
+    ) -> tuple[dict[tuple[int, int, int], Json], dict[tuple[int, int], Json]]:
+        exact: dict[tuple[int, int, int], Json] = {}
+        anyport: dict[tuple[int, int], Json] = {}
         for rule in rules:
             for verdict, users in ((ACCEPT, rule.allow), (_jump(REFUSE), rule.reject)):
                 for uid in self._uids(users):
+                    proto = PROTO[rule.protocol]
                     if rule.ports is None:
-                        anyport.setdefault((rule.protocol, uid), verdict)
+                        anyport.setdefault((proto, uid), verdict)
                     for port in rule.ports or ():
-                        exact.setdefault((rule.protocol, port, uid), verdict)
+                        exact.setdefault((proto, port, uid), verdict)
         return exact, anyport
 
     def _uids(self, users: Iterable[str]) -> list[int]:
@@ -417,19 +441,30 @@ class _Compiler(_Builder):
         self.rule(name, _jump(REFUSE), comment="another user's flow")
 
     def direct_chain(self, rule: DirectRule, uid: int) -> str:
-        name = "direct_" + rule.user.replace("-", "_").replace(".", "_")
+        # The key as it is: distinct keys give distinct chains (policy.USER_KEY).
+        name = "direct_" + rule.user
         self.chain(name)
         if not rule.loopback:
             self.rule(name, _match(_meta("oif"), "lo"), RETURN, comment="never loopback")
-        if rule.udp_ports:
-            # The flow is marked with its owner: see `conntracked_chain`.
-            owner = {"mangle": {"key": {"ct": {"key": "mark"}}, "value": uid}}
-            udp = _match(_payload("udp", "dport"), _ports(rule.udp_ports))
-            self.rule(name, udp, owner, ACCEPT)
-        if rule.tcp == "any":
-            self.rule(name, _match(_meta("l4proto"), "tcp"), ACCEPT)
-        elif rule.tcp == "new":
-            self.rule(name, _flags(SYN_MASK, "syn"), ACCEPT)
+        # The flow is marked with its owner: see `conntracked_chain`.
+        owner = {"mangle": {"key": {"ct": {"key": "mark"}}, "value": uid}}
+        tcp = {"any": [_l4proto("tcp")], "new": [_flags(SYN_MASK, "syn")], "none": None}[rule.tcp]
+        udp_ports = rule.udp_ports
+        if self.policy.dns.clearnet == "nm":
+            # DNS only to NetworkManager's servers.  A miss in the set (none
+            # known, or while a commit retires the old elements) returns.
+            servers = _match(_payload("ip", "daddr"), "@" + CLEARNET_DNS)
+            if DNS_PORT in udp_ports:
+                self.rule(name, _match(_payload("udp", "dport"), DNS_PORT), servers, owner, ACCEPT)
+            if tcp is not None:
+                self.rule(name, _match(_payload("tcp", "dport"), DNS_PORT), servers, *tcp, ACCEPT)
+            self.rule(name, _match(_payload("th", "dport"), DNS_PORT), RETURN,
+                      comment="DNS: only NetworkManager's servers")  # fmt: skip
+            udp_ports = tuple(p for p in udp_ports if p != DNS_PORT)
+        if udp_ports:
+            self.rule(name, _match(_payload("udp", "dport"), _one_or_set(udp_ports)), owner, ACCEPT)
+        if tcp is not None:
+            self.rule(name, *tcp, ACCEPT)
         return name
 
     def lan_chain(self, direct: Json | None) -> None:
@@ -448,15 +483,35 @@ class _Compiler(_Builder):
             self.rule("lan_refused", direct)
         self.rule("lan_refused", _jump(REFUSE))
         self.chain("lan")
-        for proto, port in self.lan_refused_ports():
-            self.rule("lan", _match(_payload(proto, "dport"), port), _jump("lan_refused"))
+        refused = self.lan_refused_ports()
+        common = [(proto, port) for proto, port in refused if proto in ("tcp", "udp")]
+        other = [(proto, port) for proto, port in refused if (proto, port) not in common]
+        for proto, port in common:
+            dport = _match(_payload("th", "dport"), port)
+            self.rule("lan", _l4proto(proto), dport, _jump("lan_refused"))
+        if other:
+            # The rarer transports behind one range comparison, so that TCP
+            # and UDP in the refused span pay one comparison for them.
+            numbers = sorted(PROTO[proto] for proto, _ in other)
+            span = {"range": [numbers[0], numbers[-1]]}
+            self.rule("lan", _match(_meta("l4proto"), span), _jump("lan_other"))
+            self.chain("lan_other")
+            for proto, port in other:
+                dport = _match(_payload("th", "dport"), port)
+                self.rule("lan_other", _l4proto(proto), dport, _jump("lan_refused"))
         self.rule("lan", ACCEPT, comment="Tails rule 5")
 
     def lan_refused_ports(self) -> list[tuple[str, int]]:
+        """(transport, port) refused on the LAN: TCP's ports, UDP's ports, and
+        both on every other transport with ports (UDP-Lite, SCTP, DCCP), so
+        that no transport reaches a LAN resolver."""
         lan = self.policy.lan
-        return [("tcp", p) for p in lan.reject_tcp_ports] + [
-            ("udp", p) for p in lan.reject_udp_ports
-        ]
+        both = sorted(set(lan.reject_tcp_ports) | set(lan.reject_udp_ports))
+        return (
+            [("tcp", p) for p in lan.reject_tcp_ports]
+            + [("udp", p) for p in lan.reject_udp_ports]
+            + [(proto, p) for p in both for proto in PORTED if proto not in ("tcp", "udp")]
+        )
 
     # the two tables
 
@@ -488,6 +543,8 @@ class _Compiler(_Builder):
         connected = self.policy.lan.mode == "connected"
         if connected:
             self.set_object("lan", "ipv4_addr", map(_network, lan), flags=["interval"])
+        if self.policy.dns.clearnet == "nm":
+            self.set_object(CLEARNET_DNS, "ipv4_addr", [str(a) for a in sorted(set(self.dns))])
 
         self.chain("output", "output")
         self.conntracked_rule()
@@ -515,7 +572,7 @@ class _Compiler(_Builder):
         if dispatch is not None:
             self.rule("output", dispatch, comment="Tails rules 3, 4")
         self.rule("output", _jump(REFUSE))
-        self.nat_chain()
+        self.nat_chain([uid for uid, _ in direct])
 
     def ipv6(self) -> None:
         self.family = "ip6"
@@ -538,7 +595,7 @@ class _Compiler(_Builder):
                 _match(_meta("iif"), "lo"),
                 _match(_payload("ip6", "saddr"), "::1"),
                 _match(_payload("ip6", "daddr"), "::1"),
-                _match(_payload("tcp", "dport"), _ports(ports)),
+                _match(_payload("tcp", "dport"), _one_or_set(ports)),
                 ACCEPT,
             )
         self.rule("input", COUNTER, {"drop": None})
@@ -564,16 +621,24 @@ class _Compiler(_Builder):
         both = _match(CT_STATE, ["established", "related"], "in")
         self.rule("output", both, _jump("conntracked"), comment="Tails rule 1")
 
-    def nat_chain(self) -> None:
+    def nat_chain(self, direct_uids: Sequence[int]) -> None:
         self.chain("nat_output", "output", kind="nat")
+        daddr = _payload("ip", "daddr")
         for r in self.policy.redirects:
-            expr = [
-                _match(_payload("ip", "daddr"), _network(r.destination)),
-                _match(_meta("l4proto"), r.protocol),
-            ]
+            expr = [_match(daddr, _network(r.destination)), _l4proto(r.protocol)]
             if r.port is not None:
                 expr.append(_match(_payload("th", "dport"), r.port))
             self.rule("nat_output", *expr, {"redirect": {"port": r.to_port}})
+        if self.policy.dns.stray == "tor":
+            # Everyone but the direct users: their DNS is theirs to send.
+            expr = [
+                _match(_payload("udp", "dport"), DNS_PORT),
+                _match(daddr, _network(ipaddress.IPv4Network("127.0.0.0/8")), "!="),
+            ]
+            if direct_uids:
+                expr.append(_match(_meta("skuid"), _one_or_set(sorted(direct_uids)), "!="))
+            self.rule("nat_output", *expr, {"redirect": {"port": self.policy.dns.tor_port}},
+                      comment="stray DNS to Tor's DNS port")  # fmt: skip
 
 
 def _key(key: Any) -> Any:

@@ -31,6 +31,8 @@ def desired(policy: Policy, facts: Facts) -> Desired:
 
 def ruleset_facts(facts: Facts) -> Hashable:
     """What the compiler reads of the facts: when it is the same, the ruleset
-    is, and nothing need be compiled (a DNS change then costs no commit).
-    tests/unit/test_desired.py checks that nothing else changes a ruleset."""
-    return (facts.connected, tuple(sorted(facts.uids.items())))
+    is, and nothing need be compiled (an interface renamed costs no commit).
+    The DNS servers are read in `dns.clearnet = "nm"` mode (a set-only
+    change then).  tests/unit/test_desired.py checks that nothing else
+    changes a ruleset."""
+    return (facts.connected, tuple(sorted(facts.uids.items())), facts.dns)

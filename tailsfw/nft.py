@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 from nftables import Nftables
@@ -16,6 +17,20 @@ from nftables import Nftables
 
 class NftError(RuntimeError):
     """libnftables refused a command; the message carries nft's own text."""
+
+
+# "internal:0:0-0: " and the like: where in the (one-line JSON) input.
+_LOCATION = re.compile(r"^\S*:\d+:\d+-\d+: ")
+MAX_ERROR = 300
+
+
+def error_text(stderr: str, rc: int) -> str:
+    """nft's own words, on one line: its "Error:" lines, once each, without
+    the echo of the input (the whole JSON document) or the caret marks."""
+    errors = [_LOCATION.sub("", line.strip()) for line in stderr.splitlines()]
+    words = list(dict.fromkeys(e for e in errors if "Error:" in e))
+    text = "; ".join(words) or f"nft failed with code {rc}"
+    return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 3] + "..."
 
 
 class Nft:
@@ -30,12 +45,12 @@ class Nft:
         # skips json_cmd's flag toggling and output parsing (0.3 ms a call).
         rc, _, error = self._nft.cmd(json.dumps(document, separators=(",", ":")))
         if rc != 0:
-            raise NftError(error.strip() or f"nft failed with code {rc}")
+            raise NftError(error_text(error, rc))
 
     def list_ruleset(self) -> list[dict[str, Any]]:
         rc, output, error = self._nft.cmd("list ruleset")
         if rc != 0:
-            raise NftError(error.strip() or f"nft failed with code {rc}")
+            raise NftError(error_text(error, rc))
         data: dict[str, Any] = json.loads(output) if output else {"nftables": []}
         return list(data["nftables"])
 

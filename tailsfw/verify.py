@@ -12,7 +12,9 @@ kernel adds or rewrites and does not change what a rule does:
 - `reject` without arguments (listed with the family's default);
 - a `meta l4proto` match that a later statement implies (`meta l4proto
   udp th dport 53` is listed as `udp dport 53`);
-- an empty comment.
+- an empty comment;
+- a protocol number where the kernel lists its name (`meta l4proto 6` is
+  listed as `tcp`, and so are the keys of `inet_proto` maps).
 
 Only the families the compiler writes (`ip`, `ip6`) are compared: a table
 named `tailsfw` in another family is not ours to judge.
@@ -27,7 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .compiler import FAMILIES, TABLE, Ruleset
+from .compiler import FAMILIES, PROTO, TABLE, Ruleset
 
 Json = dict[str, Any]
 OUR_FAMILIES = frozenset(FAMILIES.values())
@@ -41,6 +43,8 @@ FULL_PREFIX = {"ip": 32, "ip6": 128}
 KINDS = ("table", "chain", "set", "map")
 DORMANT = "a dormant table filters nothing"
 TRANSPORTS = ("tcp", "udp", "udplite", "sctp", "dccp")
+# The compiler writes protocol numbers; the kernel lists their names.
+PROTO_NAMES = {number: name for name, number in PROTO.items()}
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,8 @@ def canonical(objects: Iterable[Json]) -> Tables:
             drop = {"family", "table", "name", "handle"}
             rest = {k: _value(v, family) for k, v in body.items() if k not in drop}
             if isinstance(rest.get("elem"), list):
+                if isinstance(rest.get("type"), list) and rest["type"][:1] == ["inet_proto"]:
+                    rest["elem"] = [_named_key(e) for e in rest["elem"]]
                 rest["elem"] = _sorted(rest["elem"])
             if isinstance(rest.get("flags"), list):
                 rest["flags"] = _sorted(rest["flags"])
@@ -118,7 +124,7 @@ def _expr(statements: Sequence[Any], family: str) -> list[Any]:
                 statement = {"counter": None}  # its values move; a named counter stays
             elif name == "reject" and arg is None and family in DEFAULT_REJECT:
                 statement = {"reject": DEFAULT_REJECT[family]}
-        statement = _value(statement, family)
+        statement = _named_l4proto(_value(statement, family))
         proto = _l4proto(statement)
         if dependency is not None and (upper := _upper_layer(statement, out[dependency])):
             # nft lists `meta l4proto udp th dport 53` as `udp dport 53`, and
@@ -129,6 +135,27 @@ def _expr(statements: Sequence[Any], family: str) -> list[Any]:
             dependency = len(out)
         out.append(statement)
     return out
+
+
+def _named_l4proto(statement: Any) -> Any:
+    """`meta l4proto 6` as the kernel lists it: `meta l4proto tcp`."""
+    match = statement.get("match") if isinstance(statement, dict) else None
+    if isinstance(match, dict) and match.get("left") == {"meta": {"key": "l4proto"}}:
+        right = match.get("right")
+        if isinstance(right, int) and right in PROTO_NAMES:
+            return {"match": {**match, "right": PROTO_NAMES[right]}}
+    return statement
+
+
+def _named_key(element: Any) -> Any:
+    """A map element `[concat [6, ...], verdict]` with the protocol's name."""
+    if not (isinstance(element, list) and element and isinstance(element[0], dict)):
+        return element
+    parts = element[0].get("concat")
+    if isinstance(parts, list) and parts and isinstance(parts[0], int):
+        named = [PROTO_NAMES.get(parts[0], parts[0]), *parts[1:]]
+        return [{"concat": named}, *element[1:]]
+    return element
 
 
 def _l4proto(statement: Any) -> str | None:

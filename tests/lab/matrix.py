@@ -27,7 +27,7 @@ FAST_MS = 200.0
 @dataclass(frozen=True)
 class Destination:
     name: str
-    proto: str  # tcp, udp, icmp, raw
+    proto: str  # tcp, udp, icmp, raw, or udplite|sctp|dccp (raw packets with ports)
     family: int
     dst: str
     port: int | None = None
@@ -48,11 +48,18 @@ INTERNET6 = "2001:db8:1::10"
 ROUTER = "192.168.77.1"
 ROUTER6 = "2001:db8:77::1"
 
+# Every port the policy names has its neighbours probed too (N-1, N+1): a
+# rule widened by one port, or to a whole protocol, shows as an answer.
 DESTINATIONS = (
     Destination("internet tcp/443", "tcp", 4, INTERNET, 443),
     Destination("internet tcp/53", "tcp", 4, INTERNET, 53),
     Destination("internet udp/5000", "udp", 4, INTERNET, 5000),
     Destination("internet udp/53", "udp", 4, INTERNET, 53),
+    *(
+        Destination(f"internet udp/{port}", "udp", 4, INTERNET, port)
+        for port in (52, 54, 123)  # beside the direct users' DNS
+    ),
+    Destination("internet udplite/53", "udplite", 4, INTERNET, 53),
     Destination("internet icmp", "icmp", 4, INTERNET2),
     Destination("internet ipproto 253", "raw", 4, INTERNET2),
     Destination("internet6 tcp/443", "tcp", 6, INTERNET6, 443),
@@ -65,15 +72,36 @@ DESTINATIONS = (
     Destination("lan dns udp/53", "udp", 4, ROUTER, 53),
     Destination("lan dns tcp/53", "tcp", 4, ROUTER, 53),
     Destination("lan netbios udp/137", "udp", 4, ROUTER, 137),
+    *(Destination(f"lan udp/{port}", "udp", 4, ROUTER, port) for port in (52, 54, 136, 138)),
+    *(Destination(f"lan tcp/{port}", "tcp", 4, ROUTER, port) for port in (52, 54, 137)),
+    # Every transport with ports: a LAN resolver is reached by none.
+    Destination("lan udplite/53", "udplite", 4, ROUTER, 53),
+    Destination("lan sctp/137", "sctp", 4, ROUTER, 137),
+    Destination("lan dccp/53", "dccp", 4, ROUTER, 53),
+    Destination("lan udplite/5000", "udplite", 4, ROUTER, 5000),
+    Destination("lan ipproto 253", "raw", 4, ROUTER),
     *(
         Destination(f"127.0.0.1 tcp/{port}", "tcp", 4, "127.0.0.1", port)
         for port in (9050, 9062, 9063, 9040, 9052, 951, 4101, 631, 8000)
     ),
+    *(
+        Destination(f"127.0.0.1 tcp/{port}", "tcp", 4, "127.0.0.1", port)
+        for port in (9049, 9051, 9053, 9061, 9064, 950, 952, 4100, 4102)
+    ),
     Destination("127.0.0.1 udp/53 (dns)", "udp", 4, "127.0.0.1", 53),
     Destination("127.0.0.1 udp/5353", "udp", 4, "127.0.0.1", 5353),
+    # Only port 53 is redirected to Tor's DNS port; nothing else is allowed.
+    *(
+        Destination(f"127.0.0.1 udp/{port}", "udp", 4, "127.0.0.1", port)
+        for port in (52, 54, 123, 5352, 5354)
+    ),
     Destination("automap tcp/80", "tcp", 4, "127.192.0.5", 80),
     Destination("::1 tcp/4101", "tcp", 6, "::1", 4101),
+    Destination("::1 tcp/4100", "tcp", 6, "::1", 4100),
+    Destination("::1 tcp/4102", "tcp", 6, "::1", 4102),
 )
+# Sent without an answer to wait for: "sent" (and counted at the peer) is open.
+UNANSWERED = {"raw", "udplite", "sctp", "dccp"}
 
 # Tails rule 2, new TCP to 127.0.0.1: who may, who is rejected; then "any
 # other port: amnesia".
@@ -88,6 +116,13 @@ LOCAL_TCP_ALLOW = {
 LOCAL_TCP_REJECT = {9063: {"amnesia"}, 9052: {"amnesia"}}
 LOCAL_DNS_ALLOW = {"amnesia", "htp", "root"}
 DIRECT = {"clearnet", "debian-tor"}
+# Tails rule 5's exceptions: TCP's and UDP's own, and both on the other
+# transports with ports.
+LAN_REFUSED = {
+    "tcp": {53},
+    "udp": {53, 137},
+    **dict.fromkeys(("udplite", "sctp", "dccp"), frozenset({53, 137})),
+}
 
 
 def after_nat(d: Destination) -> int | None:
@@ -113,12 +148,12 @@ def expected(user: str, d: Destination) -> Outcome:
                 return "refused"
             # amnesia: any other port; debian-tor: new TCP on any interface.
             return "open" if user in {"amnesia", "debian-tor"} else "refused"
-        return "open" if port == 5353 and user in LOCAL_DNS_ALLOW else "refused"
+        ok = d.proto == "udp" and port == 5353 and user in LOCAL_DNS_ALLOW
+        return "open" if ok else "refused"
     if user in DIRECT and (d.proto == "tcp" or (d.proto == "udp" and port == 53)):
         return "open"  # Tails rules 3 and 4
     if d.lan:
-        blocked = (d.proto == "tcp" and port == 53) or (d.proto == "udp" and port in (53, 137))
-        return "refused" if blocked else "open"
+        return "refused" if port in LAN_REFUSED.get(d.proto, set()) else "open"
     return "refused"
 
 
@@ -162,7 +197,7 @@ class Case:
             if self.ms > FAST_MS:
                 return f"refused only after {self.ms:.0f} ms"
             return None
-        if self.result != "open":
+        if self.result != "open" and not (d.proto in UNANSWERED and self.result == "sent"):
             return f"expected open, got {self.result} ({self.detail})"
         if d.local and self.arrived:
             return f"LEAK: local traffic, yet {self.arrived} packet(s) reached the peer"

@@ -4,7 +4,7 @@
 Run by the lab as an unprivileged test user inside the host namespace, so it
 uses the standard library only and imports nothing from the project:
 
-    probe.py --proto tcp|udp|icmp|raw --family 4|6 --dst ADDR [--port N]
+    probe.py --proto tcp|udp|icmp|raw|udplite|sctp|dccp --family 4|6 --dst ADDR [--port N]
              [--timeout SECONDS]
 
 Output: ``{"result": R, "ms": elapsed_ms, "detail": str}`` where R is
@@ -13,7 +13,8 @@ Output: ``{"result": R, "ms": elapsed_ms, "detail": str}`` where R is
   a reply (detail = the UDP reply text);
 - ``refused``: ECONNREFUSED, or EPERM/EACCES on connect/send (a local reject
   or drop), or an ECONNREFUSED on a UDP receive (ICMP port unreachable);
-- ``sent``: UDP/ICMP/raw sent without error, no reply within the timeout;
+- ``sent``: UDP/ICMP/raw (and udplite, sctp, dccp: raw packets with ports)
+  sent without error, no reply within the timeout;
 - ``timeout``: TCP connect timed out;
 - ``error``: anything else (detail = repr of the exception).
 
@@ -34,6 +35,11 @@ from dataclasses import dataclass
 
 # An IP protocol number reserved for experiments (RFC 3692): nothing answers.
 RAW_PROTOCOL = 253
+# Transports with ports, sent as raw packets whose header starts with a
+# source and a destination port (what a firewall's `th dport` reads); the
+# peer's stack drops them, but its counter sees them arrive.
+PORTED_RAW = {"dccp": 33, "sctp": 132, "udplite": 136}
+RAW_SOURCE_PORT = 40000
 GREETING_MAX = 200
 REFUSING_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EPERM, errno.EACCES})
 
@@ -146,13 +152,16 @@ def probe_icmp(family: int, dst: str, timeout: float) -> Outcome:
             return attempt.failed(exc)
 
 
-def probe_raw(family: int, dst: str) -> Outcome:
+def probe_raw(
+    family: int, dst: str, ipproto: int = RAW_PROTOCOL, port: int | None = None
+) -> Outcome:
     # Needs CAP_NET_RAW, which the lab grants the test users as an ambient
     # capability; nothing answers protocol 253, so success is "sent".
-    with socket.socket(family_of(family), socket.SOCK_RAW, RAW_PROTOCOL) as sock:
+    header = b"" if port is None else struct.pack("!HH", RAW_SOURCE_PORT, port)
+    with socket.socket(family_of(family), socket.SOCK_RAW, ipproto) as sock:
         attempt = Attempt()
         try:
-            sock.sendto(b"tfwlab\x00\x00", (dst, 0))
+            sock.sendto(header + b"tfwlab\x00\x00", (dst, 0))
         except OSError as exc:
             return attempt.failed(exc)
         return attempt.done("sent")
@@ -160,7 +169,7 @@ def probe_raw(family: int, dst: str) -> Outcome:
 
 def run(args: argparse.Namespace) -> Outcome:
     proto: str = args.proto
-    if proto in ("tcp", "udp") and args.port is None:
+    if proto in ("tcp", "udp", *PORTED_RAW) and args.port is None:
         raise SystemExit(f"probe.py: --port is required for {proto}")
     if proto == "tcp":
         return probe_tcp(args.family, args.dst, args.port, args.timeout)
@@ -168,12 +177,15 @@ def run(args: argparse.Namespace) -> Outcome:
         return probe_udp(args.family, args.dst, args.port, args.timeout)
     if proto == "icmp":
         return probe_icmp(args.family, args.dst, args.timeout)
+    if proto in PORTED_RAW:
+        return probe_raw(args.family, args.dst, PORTED_RAW[proto], args.port)
     return probe_raw(args.family, args.dst)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="One network attempt.")
-    parser.add_argument("--proto", required=True, choices=("tcp", "udp", "icmp", "raw"))
+    protos = ("tcp", "udp", "icmp", "raw", *PORTED_RAW)
+    parser.add_argument("--proto", required=True, choices=protos)
     parser.add_argument("--family", required=True, type=int, choices=(4, 6))
     parser.add_argument("--dst", required=True)
     parser.add_argument("--port", type=int)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,7 @@ from tests.lab.conftest import LEASED
 from tests.lab.daemon_fixtures import DaemonProcess, run_daemon, wait_for
 from tests.lab.networkmanager import NetworkManagerLab
 from tests.lab.policies import lab_policy
-from tests.lab.topology import Lab
+from tests.lab.topology import INTERNET_V4, Lab
 
 TOR_DNS = "nameserver 127.0.0.1\n"
 pytestmark = pytest.mark.usefixtures("daemon_host")
@@ -74,3 +75,31 @@ def test_resolv_conf_is_restored_within_100_ms(daemon: DaemonProcess) -> None:
     assert max(times) < 0.100, times
     daemon.wait_status(lambda s: s["counters"]["files_rewritten"] >= 4)
     assert "changed by another process" in daemon.log()
+
+
+def test_nm_mode_lets_clearnet_reach_only_the_leased_server(
+    lab: Lab, nm_lab: NetworkManagerLab, tmp_path: Path
+) -> None:
+    """`dns.clearnet = "nm"`: the clearnet user's DNS goes to the server the
+    lease gave, not to another one (the peer counts what arrives)."""
+    leased, other = INTERNET_V4  # both listen on port 53 in the peer
+
+    def nm_mode(data: dict[str, Any]) -> None:
+        data["dns"]["clearnet"] = "nm"
+
+    policy = lab_policy(lab, tmp_path / "policy.toml", nm_mode)
+    nm_lab.lease([leased])
+    try:
+        args = ["--nm-bus", nm_lab.bus.address]
+        with run_daemon(lab.host_ns, policy, tmp_path / "d", args) as daemon:
+            daemon.wait_ready()
+            daemon.wait_status(lambda s: s["clearnet_dns"] == [leased], 15)
+            for proto in ("udp", "tcp"):
+                probe = lab.probe("clearnet", proto, 4, leased, 53)
+                assert (probe.result, probe.arrived > 0) == ("open", True), probe
+                probe = lab.probe("clearnet", proto, 4, other, 53)
+                assert (probe.result, probe.arrived) == ("refused", 0), probe
+            # Not a DNS server: port 443 is still the clearnet user's.
+            assert lab.probe("clearnet", "tcp", 4, other, 443).result == "open"
+    finally:
+        nm_lab.lease(LEASED)

@@ -2,21 +2,36 @@
 
 They pin what the firewall tests rely on: an unfiltered host reaches every
 peer address and protocol, every such packet is counted, local traffic is
-not, and run_as really switches user.
+not, the peer reaches the host's inbound listeners, and run_as really
+switches user.  The lab is shared by the whole session: each test first
+removes whatever ruleset an earlier test file loaded into the host.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from tests.lab.topology import (
+    HOST_INBOUND_PORT,
     HOST_TCP_PORTS,
+    HOST_V4,
+    HOST_V6,
     INTERNET_V4,
     INTERNET_V6,
     PEER_LAN_V4,
     PYTHON,
     Lab,
 )
+from tests.lab.traffic import late_answer
+
+
+@pytest.fixture(autouse=True)
+def unfiltered(lab: Lab) -> Iterator[None]:
+    """No ruleset in the host, whatever ran before (test files in any order)."""
+    lab.host(["nft", "flush", "ruleset"])
+    yield
 
 
 @pytest.mark.parametrize(
@@ -44,6 +59,41 @@ def test_raw_packets_are_sent_and_counted(lab: Lab, family: int) -> None:
     probe = lab.probe("amnesia", "raw", family, dst)
     assert probe.result == "sent", probe.detail
     assert probe.arrived == 1
+
+
+@pytest.mark.parametrize("proto", ["udplite", "sctp", "dccp"])
+def test_raw_packets_with_ports_are_sent_and_counted(lab: Lab, proto: str) -> None:
+    probe = lab.probe("amnesia", proto, 4, PEER_LAN_V4, 53)
+    assert probe.result == "sent", probe.detail
+    assert probe.arrived == 1
+
+
+@pytest.mark.parametrize(
+    ("proto", "family", "detail"),
+    [
+        ("tcp", 4, f"{HOST_INBOUND_PORT} {HOST_V4}:{HOST_INBOUND_PORT}\n"),
+        ("udp", 4, f"{HOST_INBOUND_PORT}\n"),
+        ("icmp", 4, f"echo reply from {HOST_V4}"),
+        ("tcp", 6, f"{HOST_INBOUND_PORT} [{HOST_V6}]:{HOST_INBOUND_PORT}\n"),
+        ("udp", 6, f"{HOST_INBOUND_PORT}\n"),
+        ("icmp", 6, f"echo reply from {HOST_V6}"),
+    ],
+)
+def test_the_peer_reaches_the_unfiltered_hosts_listeners(
+    lab: Lab, proto: str, family: int, detail: str
+) -> None:
+    """What the input chain tests rely on: without a ruleset, new inbound
+    traffic is answered (and the answer counted)."""
+    dst = HOST_V4 if family == 4 else HOST_V6
+    probe = lab.probe_from_peer(proto, family, dst, HOST_INBOUND_PORT)
+    assert (probe.result, probe.detail) == ("open", detail)
+    assert probe.arrived >= 1
+
+
+def test_an_unfiltered_host_answers_a_late_answer_with_icmp(lab: Lab) -> None:
+    """What the RELATED test relies on: the late answer makes the host send
+    an ICMP error, which the peer counts."""
+    assert late_answer(lab, "amnesia", PEER_LAN_V4, 5999, HOST_V4, 40123) == 1
 
 
 def test_tcp_probe_counts_exactly_its_own_packets(lab: Lab) -> None:
@@ -126,5 +176,5 @@ def test_users_get_net_raw_as_ambient_capability(lab: Lab) -> None:
 
 
 def test_probe_rejects_unknown_protocols(lab: Lab) -> None:
-    with pytest.raises(ValueError, match="sctp"):
-        lab.probe("amnesia", "sctp", 4, PEER_LAN_V4, 80)
+    with pytest.raises(ValueError, match="ipx"):
+        lab.probe("amnesia", "ipx", 4, PEER_LAN_V4, 80)

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import subprocess
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
 
+from tailsfw import compiler, policy
+from tailsfw.facts import Facts
 from tests.lab import matrix, policies
-from tests.lab.policies import TAILSFWCTL, apply
-from tests.lab.topology import PYTHON, Lab
-from tests.lab.traffic import leak_attempts
+from tests.lab.policies import DEFAULT_POLICY, TAILSFWCTL, apply
+from tests.lab.topology import (
+    HOST_IF,
+    HOST_INBOUND_PORT,
+    HOST_V4,
+    HOST_V6,
+    PEER_IF,
+    PEER_LAN_V4,
+    PEER_LAN_V6,
+    PYTHON,
+    Lab,
+)
+from tests.lab.traffic import late_answer, leak_attempts
 
 VENV_PYTHON = str(Path(TAILSFWCTL).with_name("python"))
 
@@ -117,6 +133,9 @@ def test_a_ruleset_the_kernel_refuses_leaves_the_ruleset_in_force(
     )
     done = lab.host([VENV_PYTHON, "-c", script])
     assert done.stdout.startswith("refused:"), done.stdout + done.stderr
+    # nft's own words, on one line: never the whole JSON document.
+    assert done.stdout.count("\n") == 1 and "No such file or directory" in done.stdout
+    assert len(done.stdout) < 300, done.stdout
     assert_cases(lab, ("amnesia", "debian-tor"), SAMPLE)
 
 
@@ -188,3 +207,72 @@ def test_render_nft_is_text_that_nft_loads_back(lab: Lab, tmp_path: Path) -> Non
     text = tmp_path / "ruleset.nft"
     text.write_text("flush ruleset\n" + done.stdout)
     lab.host(["nft", "--check", "-f", str(text)])  # raises with nft's message if not
+
+
+def mac(lab: Lab, side: str, interface: str) -> str:
+    run = lab.host if side == "host" else lab.peer
+    address: str = json.loads(run(["ip", "-j", "link", "show", interface]).stdout)[0]["address"]
+    return address
+
+
+@pytest.fixture
+def static_neighbours(lab: Lab) -> Iterator[None]:
+    """The ruleset refuses IPv6 neighbour discovery off `lo` (new, not ours):
+    static entries let an IPv6 packet reach the host's input chain and an
+    answer leave, so that the input chain alone decides."""
+    entries = [
+        (lab.peer, HOST_V6, mac(lab, "host", HOST_IF), PEER_IF),
+        (lab.host, PEER_LAN_V6, mac(lab, "peer", PEER_IF), HOST_IF),
+    ]
+    for run, address, lladdr, dev in entries:
+        run(["ip", "-6", "neigh", "replace", address, "lladdr", lladdr, "dev", dev,
+             "nud", "permanent"])  # fmt: skip
+    yield
+    for run, address, _, dev in entries:
+        run(["ip", "-6", "neigh", "del", address, "dev", dev])
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("proto", ["tcp", "udp", "icmp"])
+def test_nothing_new_comes_in(
+    lab: Lab, enforced: Path, static_neighbours: None, proto: str, family: int
+) -> None:
+    """New inbound traffic to a listener on every address of the host is
+    dropped, on both families, and nothing is sent back (test_lab.py shows
+    the same probes answered when no ruleset is loaded)."""
+    dst = HOST_V4 if family == 4 else HOST_V6
+    probe = lab.probe_from_peer(proto, family, dst, HOST_INBOUND_PORT, timeout=0.5)
+    assert probe.result in ("timeout", "sent"), probe
+    assert probe.arrived == 0
+
+
+def test_related_icmp_never_leaves_but_on_lo(lab: Lab, enforced: Path) -> None:
+    """A late answer to a closed UDP socket: the host's ICMP port unreachable
+    is RELATED to the flow, and RELATED is accepted only on `lo`."""
+    assert late_answer(lab, "amnesia", PEER_LAN_V4, 5999, HOST_V4, 40124) == 0
+
+
+def test_the_ruleset_loads_without_etc_protocols_and_services(tmp_path: Path) -> None:
+    """Protocols and ports are numbers: nft needs neither file (a minimal
+    /etc lacks them).  Loaded in a network namespace of its own, with empty
+    files bind-mounted over both in a mount namespace of its own."""
+    data = policy.load(DEFAULT_POLICY)
+    pol = policy.Policy(data.source, data.log, data.users, data.local, data.direct, data.lan,
+                        data.redirects, policy.Dns(clearnet="nm", stray="tor"))  # fmt: skip
+    uids = MappingProxyType({u.account: 2000 + i for i, u in enumerate(data.users)})
+    facts = Facts(uids=uids, dns=(ipaddress.IPv4Address(matrix.INTERNET),))
+    document = tmp_path / "ruleset.json"
+    document.write_text(compiler.compile_policy(pol, facts).to_json())
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    script = (
+        f"mount --bind {empty} /etc/protocols && mount --bind {empty} /etc/services && "
+        f"! getent protocols tcp && nft -j -f {document} && nft list ruleset"
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "--net", "sh", "-c", script],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "meta l4proto 58" in done.stdout and "table ip6 tailsfw" in done.stdout
+

@@ -76,10 +76,16 @@ PEER_LAN_V6 = "2001:db8:77::1"
 INTERNET_V4 = ("198.51.100.10", "203.0.113.10")
 INTERNET_V6 = ("2001:db8:1::10",)
 PEER_ADDRESSES = (PEER_LAN_V4, *INTERNET_V4, PEER_LAN_V6, *INTERNET_V6)
-PEER_PORTS = (42, 53, 80, 137, 443, 5000)
-HOST_TCP_PORTS = (9050, 9062, 9063, 9040, 9052, 951, 4101, 631, 8000)
-HOST_TCP6 = (("::1", 4101),)
-HOST_UDP = (("127.0.0.1", 5353),)
+# The ports the policy names, and those just beside them (so that a rule
+# widened by one port shows as an answer, not as "nothing listens").
+PEER_PORTS = (42, 52, 53, 54, 80, 123, 136, 137, 138, 443, 5000)
+HOST_TCP_PORTS = (9050, 9062, 9063, 9040, 9052, 951, 4101, 631, 8000,
+                  9049, 9051, 9053, 9061, 9064, 950, 952, 4100, 4102)  # fmt: skip
+HOST_TCP6 = (("::1", 4101), ("::1", 4100), ("::1", 4102))
+HOST_UDP = tuple(("127.0.0.1", port) for port in (5353, 52, 54, 123, 5352, 5354))
+# On every address of the host: what arrives from outside (the input chain).
+HOST_INBOUND_PORT = 7000
+HOST_INBOUND = (("0.0.0.0", HOST_INBOUND_PORT), ("::", HOST_INBOUND_PORT))
 
 COUNTER_TABLE = "labcount"
 COUNTER = "fromhost"
@@ -105,7 +111,8 @@ table netdev {COUNTER_TABLE} {{
 }}
 """
 
-PROTOS = ("tcp", "udp", "icmp", "raw")
+# raw: IP protocol 253; udplite, sctp, dccp: raw packets that start with ports.
+PROTOS = ("tcp", "udp", "icmp", "raw", "udplite", "sctp", "dccp")
 
 
 class LabError(RuntimeError):
@@ -141,11 +148,14 @@ def endpoint(address: str, port: int) -> str:
 
 
 def host_listener_args() -> list[str]:
-    """listeners.py's arguments for the stand-ins on the host's loopback."""
+    """listeners.py's arguments for the stand-ins on the host's loopback, and
+    the listener on every address that inbound probes aim at."""
     return [
         *(arg for p in HOST_TCP_PORTS for arg in ("--tcp", endpoint("127.0.0.1", p))),
         *(arg for a, p in HOST_TCP6 for arg in ("--tcp", endpoint(a, p))),
         *(arg for a, p in HOST_UDP for arg in ("--udp", endpoint(a, p))),
+        *(arg for a, p in HOST_INBOUND for arg in ("--tcp", endpoint(a, p))),
+        *(arg for a, p in HOST_INBOUND for arg in ("--udp", endpoint(a, p))),
     ]
 
 
@@ -386,8 +396,9 @@ class Lab:
             f"route add default via {PEER_LAN_V4}",
             f"route add ::/0 via {PEER_LAN_V6}",
         )
-        # Lets the unprivileged probes use ICMP echo sockets.
-        self.host(["sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"])
+        # Lets the probes use ICMP echo sockets (in the peer: towards the host).
+        for namespace in (self.host, self.peer):
+            namespace(["sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"])
 
     def _forget(self) -> None:
         # After teardown nothing here exists any more: fail loudly if used.
@@ -533,6 +544,29 @@ class Lab:
 
         proto is one of PROTOS, family 4 or 6 (plain str/int so that callers'
         own protocols accept a Lab)."""
+        argv = self._probe_argv(proto, family, dst, port, timeout)
+        before = self.peer_packets()
+        done = self.run_as(role, argv, timeout=timeout + 30)
+        arrived = self.peer_packets() - before
+        return self._probe_result(argv, role, done, arrived)
+
+    def probe_from_peer(
+        self, proto: str, family: int, dst: str, port: int | None = None, timeout: float = 1.0
+    ) -> ProbeResult:
+        """One attempt by probe.py as root in the peer, towards the host (the
+        host's input chain); ``arrived`` counts what the host sent back."""
+        argv = self._probe_argv(proto, family, dst, port, timeout)
+        before = self.peer_packets()
+        done = subprocess.run(
+            [*netns_exec(self.peer_ns), *argv],
+            capture_output=True, text=True, timeout=timeout + 30, check=False, env=command_env(),
+        )  # fmt: skip
+        arrived = self.peer_packets() - before
+        return self._probe_result(argv, "root in the peer", done, arrived)
+
+    def _probe_argv(
+        self, proto: str, family: int, dst: str, port: int | None, timeout: float
+    ) -> list[str]:
         if proto not in PROTOS or family not in (4, 6):
             raise ValueError(f"probe of {proto!r} over IPv{family}: want one of {PROTOS}, 4|6")
         argv = [
@@ -546,9 +580,11 @@ class Lab:
         ]
         if port is not None:
             argv.append(f"--port={port}")
-        before = self.peer_packets()
-        done = self.run_as(role, argv, timeout=timeout + 30)
-        arrived = self.peer_packets() - before
+        return argv
+
+    def _probe_result(
+        self, argv: list[str], role: str, done: subprocess.CompletedProcess[str], arrived: int
+    ) -> ProbeResult:
         try:
             report = json.loads(done.stdout.strip().splitlines()[-1])
             return ProbeResult(report["result"], float(report["ms"]), report["detail"], arrived)

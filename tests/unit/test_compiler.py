@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tailsfw import policy
-from tailsfw.compiler import Ruleset, compile_policy
+from tailsfw.compiler import Ruleset, compile_policy, lockdown
 from tailsfw.facts import Facts
 
 DEFAULT = Path(__file__).parents[2] / "etc" / "tailsfw" / "policy.toml"
@@ -125,8 +125,7 @@ def test_output_follows_tails_rule_order(pol: policy.Policy) -> None:
     out = rules(build(pol), "ip", "output")
     assert out[0] == [match(STATE, ["established", "related"], "in"), jump("conntracked")]
     assert out[1] == [match(DADDR, "127.0.0.1"), jump("local")]
-    th = {"payload": {"protocol": "th", "field": "dport"}}
-    outside_refused = match(th, {"range": [53, 137]}, "!=")
+    outside_refused = match(TH_DPORT, {"range": [53, 137]}, "!=")
     lan = []
     for net in ("192.168.0.0/16", "10.0.0.0/8", "172.16.0.0/12"):  # the policy's order
         lan += [
@@ -141,7 +140,7 @@ def test_output_follows_tails_rule_order(pol: policy.Policy) -> None:
 DIRECT_DISPATCH = {
     "vmap": {
         "key": SKUID,
-        "data": {"set": [[107, jump("direct_debian_tor")], [110, jump("direct_clearnet")]]},
+        "data": {"set": [[107, jump("direct_debian-tor")], [110, jump("direct_clearnet")]]},
     }
 }
 
@@ -150,8 +149,9 @@ def test_a_direct_users_udp_flow_is_only_its_own(pol: policy.Policy) -> None:
     """Conntrack knows flows, not users: clearnet's answered DNS flow must
     not carry another user's datagrams from the same port."""
     rs = build(pol)
-    tor_udp = rules(rs, "ip", "direct_debian_tor")[0]
-    assert {"mangle": {"key": MARK, "value": 107}} in tor_udp
+    assert [UDP_DPORT_53, {"mangle": {"key": MARK, "value": 107}}, ACCEPT] in rules(
+        rs, "ip", "direct_debian-tor"
+    )
     assert rules(rs, "ip", "conntracked") == [
         [match(STATE, "established"), match(MARK, 0), ACCEPT],  # nearly all traffic
         [match(STATE, "related"), jump("out_related")],
@@ -173,25 +173,54 @@ def test_a_lookup_miss_never_leads_to_accept(pol: policy.Policy) -> None:
                     assert "vmap" not in text and "@" not in text and "'set'" not in text, chain
 
 
+L4PROTO = {"meta": {"key": "l4proto"}}
+TH_DPORT = {"payload": {"protocol": "th", "field": "dport"}}
+UDP_DPORT_53 = match({"payload": {"protocol": "udp", "field": "dport"}}, 53)
+TCP_DPORT_53 = match({"payload": {"protocol": "tcp", "field": "dport"}}, 53)
+OIF_LO = match({"meta": {"key": "oif"}}, "lo")
+# Tails' "syn": of these four flags only SYN (a new connection), never SYN+ACK.
+SYN_ONLY = match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}},
+                        ["fin", "syn", "rst", "ack"]]}, "syn")  # fmt: skip
+
+
 def test_only_clearnet_and_debian_tor_leave_by_themselves(pol: policy.Policy) -> None:
+    """Whole chains, operators and masks included: an inverted test must fail here."""
     rs = build(pol)
     # clearnet never on loopback; Tor only new TCP connections and DNS.
-    assert rules(rs, "ip", "direct_clearnet")[0][0]["match"]["right"] == "lo"
-    tor = rules(rs, "ip", "direct_debian_tor")
-    assert tor[0][0]["match"]["right"] == 53
-    assert tor[1][0]["match"]["right"] == "syn"
+    assert rules(rs, "ip", "direct_clearnet") == [
+        [OIF_LO, RETURN],
+        [UDP_DPORT_53, {"mangle": {"key": MARK, "value": 110}}, ACCEPT],
+        [match(L4PROTO, 6), ACCEPT],
+    ]
+    assert rules(rs, "ip", "direct_debian-tor") == [
+        [UDP_DPORT_53, {"mangle": {"key": MARK, "value": 107}}, ACCEPT],
+        [SYN_ONLY, ACCEPT],
+    ]
     direct = [c["name"] for c in objects(rs, "chain", "ip") if c["name"].startswith("direct")]
-    assert sorted(direct) == ["direct_clearnet", "direct_debian_tor"]
+    assert sorted(direct) == ["direct_clearnet", "direct_debian-tor"]
     assert "skuid" not in repr(rules(rs, "ip6", "output"))
 
 
-def test_lan_refuses_dns_and_netbios_but_not_to_direct_users(pol: policy.Policy) -> None:
+RETURN = {"return": None}
+
+
+def test_lan_refuses_dns_and_netbios_on_every_transport_with_ports(pol: policy.Policy) -> None:
+    """TCP's and UDP's own ports, and both on UDP-Lite, SCTP and DCCP: a LAN
+    resolver is reached by no transport.  Plain comparisons only (the chain
+    ends in accept)."""
     rs = build(pol)
-    *refused, accept = rules(rs, "ip", "lan")
-    keys = [(r[0]["match"]["left"]["payload"]["protocol"], r[0]["match"]["right"]) for r in refused]
-    assert keys == [("tcp", 53), ("udp", 53), ("udp", 137)]
-    assert all(r[-1] == jump("lan_refused") for r in refused)
-    assert accept == [ACCEPT]
+
+    def refusing(pairs: Any) -> list[Any]:
+        return [[match(L4PROTO, p), match(TH_DPORT, n), jump("lan_refused")] for p, n in pairs]
+
+    assert rules(rs, "ip", "lan") == [
+        *refusing([(6, 53), (17, 53), (17, 137)]),
+        # The rarer transports behind one range comparison: off TCP's and UDP's path.
+        [match(L4PROTO, {"range": [33, 136]}), jump("lan_other")],
+        [ACCEPT],
+    ]
+    others = [(p, port) for port in (53, 137) for p in (33, 132, 136)]
+    assert sorted(rules(rs, "ip", "lan_other"), key=repr) == sorted(refusing(others), key=repr)
     # Tails rules 3 and 4 come before rule 5: a refused LAN port still asks
     # the direct users' chains.
     assert rules(rs, "ip", "lan_refused") == [[DIRECT_DISPATCH], [REJECT]]
@@ -202,28 +231,29 @@ def test_ipv6_allows_only_the_accessibility_daemon_on_loopback(pol: policy.Polic
     daddr6 = {"payload": {"protocol": "ip6", "field": "daddr"}}
     assert rules(rs, "ip6", "output")[1:] == [[match(daddr6, "::1"), jump("local")], [REJECT]]
     assert elements(rs, "ip6", "local_ports") == {
-        ("tcp", 4101, 1000): ACCEPT,
-        ("tcp", 4101, 123): ACCEPT,
+        (6, 4101, 1000): ACCEPT,
+        (6, 4101, 123): ACCEPT,
     }
 
 
 def test_nat_has_only_the_two_redirects(pol: policy.Policy) -> None:
-    nat = rules(build(pol), "ip", "nat_output")
-    assert [r[-1] for r in nat] == [{"redirect": {"port": 9040}}, {"redirect": {"port": 5353}}]
-    assert nat[0][0]["match"]["right"] == {"prefix": {"addr": "127.192.0.0", "len": 10}}
-    assert nat[1][0]["match"]["right"] == "127.0.0.1"
+    assert rules(build(pol), "ip", "nat_output") == [
+        [match(DADDR, prefix("127.192.0.0/10")), match(L4PROTO, 6), {"redirect": {"port": 9040}}],
+        [match(DADDR, "127.0.0.1"), match(L4PROTO, 17), match(TH_DPORT, 53),
+         {"redirect": {"port": 5353}}],
+    ]  # fmt: skip
 
 
 def test_local_ports_first_match_and_any_port(pol: policy.Policy) -> None:
     rs = build(pol)
     exact = elements(rs, "ip", "local_ports")
-    assert exact[("tcp", 9050, 42)] == ACCEPT  # _apt to Tor's SocksPort
-    assert exact[("tcp", 9063, 1000)] == REJECT  # amnesia rejected before "any port"
-    assert exact[("tcp", 9052, 1000)] == REJECT
-    assert exact[("udp", 53, 42)] == REJECT  # _apt never resolves on its own
-    assert exact[("udp", 5353, 121)] == ACCEPT
-    assert ("tcp", 9050, 1000) not in exact  # amnesia reaches 9050 by "any port"
-    assert elements(rs, "ip", "local_any") == {("tcp", 1000): ACCEPT}
+    assert exact[(6, 9050, 42)] == ACCEPT  # _apt to Tor's SocksPort
+    assert exact[(6, 9063, 1000)] == REJECT  # amnesia rejected before "any port"
+    assert exact[(6, 9052, 1000)] == REJECT
+    assert exact[(17, 53, 42)] == REJECT  # _apt never resolves on its own
+    assert exact[(17, 5353, 121)] == ACCEPT
+    assert (6, 9050, 1000) not in exact  # amnesia reaches 9050 by "any port"
+    assert elements(rs, "ip", "local_any") == {(6, 1000): ACCEPT}
 
 
 def test_same_input_same_document(pol: policy.Policy) -> None:
@@ -248,7 +278,7 @@ def test_a_missing_user_costs_only_its_own_exceptions(pol: policy.Policy) -> Non
 
 def test_a_missing_account_with_a_fallback_uid_uses_it(pol: policy.Policy) -> None:
     rs = build(pol, amnesia=None)
-    assert elements(rs, "ip", "local_any") == {("tcp", 1000): ACCEPT}
+    assert elements(rs, "ip", "local_any") == {(6, 1000): ACCEPT}
     assert any("fallback uid 1000" in w for w in rs.warnings)
     taken = build(pol, amnesia=None, htp=1000)
     assert any("belongs to user 'htp'" in w for w in taken.warnings)
@@ -293,3 +323,156 @@ def test_changes_since_touches_only_what_changed(pol: policy.Policy) -> None:
     assert appeared is not None
     assert [c["flush"]["map"]["name"] for c in appeared if "flush" in c] == ["local_ports"]
     assert build(pol).changes_since(build(pol, clearnet=None)) is None
+
+
+IIF_LO = match({"meta": {"key": "iif"}}, "lo")
+
+
+def test_lockdown_keeps_loopback_only() -> None:
+    """Exact rules, operators included: `oif != lo accept` would open everything."""
+    rs = lockdown()
+    for family in ("ip", "ip6"):
+        chains = {c["name"]: c for c in objects(rs, "chain", family)}
+        assert {n: (c["hook"], c["policy"]) for n, c in chains.items()} == {
+            "input": ("input", "drop"), "forward": ("forward", "drop"),
+            "output": ("output", "drop"),
+        }  # fmt: skip
+        assert rules(rs, family, "input") == [[IIF_LO, ACCEPT]]
+        assert rules(rs, family, "output") == [[OIF_LO, ACCEPT]]
+        assert rules(rs, family, "forward") == []
+
+
+def test_new_inbound_is_dropped_and_related_is_accepted_only_on_lo(pol: policy.Policy) -> None:
+    rs = build(pol)
+    assert rules(rs, "ip", "input") == [
+        [match(STATE, "established"), ACCEPT],
+        [IIF_LO, ACCEPT],
+        [{"counter": None}, {"drop": None}],
+    ]
+    assert rules(rs, "ip", "out_related") == [[OIF_LO, match(L4PROTO, 1), ACCEPT], [REJECT]]
+    assert rules(rs, "ip6", "out_related") == [
+        [OIF_LO, match(L4PROTO, 58), ACCEPT],
+        [OIF_LO, match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, "rst"]}, "rst"),
+         ACCEPT],
+        [REJECT],
+    ]  # fmt: skip
+    assert rules(rs, "ip6", "in_related")[-1] == [{"counter": None}, {"drop": None}]
+
+
+def walk(node: Any) -> Any:
+    yield node
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from walk(v)
+
+
+def test_protocols_and_ports_are_numbers(pol: policy.Policy) -> None:
+    """nft resolves names through /etc/protocols and /etc/services, which a
+    minimal system lacks: the ruleset holds numbers only."""
+    for rs in (build(pol), nm_and_tor(pol, "198.51.100.10")):
+        document = rs.document()
+        for node in walk(document):
+            if isinstance(node, dict) and "match" in node and node["match"]["left"] == L4PROTO:
+                right = node["match"]["right"]
+                assert isinstance(right, int) or set(right) == {"range"}, node
+        for family in ("ip", "ip6"):
+            for name in ("local_ports", "local_any"):
+                if name in [m["name"] for m in objects(rs, "map", family)]:
+                    for key in elements(rs, family, name):
+                        assert all(isinstance(k, int) for k in key), (name, key)
+        for node in walk(document):
+            if isinstance(node, dict) and node.get("left") == TH_DPORT:
+                assert isinstance(node["right"], (int, dict)), node
+
+
+def test_chain_names_are_distinct_for_distinct_user_keys(pol: policy.Policy) -> None:
+    """Keys that differ only by '-', '_' or '.' once shared one chain, and
+    so each other's rights."""
+    users = (policy.User("a-b", "acct1"), policy.User("a_b", "acct2"), policy.User("a.b", "acct3"))
+    direct = (policy.DirectRule("a-b", False, "any", ()),
+              policy.DirectRule("a_b", False, "none", (53,)),
+              policy.DirectRule("a.b", False, "new", ()))  # fmt: skip
+    p = policy.Policy(pol.source, pol.log, users, (), direct, pol.lan, ())
+    rs = compile_policy(p, Facts(uids=MappingProxyType({"acct1": 1, "acct2": 2, "acct3": 3})))
+    assert rules(rs, "ip", "direct_a-b")[-1] == [match(L4PROTO, 6), ACCEPT]
+    assert rules(rs, "ip", "direct_a_b")[-1] == [UDP_DPORT_53, {"mangle": {"key": MARK,
+                                                 "value": 2}}, ACCEPT]  # fmt: skip
+    assert rules(rs, "ip", "direct_a.b")[-1] == [SYN_ONLY, ACCEPT]
+
+
+def with_dns(pol: policy.Policy, dns: policy.Dns) -> policy.Policy:
+    return policy.Policy(pol.source, pol.log, pol.users, pol.local, pol.direct, pol.lan,
+                         pol.redirects, dns)  # fmt: skip
+
+
+def nm_and_tor(pol: policy.Policy, *servers: str) -> Ruleset:
+    facts = Facts(uids=MappingProxyType(UIDS),
+                  dns=tuple(ipaddress.IPv4Address(s) for s in servers))  # fmt: skip
+    return compile_policy(with_dns(pol, policy.Dns(clearnet="nm", stray="tor")), facts)
+
+
+def test_clearnet_dns_nm_sends_the_direct_users_dns_only_to_networkmanagers_servers(
+    pol: policy.Policy,
+) -> None:
+    rs = nm_and_tor(pol, "203.0.113.53", "198.51.100.10", "203.0.113.53")
+    assert named(rs, "set", "ip", "clearnet_dns") == {
+        "family": "ip", "table": "tailsfw", "name": "clearnet_dns", "type": "ipv4_addr",
+        "elem": ["198.51.100.10", "203.0.113.53"],
+    }  # fmt: skip
+    servers = match(DADDR, "@clearnet_dns")
+    only_theirs = [match(TH_DPORT, 53), RETURN]
+    assert rules(rs, "ip", "direct_clearnet") == [
+        [OIF_LO, RETURN],
+        [UDP_DPORT_53, servers, {"mangle": {"key": MARK, "value": 110}}, ACCEPT],
+        [TCP_DPORT_53, servers, match(L4PROTO, 6), ACCEPT],
+        only_theirs,
+        [match(L4PROTO, 6), ACCEPT],
+    ]
+    assert rules(rs, "ip", "direct_debian-tor") == [
+        [UDP_DPORT_53, servers, {"mangle": {"key": MARK, "value": 107}}, ACCEPT],
+        [TCP_DPORT_53, servers, SYN_ONLY, ACCEPT],
+        only_theirs,
+        [SYN_ONLY, ACCEPT],
+    ]
+
+
+def test_clearnet_dns_with_no_server_known_refuses_their_dns(pol: policy.Policy) -> None:
+    rs = nm_and_tor(pol)
+    assert "elem" not in named(rs, "set", "ip", "clearnet_dns")
+    assert [match(TH_DPORT, 53), RETURN] in rules(rs, "ip", "direct_clearnet")
+
+
+def test_a_new_dns_server_is_a_set_only_change(pol: policy.Policy) -> None:
+    before = nm_and_tor(pol, "198.51.100.10")
+    after = nm_and_tor(pol, "203.0.113.10")
+    name = {"family": "ip", "table": "tailsfw", "name": "clearnet_dns"}
+    assert after.changes_since(before) == [
+        {"flush": {"set": name}},
+        {"add": {"element": {**name, "elem": ["203.0.113.10"]}}},
+    ]
+    assert nm_and_tor(pol).changes_since(before) == [{"flush": {"set": name}}]
+
+
+def test_stray_dns_tor_redirects_other_users_dns_to_tors_dns_port(pol: policy.Policy) -> None:
+    nat = rules(nm_and_tor(pol, "198.51.100.10"), "ip", "nat_output")
+    assert nat[-1] == [
+        UDP_DPORT_53,
+        match(DADDR, prefix("127.0.0.0/8"), "!="),
+        match(SKUID, {"set": [107, 110]}, "!="),
+        {"redirect": {"port": 5353}},
+    ]
+    assert len(nat) == 3  # after the two redirects of the policy
+    assert rules(build(pol), "ip", "nat_output") == nat[:2]  # "reject": nothing more
+
+
+def test_local_is_for_lo_and_for_what_our_nat_sent_there(pol: policy.Policy) -> None:
+    """The output hook names the first route's interface: a datagram our
+    nat redirected from the Internet to 127.0.0.1 still shows eth0."""
+    rs = build(pol)
+    not_dnat = match({"ct": {"key": "status"}}, "dnat", "!")
+    assert rules(rs, "ip", "local")[0] == [match(OIF_LO["match"]["left"], "lo", "!="),
+                                           not_dnat, RETURN]  # fmt: skip
+    assert rules(rs, "ip6", "local")[0] == [match(OIF_LO["match"]["left"], "lo", "!="), RETURN]

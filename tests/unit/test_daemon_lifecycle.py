@@ -192,6 +192,20 @@ def test_the_resolv_files_follow_networkmanager_and_are_restored(tmp_path: Path)
     assert r.daemon.status().counters.files_rewritten == 3
 
 
+def test_nm_mode_follows_the_servers_by_set_updates(tmp_path: Path) -> None:
+    r = rig(tmp_path, links("192.168.1.2/24"))
+    write_policy(r.policy_path, mode="connected")
+    text = r.policy_path.read_text().replace('clearnet = "any"', 'clearnet = "nm"')
+    assert 'clearnet = "nm"' in text
+    r.policy_path.write_text(text)
+    start(r)
+    assert r.kernel.elements("ip", "clearnet_dns") == []  # none known: DNS refused
+    step(r, DnsServers((ipaddress.IPv4Address("192.168.1.1"),)))
+    assert r.kernel.elements("ip", "clearnet_dns") == ["192.168.1.1"]
+    assert [next(iter(c)) for c in r.kernel.documents[-1]["nftables"][1:]] == ["flush", "add"]
+    assert r.kernel.holds(compiled(r).document())
+
+
 def test_accounts_changes_reach_the_ruleset(tmp_path: Path) -> None:
     r = rig(tmp_path, links("192.168.1.2/24"))
     start(r)

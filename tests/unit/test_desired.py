@@ -18,6 +18,8 @@ SHIPPED = policy.load(Path(__file__).resolve().parents[2] / "etc" / "tailsfw" / 
 POLICIES = [
     SHIPPED,
     dataclasses.replace(SHIPPED, lan=dataclasses.replace(SHIPPED.lan, mode="connected")),
+    # The compiler reads the DNS servers in this mode.
+    dataclasses.replace(SHIPPED, dns=dataclasses.replace(SHIPPED.dns, clearnet="nm")),
 ]
 ACCOUNTS = sorted({u.account for u in SHIPPED.users})
 

@@ -47,9 +47,18 @@ def as_listed(ruleset: compiler.Ruleset) -> list[Json]:
     return listing
 
 
+# The kernel lists protocol numbers by name (the compiler writes numbers).
+LISTED_PROTO = {1: "icmp", 6: "tcp", 17: "udp", 33: "dccp", 58: "ipv6-icmp", 132: "sctp",
+                136: "udplite"}  # fmt: skip
+
+
 def _listed_expr(expr: list[Json], family: str) -> list[Json]:
     out: list[Json] = []
     for statement in expr:
+        right = statement.get("match", {}).get("right")
+        if _is_l4(statement, None) and isinstance(right, int) and right in LISTED_PROTO:
+            name = LISTED_PROTO[right]
+            statement = {"match": {**statement["match"], "right": name}}
         if statement == {"counter": None}:
             statement = {"counter": {"packets": 12, "bytes": 3456}}
         elif statement == {"reject": None}:
@@ -132,7 +141,9 @@ def test_an_operator_change_is_a_difference() -> None:
     listing = as_listed(ruleset)
     rules_of(listing, "ip", "local")[0]["expr"][0]["match"]["op"] = "=="
     (found,) = verify.differences(listing, ruleset)
-    assert found.startswith("chain ip tailsfw local: rule 1 is `meta oif lo return`")
+    assert found.startswith(
+        "chain ip tailsfw local: rule 1 is `meta oif lo ct status ! dnat return`"
+    )
 
 
 def test_a_chain_policy_and_an_extra_chain_are_named() -> None:
