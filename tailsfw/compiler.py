@@ -149,9 +149,18 @@ def _resolve_users(policy: Policy, facts: Facts) -> tuple[dict[str, int], list[s
     taken = {facts.uids[u.account]: u.key for u in policy.users if u.account in facts.uids}
     uids: dict[str, int] = {}
     warnings: list[str] = []
+    owner: dict[int, str] = {}  # uid -> the first user key given it
     for user in policy.users:
-        if user.account in facts.uids:
-            uids[user.key] = facts.uids[user.account]
+        uid = facts.uids.get(user.account)
+        if uid is not None and owner.setdefault(uid, user.key) != user.key:
+            # Two accounts with one uid: one uid can't carry both users' rights
+            # (that would be their union); the first user in the policy keeps it.
+            warnings.append(
+                f"user {user.key!r}: account {user.account!r} has uid {uid}, which is user "
+                f"{owner[uid]!r}'s too: its exceptions are left out, everything else is enforced"
+            )
+        elif uid is not None:
+            uids[user.key] = uid
         elif user.fallback_uid is None:
             warnings.append(
                 f"user {user.key!r}: account {user.account!r} does not exist and has no "

@@ -476,3 +476,12 @@ def test_local_is_for_lo_and_for_what_our_nat_sent_there(pol: policy.Policy) -> 
     assert rules(rs, "ip", "local")[0] == [match(OIF_LO["match"]["left"], "lo", "!="),
                                            not_dnat, RETURN]  # fmt: skip
     assert rules(rs, "ip6", "local")[0] == [match(OIF_LO["match"]["left"], "lo", "!="), RETURN]
+
+
+def test_two_accounts_with_one_uid_never_share_rights() -> None:
+    """A uid that two policy users' accounts share keeps the first user's
+    rights only (never the union), with a warning; the compiler never fails."""
+    pol = policy.load(DEFAULT)
+    rs = compile_policy(pol, Facts(uids={"amnesia": 1000, "clearnet": 1000}))
+    assert any("'clearnet'" in w and "user 'amnesia'" in w for w in rs.warnings)
+    assert not [o for o in rs.objects if o.get("chain", {}).get("name") == "direct_clearnet"]

@@ -26,10 +26,8 @@ ACCOUNTS = sorted({u.account for u in SHIPPED.users})
 addresses = st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address)
 facts = st.builds(
     Facts,
-    # Distinct uids: two accounts with one uid is another question (see the report).
-    uids=st.dictionaries(st.sampled_from(ACCOUNTS), st.integers(0, 70000))
-    .filter(lambda d: len(set(d.values())) == len(d))
-    .map(MappingProxyType),
+    # Few uids, so that two accounts often share one.
+    uids=st.dictionaries(st.sampled_from(ACCOUNTS), st.integers(999, 1003)).map(MappingProxyType),
     connected=st.frozensets(
         st.builds(
             lambda a, n: ipaddress.IPv4Network((a, n), strict=False),
