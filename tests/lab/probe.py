@@ -12,7 +12,8 @@ Output: ``{"result": R, "ms": elapsed_ms, "detail": str}`` where R is
 - ``open``: TCP connected (detail = what the listener sent), or UDP/ICMP got
   a reply (detail = the UDP reply text);
 - ``refused``: ECONNREFUSED, or EPERM/EACCES on connect/send (a local reject
-  or drop), or an ECONNREFUSED on a UDP receive (ICMP port unreachable);
+  or drop), or an ECONNREFUSED on a UDP receive (ICMP port unreachable), or
+  ENETUNREACH (no route: IPv6 switched off on the interface by tailsfwd);
 - ``sent``: UDP/ICMP/raw (and udplite, sctp, dccp: raw packets with ports)
   sent without error, no reply within the timeout;
 - ``timeout``: TCP connect timed out;
@@ -41,7 +42,7 @@ RAW_PROTOCOL = 253
 PORTED_RAW = {"dccp": 33, "sctp": 132, "udplite": 136}
 RAW_SOURCE_PORT = 40000
 GREETING_MAX = 200
-REFUSING_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EPERM, errno.EACCES})
+REFUSING_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EPERM, errno.EACCES, errno.ENETUNREACH})
 
 
 @dataclass(frozen=True)
