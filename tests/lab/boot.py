@@ -31,9 +31,6 @@ VENV_PYTHON = VENV / "bin" / "python"
 SHIPPED_UNITS = REPO / "systemd"
 PREFIX = "tfwboot-"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-# Until the compiler writes protocols as numbers (its own issue), nft needs
-# these names, and the volatile /etc has none.  TODO: drop once that lands.
-ETC_NAMES = ("/etc/protocols", "/etc/services")
 # The installed paths in the shipped unit, and what they are in this checkout.
 SUBSTITUTIONS = {
     "/usr/libexec/tailsfw/": f"{REPO}/libexec/",
@@ -158,7 +155,6 @@ def booted(
             f"--bind-ro={unit_dir}:/etc/systemd/system",
             f"--bind-ro={REPO}", f"--bind-ro={VENV}",
             f"--bind-ro={REPO / 'etc' / 'tailsfw'}:/etc/tailsfw",
-            *(f"--bind-ro={path}" for path in ETC_NAMES if os.path.exists(path)),
             *(f"--bind-ro={src}:{dst}" for src, dst in binds),
             "--boot", "--", f"--unit={target}",
         ]  # fmt: skip
