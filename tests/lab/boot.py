@@ -31,17 +31,19 @@ VENV_PYTHON = VENV / "bin" / "python"
 SHIPPED_UNITS = REPO / "systemd"
 PREFIX = "tfwboot-"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-# The installed paths in the shipped unit, and what they are in this checkout.
-SUBSTITUTIONS = {
-    "/usr/libexec/tailsfw/": f"{REPO}/libexec/",
-    "ExecStart=/usr/bin/tailsfwd ": f"ExecStart={VENV_PYTHON} -m tailsfw.daemon ",
-}
-
-
-def installed_unit(shipped: str, repo: Path = REPO) -> str:
-    """The shipped unit with this checkout's paths; raises if one is not found."""
+# This checkout and its venv, as the container's units see them: at a fixed
+# path outside /tmp, which the unit's PrivateTmp= would hide (a checkout in
+# /tmp, as CI's may be, made the daemon fail at EXEC).
+INSTALLED = Path("/opt/tailsfw")
+def installed_unit(shipped: str, repo: Path = INSTALLED, venv: Path = INSTALLED / ".venv") -> str:
+    """The shipped unit with a checkout's paths (by default as the container
+    sees this one); raises if a path to substitute is not found."""
+    substitutions = {  # the installed paths in the shipped unit, and what they become
+        "/usr/libexec/tailsfw/": f"{repo}/libexec/",
+        "ExecStart=/usr/bin/tailsfwd ": f"ExecStart={venv}/bin/python -m tailsfw.daemon ",
+    }
     text = shipped
-    for old, new in SUBSTITUTIONS.items():
+    for old, new in substitutions.items():
         if old not in text:
             raise ValueError(f"the shipped unit has no {old!r} to substitute")
         text = text.replace(old, new)
@@ -49,8 +51,11 @@ def installed_unit(shipped: str, repo: Path = REPO) -> str:
     return text.replace("[Service]\n", f"[Service]\nEnvironment=PYTHONPATH={repo}\n", 1)
 
 
-def installed_units() -> dict[str, str]:
-    return {path.name: installed_unit(path.read_text()) for path in sorted(SHIPPED_UNITS.glob("*"))}
+def installed_units(repo: Path = INSTALLED, venv: Path = INSTALLED / ".venv") -> dict[str, str]:
+    return {
+        path.name: installed_unit(path.read_text(), repo, venv)
+        for path in sorted(SHIPPED_UNITS.glob("*"))
+    }
 
 
 def write_units(directory: Path, units: Mapping[str, str]) -> None:
@@ -154,6 +159,7 @@ def booted(
             "--volatile=yes", "--private-network",
             f"--bind-ro={unit_dir}:/etc/systemd/system",
             f"--bind-ro={REPO}", f"--bind-ro={VENV}",
+            f"--bind-ro={REPO}:{INSTALLED}", f"--bind-ro={VENV}:{INSTALLED}/.venv",
             f"--bind-ro={REPO / 'etc' / 'tailsfw'}:/etc/tailsfw",
             *(f"--bind-ro={src}:{dst}" for src, dst in binds),
             "--boot", "--", f"--unit={target}",

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tailsfw import observe, summary
-from tests.lab.boot import REPO, VENV_PYTHON, Container, booted, installed_units
+from tests.lab.boot import INSTALLED, Container, booted, installed_units
 
 TARGET = "tfwboot.target"
 PROBE_FILE = "/run/tfwboot/at-network-pre.json"
@@ -70,7 +70,8 @@ def active(c: Container) -> bool:
 
 def tailsfwctl_status(c: Container) -> tuple[int, dict[str, Any]]:
     done = c.run(
-        "env", f"PYTHONPATH={REPO}", str(VENV_PYTHON), "-m", "tailsfw.cli", "status", "--json",
+        "env", f"PYTHONPATH={INSTALLED}", f"{INSTALLED}/.venv/bin/python", "-m", "tailsfw.cli",
+        "status", "--json",
         check=False,
     )  # fmt: skip
     assert done.stderr == "", done.stderr

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from tailsfw import compiler, observe
-from tests.lab.boot import REPO, installed_units, write_units
+from tests.lab.boot import REPO, VENV, installed_units, write_units
 
 FAIL_CLOSED = REPO / "libexec" / "fail-closed"
 MAN = REPO / "man"
@@ -16,7 +16,7 @@ MAN = REPO / "man"
 
 def test_systemd_analyze_verify_passes_for_every_shipped_unit(tmp_path: Path) -> None:
     """As installed here (this checkout's paths), with the man pages it names."""
-    units = installed_units()
+    units = installed_units(REPO, VENV)
     write_units(tmp_path / "units", units)
     for page in MAN.glob("*.[1-8]"):
         section = tmp_path / "man" / f"man{page.suffix[1:]}"
