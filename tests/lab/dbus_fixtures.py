@@ -36,6 +36,7 @@ from tests.lab.bus import bus_config
 from tests.lab.topology import COMMAND_PATH, PYTHON, command_env, delete_namespace, run
 
 NS_PREFIX = "tfwnm"
+NETNS_DIR = Path("/run/netns")
 NM = "org.freedesktop.NetworkManager"
 NM_PATH = "/org/freedesktop/NetworkManager"
 DEVICE = "org.freedesktop.NetworkManager.Device"
@@ -69,12 +70,15 @@ def unavailable() -> str | None:
 @contextlib.contextmanager
 def scratch_namespace(prefix: str = NS_PREFIX) -> Iterator[str]:
     name = f"{prefix}-{secrets.token_hex(3)}"
-    run(["ip", "netns", "add", name])
     try:
+        # Inside the try: an `ip netns add` that times out on a loaded
+        # machine may still have made the namespace (seen: two were left).
+        run(["ip", "netns", "add", name])
         run(["ip", "-n", name, "link", "set", "lo", "up"])
         yield name
     finally:
-        delete_namespace(name)  # ends what still runs in it, by pid
+        if (NETNS_DIR / name).exists():
+            delete_namespace(name)  # ends what still runs in it, by pid
 
 
 @dataclass
