@@ -200,7 +200,9 @@ def test_the_daemon_puts_back_each_tampering(
             probe = lab.probe("amnesia", "tcp", 4, INTERNET_V4[0], 443)
             assert (probe.result, probe.arrived) == ("refused", 0), (command, probe)
             assert f"(pid {pid}, nft): {what}; putting it back" in daemon.log()
-        status = daemon.wait_status(lambda s: s["counters"]["tamperings"] == len(times))
+        # At least one each: a check after lost notifications (pid 0) that
+        # finds one of them undone yet counts too (seen once under load).
+        status = daemon.wait_status(lambda s: s["counters"]["tamperings"] >= len(times))
         assert status["state"] == "enforcing"
     done = tailsfwctl(lab, "verify", "--policy", str(path))
     assert (done.returncode, done.stdout) == (0, ""), done
