@@ -38,7 +38,13 @@ from typing import Any, Protocol
 
 from . import users
 from .accounts import PASSWD, AccountsSource
-from .desired import Desired, desired, ruleset_facts
+from .desired import (
+    Desired,
+    desired,
+    desired_clearnet_dns,
+    desired_interfaces,
+    ruleset_facts,
+)
 from .dropaudit import DropAudit
 from .droplog import DropCounters
 from .enforce import FailState, NftApi, Outcome, RulesetEffect, fail_closed
@@ -315,7 +321,7 @@ class Daemon:
             )
             ok = False
         else:
-            self.policy, self.facts = policy, facts
+            self._adopt(policy, facts)
             self.report.last_error = ""
             self._audit_group(policy.log.group)
             log.info("policy reloaded: ruleset %s in force", self.ruleset.digest[:12])
@@ -381,11 +387,15 @@ class Daemon:
     # -- effects ------------------------------------------------------------
 
     def _with_uids(self, policy: Policy) -> Facts:
-        """The facts with the uids of `policy`'s accounts, which are followed from now on."""
-        facts = replace(self.facts, uids=self.parts.lookup_uids(policy))
+        """The facts with the uids of `policy`'s accounts."""
+        return replace(self.facts, uids=self.parts.lookup_uids(policy))
+
+    def _adopt(self, policy: Policy, facts: Facts) -> None:
+        """`policy` is in force: its accounts are the ones followed from now on
+        (not before: a refused reload keeps following the policy in force)."""
+        self.policy, self.facts = policy, facts
         if self.parts.accounts is not None:
             self.parts.accounts.follow(users.accounts_of(policy))
-        return facts
 
     def _converge_ruleset(self, wanted: Desired, cause: str) -> Outcome:
         outcome = self.ruleset.converge(wanted.ruleset)
@@ -400,21 +410,19 @@ class Daemon:
             self._kernel = None  # the differences may be others now: ask again
         return outcome
 
-    def _converge_sysctls(self) -> bool:
+    def _converge_sysctls(self) -> None:
         """IPv6 off on new interfaces at once, before any coalescing: the
-        ruleset drops IPv6 anyway, this is the second line.  True if any."""
-        new = self.parts.sysctl.converge_interfaces(frozenset(self.facts.interfaces.items()))
-        for state in new:
+        ruleset drops IPv6 anyway, this is the second line."""
+        for state in self.parts.sysctl.converge_interfaces(desired_interfaces(self.facts)):
             if not state.ok:
                 log.warning("sysctl %s: %s", state.name, state.note)
-        return bool(new)
 
     def _converge_files(self) -> None:
         files = self.parts.files
         if files is None:
             return
         try:
-            rewritten = files.converge(self.facts.dns if self.facts.dns_known else None)
+            rewritten = files.converge(desired_clearnet_dns(self.facts))
         except (OSError, ValueError) as e:  # ValueError: a server refused by the render
             self.counters.files_refused += 1
             log.error("cannot write the resolv files: %s", e)
@@ -447,7 +455,7 @@ class Daemon:
         self._converge_sysctls()
         facts = self._with_uids(policy)
         self._converge_ruleset(desired(policy, facts), "start")
-        self.policy, self.facts = policy, facts
+        self._adopt(policy, facts)
         self.report.state = "enforcing"
         self._converge_files()
         log.info("ruleset %s in force (%s)", self.ruleset.digest[:12], self.options.policy)

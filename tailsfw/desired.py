@@ -14,19 +14,23 @@ from .policy import Policy
 @dataclass(frozen=True)
 class Desired:
     ruleset: compiler.Ruleset
-    # Interfaces, (index, name), whose IPv6 setting must be right.
-    interfaces: frozenset[tuple[int, str]]
-    # The clearnet DNS servers for /etc/resolv-over-clearnet.conf; None while
-    # NetworkManager has not answered yet (the file is then left alone).
-    clearnet_dns: tuple[ipaddress.IPv4Address, ...] | None
 
 
 def desired(policy: Policy, facts: Facts) -> Desired:
-    return Desired(
-        ruleset=compiler.compile_policy(policy, facts),
-        interfaces=frozenset(facts.interfaces.items()),
-        clearnet_dns=facts.dns if facts.dns_known else None,
-    )
+    """What the ruleset effect must hold.  The cheaper effects have their own
+    functions below: an interface or a DNS change need not compile."""
+    return Desired(ruleset=compiler.compile_policy(policy, facts))
+
+
+def desired_interfaces(facts: Facts) -> frozenset[tuple[int, str]]:
+    """The interfaces, (index, name), whose IPv6 setting must be right."""
+    return frozenset(facts.interfaces.items())
+
+
+def desired_clearnet_dns(facts: Facts) -> tuple[ipaddress.IPv4Address, ...] | None:
+    """The servers for /etc/resolv-over-clearnet.conf; None while NetworkManager
+    has not answered yet (the file is then left alone)."""
+    return facts.dns if facts.dns_known else None
 
 
 def ruleset_facts(facts: Facts) -> Hashable:
