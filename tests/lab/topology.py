@@ -322,7 +322,10 @@ class Lab:
 
     roles: list[str]
     suffix: str = field(default_factory=lambda: secrets.token_hex(3))
-    lock_timeout: float = 120.0
+    # Parallel work in several checkouts queues on the lock: TFWLAB_LOCK_TIMEOUT lengthens the wait.
+    lock_timeout: float = field(
+        default_factory=lambda: float(os.environ.get("TFWLAB_LOCK_TIMEOUT", "120"))
+    )
     accounts: dict[str, Account] = field(init=False, default_factory=dict)
     scripts: Path | None = field(init=False, default=None)  # set while built
     _host_listeners: subprocess.Popen[str] = field(init=False, repr=False)
