@@ -6,7 +6,7 @@ network or this machine's /etc) and returns (bench/run.py prints and saves):
 - resolv_restore_ms_p50/p99: another process edits, appends to, replaces
   by rename, deletes, replaces by a symlink or chmods resolv.conf or the
   clearnet file; the time until a reader finds the right text again.  The
-  restore loop (`ResolvWatch` -> `ResolvFiles.converge`, as the daemon
+  restore loop (`ResolvWatch` -> `ResolvFiles.rewrite`, as the daemon
   runs it) is a process of its own; this one tampers and polls every 0.1 ms.
 - resolv_converge_noop_us / _write_us: one converge when nothing differs
   (both files read and compared) and when the clearnet file must change.
@@ -34,7 +34,7 @@ from typing import Any
 
 from bench.daemon import percentile
 from tailsfw.accounts import AccountsSource
-from tailsfw.resolv import ResolvFiles
+from tailsfw.resolv import ResolvFiles, resolv_texts
 from tests.files import SERVERS, TAMPERINGS, holds, kept, restore_loop, time_until
 
 ROUNDS = 50  # per tampering and file: 600 restores
@@ -75,14 +75,14 @@ def serve(etc: Path) -> None:
 def converge_us(work: Path) -> tuple[float, float]:
     files = ResolvFiles(work / "resolv.conf", work / "clearnet.conf")
     other = (ipaddress.IPv4Address("10.0.0.53"),)
-    files.converge(SERVERS)
+    files.rewrite(resolv_texts(SERVERS))
     start = time.perf_counter()
     for _ in range(CALLS):
-        files.converge(SERVERS)
+        files.rewrite(resolv_texts(SERVERS))
     noop = (time.perf_counter() - start) / CALLS * 1e6
     start = time.perf_counter()
     for i in range(CALLS):
-        files.converge(other if i % 2 else SERVERS)
+        files.rewrite(resolv_texts(other if i % 2 else SERVERS))
     write = (time.perf_counter() - start) / CALLS * 1e6
     return noop, write
 
@@ -107,7 +107,7 @@ async def account_times(work: Path) -> list[float]:
     passwd = work / "passwd"
     passwd.write_text("root:x:0:0:root:/root:/bin/bash\n")
     accounts = [f"user{i}" for i in range(ACCOUNT_CHANGES)]
-    events = AccountsSource(accounts, passwd).events()
+    events = AccountsSource(passwd).events()
     await anext(events)
     times = []
     lines = ["root:x:0:0:root:/root:/bin/bash\n"]

@@ -1,9 +1,9 @@
-"""The accounts the policy names, followed live in the account database.
+"""The account database, followed live.
 
 `parse_passwd` (pure) reads passwd text the way glibc's `files` service
 does, strictly; `AccountsSource` re-reads the file whenever its directory
 says it changed (useradd and adduser replace it by rename) and yields the
-uids whenever they differ.
+whole database (name -> uid) whenever it differs.
 
 Why the file and not `pwd.getpwnam`: on Tails every account is in
 `/etc/passwd` (nsswitch `passwd: files systemd`; nss-systemd adds only
@@ -20,7 +20,7 @@ import asyncio
 import logging
 import os
 import stat
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
@@ -34,8 +34,8 @@ MAX_UID = 2**32 - 2  # (uid_t)-1 means "no uid"
 MAX_BYTES = 16 * 1024 * 1024  # Tails' is 2 KiB; beyond this it is not an account database
 
 
-def parse_passwd(data: bytes, accounts: Collection[str]) -> dict[str, int]:
-    """Account name -> uid for those of `accounts` that `data` defines.
+def parse_passwd(data: bytes) -> dict[str, int]:
+    """Account name -> uid for every account `data` defines, in its order.
 
     The first line naming an account decides, as with glibc; if that line
     is malformed (a uid that is not a plain decimal number in range, too
@@ -43,7 +43,6 @@ def parse_passwd(data: bytes, accounts: Collection[str]) -> dict[str, int]:
     later line's uid, so this never gives a uid that the system's own
     lookup would not.
     """
-    wanted = {name.encode(): name for name in accounts}
     uids: dict[str, int] = {}
     decided: set[bytes] = set()
     for raw in data.split(b"\n"):
@@ -51,12 +50,12 @@ def parse_passwd(data: bytes, accounts: Collection[str]) -> dict[str, int]:
         if not line or line.startswith(b"#"):
             continue
         name, _, rest = line.partition(b":")
-        if name not in wanted or name in decided:
+        if name in decided:
             continue
         decided.add(name)
         uid = _uid(line, rest)
         if uid is not None:
-            uids[wanted[name]] = uid
+            uids[name.decode(errors="replace")] = uid
     return uids
 
 
@@ -92,35 +91,27 @@ def read_passwd(path: Path) -> bytes:
     return data
 
 
-def read_uids(accounts: Collection[str], passwd: Path = PASSWD) -> Mapping[str, int]:
-    """Account name -> uid for those of `accounts` in `passwd` now (OSError if unreadable)."""
-    return MappingProxyType(parse_passwd(read_passwd(passwd), accounts))
+def read_uids(passwd: Path = PASSWD) -> Mapping[str, int]:
+    """Account name -> uid for every account in `passwd` now (OSError if unreadable)."""
+    return MappingProxyType(parse_passwd(read_passwd(passwd)))
 
 
 class AccountsSource:
-    """The uids of the policy's accounts: the whole state first, then every change.
+    """The account database: the whole of it first, then again on every change.
 
-    `follow(accounts)` changes the accounts asked (a reloaded policy may
-    name others): the file is read again at once, and their uids reported
-    if they differ from the last reported.
+    Every account is reported, not only the policy's: the policy picks the
+    ones it names (tailsfw.desired), so a reload needs no lookup of its own
+    and nothing flows back to this source.
     """
 
     name = "accounts"
 
-    def __init__(self, accounts: Collection[str], passwd: Path = PASSWD) -> None:
-        self.accounts = frozenset(accounts)
+    def __init__(self, passwd: Path = PASSWD) -> None:
         self.passwd = passwd
         self.last_error = ""
-        self._wake: asyncio.Queue[None] | None = None
-
-    def follow(self, accounts: Collection[str]) -> None:
-        """Ask for these accounts from now on (call from the event loop)."""
-        self.accounts = frozenset(accounts)
-        if self._wake is not None:
-            self._wake.put_nowait(None)
 
     async def events(self) -> AsyncIterator[AccountsChanged]:
-        wake = self._wake = asyncio.Queue()
+        wake: asyncio.Queue[None] = asyncio.Queue()
         watch = asyncio.create_task(self._watch(wake), name="accounts-watch")
         last: Mapping[str, int] | None = None
         try:
@@ -129,7 +120,7 @@ class AccountsSource:
                 while not wake.empty():  # one read for all that woke us meanwhile
                     wake.get_nowait()
                 try:
-                    uids = read_uids(self.accounts, self.passwd)
+                    uids = read_uids(self.passwd)
                 except OSError as e:
                     # Keep what is in force; the next change of the file retries.
                     self.last_error = str(e)
@@ -140,7 +131,6 @@ class AccountsSource:
                     last = uids
                     yield AccountsChanged(uids)
         finally:
-            self._wake = None
             watch.cancel()
 
     async def _watch(self, wake: asyncio.Queue[None]) -> None:

@@ -1,42 +1,68 @@
-"""The desired state, pure: what the policy and the facts ask of each effect."""
+"""The desired state, pure: what the policy and the facts ask of each effect.
+
+`Desired(policy, facts)` is the whole of it: the ruleset, the interfaces'
+IPv6 settings, the resolv files' text and the NFLOG group audited.  Each
+part is made when an effect first asks for it, so that a change of
+interfaces costs no compile; the ruleset is carried over from the previous
+`Desired` while what the compiler reads of the facts (`ruleset_facts`) is
+the same.
+"""
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Hashable
-from dataclasses import dataclass
+from functools import cached_property
 
 from . import compiler
 from .facts import Facts
 from .policy import Policy
+from .resolv import ResolvTexts, resolv_texts
 
 
-@dataclass(frozen=True)
 class Desired:
-    ruleset: compiler.Ruleset
+    """What every effect must hold for one policy and one set of facts."""
+
+    def __init__(self, policy: Policy, facts: Facts, previous: Desired | None = None) -> None:
+        self.policy = policy
+        self.facts = facts
+        self.ruleset_key = ruleset_facts(policy, facts)
+        self._ruleset: compiler.Ruleset | None = None
+        if (
+            previous is not None
+            and previous.policy is policy
+            and previous.ruleset_key == self.ruleset_key
+        ):
+            self._ruleset = previous._ruleset
+
+    @property
+    def ruleset(self) -> compiler.Ruleset:
+        if self._ruleset is None:
+            self._ruleset = compiler.compile_policy(self.policy, self.facts)
+        return self._ruleset
+
+    @cached_property
+    def interfaces(self) -> frozenset[tuple[int, str]]:
+        """The interfaces, (index, name), whose IPv6 setting must be right."""
+        return frozenset(self.facts.interfaces.items())
+
+    @cached_property
+    def files(self) -> ResolvTexts:
+        return resolv_texts(self.facts.dns if self.facts.dns_known else None)
+
+    @property
+    def log_group(self) -> int:
+        """The NFLOG group whose refused packets are audited."""
+        return self.policy.log.group
 
 
-def desired(policy: Policy, facts: Facts) -> Desired:
-    """What the ruleset effect must hold.  The cheaper effects have their own
-    functions below: an interface or a DNS change need not compile."""
-    return Desired(ruleset=compiler.compile_policy(policy, facts))
-
-
-def desired_interfaces(facts: Facts) -> frozenset[tuple[int, str]]:
-    """The interfaces, (index, name), whose IPv6 setting must be right."""
-    return frozenset(facts.interfaces.items())
-
-
-def desired_clearnet_dns(facts: Facts) -> tuple[ipaddress.IPv4Address, ...] | None:
-    """The servers for /etc/resolv-over-clearnet.conf; None while NetworkManager
-    has not answered yet (the file is then left alone)."""
-    return facts.dns if facts.dns_known else None
-
-
-def ruleset_facts(facts: Facts) -> Hashable:
-    """What the compiler reads of the facts: when it is the same, the ruleset
-    is, and nothing need be compiled (an interface renamed costs no commit).
-    The DNS servers are read in `dns.clearnet = "nm"` mode (a set-only
-    change then).  tests/unit/test_desired.py checks that nothing else
-    changes a ruleset."""
-    return (facts.connected, tuple(sorted(facts.uids.items())), facts.dns)
+def ruleset_facts(policy: Policy, facts: Facts) -> Hashable:
+    """What the compiler reads of the facts for `policy`: when it is the same,
+    the ruleset is, and nothing need be compiled (an interface renamed, an
+    account the policy does not name, costs no commit).  The DNS servers are
+    read in `dns.clearnet = "nm"` mode only (a set-only change then), the
+    on-link networks outside `lan.mode = "rfc1918"` only.
+    tests/unit/test_desired.py checks that nothing else changes a ruleset."""
+    uids = tuple((user.account, facts.uids.get(user.account)) for user in policy.users)
+    connected = facts.connected if policy.lan.mode != "rfc1918" else frozenset()
+    dns = facts.dns if policy.dns.clearnet == "nm" else ()
+    return (connected, uids, dns)

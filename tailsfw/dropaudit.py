@@ -2,7 +2,9 @@
 
     audit = DropAudit(group=policy.log.group)
     task = asyncio.create_task(audit.run())   # cancel it to stop
-    audit.counters()                          # for the status
+    audit.counters(names)                     # for the status (uid -> name given)
+
+`AuditEffect` keeps one audit on the policy's group for the daemon.
 
 The loop only reads and counts: the socket is nonblocking and read through
 `loop.add_reader`, a read takes at most a `Budget` share of a core (past it,
@@ -22,10 +24,10 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from systemd import journal
 
@@ -43,6 +45,9 @@ from .droplog import (
     summary_entry,
 )
 from .nflog import Batch, Drop, NflogSocket
+
+if TYPE_CHECKING:
+    from .desired import Desired
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +151,18 @@ class DropAudit:
         self._timer: asyncio.TimerHandle | None = None
         self._paused = False
 
-    def counters(self) -> DropCounters:
-        """A copy, with users by name."""
+    def counters(self, names: Mapping[int, str] | None = None) -> DropCounters:
+        """A copy, with users by name: from `names` (uid -> account, the
+        daemon's accounts facts: no lookup on its loop) when given, else by
+        the `user_name` function."""
         by_user: dict[str, int] = {}
         for uid, n in self._by_uid.items():
-            name = OTHER_USERS if uid == -1 else self._user_name(uid)
+            if uid == -1:
+                name = OTHER_USERS
+            elif names is None or uid is None:
+                name = self._user_name(uid)
+            else:
+                name = names.get(uid, str(uid))
             by_user[name] = by_user.get(name, 0) + n
         return replace(
             self._counters,
@@ -275,3 +287,38 @@ class DropAudit:
         now = self._clock()
         self._summaries(self._limiter.due(now), self._losses.due(now))
         self._schedule()
+
+
+class AuditEffect:
+    """The audit of the policy's NFLOG group, as an effect: one `DropAudit`
+    task, replaced when the group changes.  A side stream: it binds and
+    retries by itself, and never stops enforcement."""
+
+    name = "drops"
+
+    def __init__(self, make: Callable[[int], DropAudit]) -> None:
+        self._make = make
+        self._running: tuple[DropAudit, asyncio.Task[None]] | None = None
+
+    def converge(self, desired: Desired) -> bool:
+        if self._running is not None and self._running[0].group == desired.log_group:
+            return False
+        self.stop()
+        audit = self._make(desired.log_group)
+        self._running = (audit, asyncio.create_task(audit.run(), name="nflog"))
+        return True
+
+    def forget(self) -> None:
+        """Nothing to redo: the audit's socket is its own to keep."""
+
+    def stop(self) -> asyncio.Task[None] | None:
+        """Stop the audit (it writes its open summaries, then ends); its task."""
+        if self._running is None:
+            return None
+        task = self._running[1]
+        task.cancel()
+        self._running = None
+        return task
+
+    def counters(self, names: Mapping[int, str]) -> DropCounters:
+        return self._running[0].counters(names) if self._running else DropCounters()

@@ -1,30 +1,52 @@
-"""The ruleset effect: put a compiled ruleset in force, and fail closed.
+"""The ruleset's world: put a compiled ruleset in force, know what the kernel
+holds, undo tampering, and fail closed.
 
-`RulesetEffect.converge` commits only what differs from what it last put in
-force (nothing, set elements, or the whole tables, always one transaction);
-`forget` says the kernel may no longer hold that (another program changed
-it), so the next converge replaces the tables whole.  `fail_closed` is what
-a start that cannot load the policy leaves behind.
+- `RulesetEffect.converge(desired)` commits only what differs from what it
+  last put in force (nothing, set elements, or the whole tables, always one
+  transaction); `forget()` says the kernel may no longer hold that, so the
+  next converge replaces the tables whole.
+- `KernelTruth` (`RulesetEffect.truth`) compares the kernel's listing with
+  the ruleset in force, always away from the loop (an `nft` child process:
+  libnftables reads every link to name `iif`, under the lock that link
+  changes take, and one listing took 1.4 s during a storm of interfaces).
+  It is a source: its answers come back through the daemon's queue as
+  `KernelChecked` events.
+- The reaction to tampering: another process changed our tables
+  (`RulesetTouched`), or a check asked by a lost-notifications notice found
+  the kernel different: forget, and converge at once.
+- `fail_closed` is what a start that cannot load the policy leaves behind.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from enum import Enum
 from typing import Any, Protocol
 
 from . import compiler, verify
+from .desired import Desired
+from .events import KernelChecked, RulesetTouched
 from .nft import NftError
 from .status import RulesetCounters
 
 log = logging.getLogger("tailsfwd")
+
+Listing = list[dict[str, Any]]  # `nft -j list ruleset`'s objects
+Lister = Callable[[], Awaitable[Listing]]  # the ruleset, listed away from the loop
+# The status says what the kernel holds: asked at most this often, and at
+# most a tenth of the time (listing costs more as interfaces grow: libnftables
+# reads every link to name `iif`, ~50 ms with 2,000 interfaces).
+KERNEL_CHECK = 0.1
+KERNEL_CHECK_SHARE = 0.1
 
 
 class NftApi(Protocol):
     """What the effect needs of libnftables (tailsfw.nft.Nft, or a fake kernel)."""
 
     def apply(self, document: dict[str, Any]) -> None: ...
-    def list_ruleset(self) -> list[dict[str, Any]]: ...
 
 
 class Outcome(Enum):
@@ -34,10 +56,14 @@ class Outcome(Enum):
 
 
 class RulesetEffect:
-    def __init__(self, nft: NftApi) -> None:
+    name = "ruleset"
+
+    def __init__(self, nft: NftApi, list_ruleset: Lister) -> None:
         self.nft = nft
         self.in_force: compiler.Ruleset | None = None
         self.counters = RulesetCounters()
+        self.generation = 0  # commits so far: a listing older than the last is stale
+        self.truth = KernelTruth(self, list_ruleset)
         self._trusted = False  # does the kernel hold `in_force`?
         self._expected: tuple[compiler.Ruleset, str] | None = None  # its kernel digest
         self._digest: tuple[compiler.Ruleset, str] | None = None
@@ -52,14 +78,7 @@ class RulesetEffect:
             self._digest = (self.in_force, self.in_force.digest())
         return self._digest[1]
 
-    def differences(self) -> list[str]:
-        """What the kernel holds that is not what we put in force; [] when it
-        is exactly that.  Asks the kernel (a few ms)."""
-        if self.in_force is None:
-            return ["nothing put in force yet"]
-        return self.differences_in(self.nft.list_ruleset())
-
-    def differences_in(self, listing: list[dict[str, Any]]) -> list[str]:
+    def differences_in(self, listing: Listing) -> list[str]:
         """What `listing` (the kernel's ruleset) holds that is not what we put
         in force; [] when it is exactly that."""
         if self.in_force is None:
@@ -74,14 +93,16 @@ class RulesetEffect:
         """The kernel may not hold what we loaded: the next converge replaces it."""
         self._trusted = False
 
-    def converge(self, ruleset: compiler.Ruleset) -> Outcome:
-        """Make the kernel hold `ruleset`.  Raises NftError with the ruleset in
-        force untouched (every commit is one transaction)."""
+    def converge(self, desired: Desired) -> bool:
+        """Make the kernel hold the desired ruleset; True if a commit changed it.
+        Raises NftError with the ruleset in force untouched (every commit is
+        one transaction)."""
+        ruleset = desired.ruleset
         old = self.in_force if self._trusted else None
         changes = None if old is None else ruleset.changes_since(old)
         if changes == []:
             self.counters.unchanged += 1
-            return Outcome.UNCHANGED
+            return False
         outcome = Outcome.REPLACED
         if changes is not None:
             try:
@@ -97,11 +118,107 @@ class RulesetEffect:
         else:
             self.counters.set_updates += 1
         self.counters.commits += 1
+        self.generation += 1
         previous = self.in_force.warnings if self.in_force is not None else ()
         for warning in sorted(set(ruleset.warnings) - set(previous)):
             log.warning("%s", warning)
         self.in_force, self._trusted = ruleset, True
-        return outcome
+        self.truth.committed(outcome)
+        return True
+
+    def touched(self, event: RulesetTouched) -> bool:
+        """Another process changed our tables (or may have: pid 0, notices
+        lost): True when the tables must be put back now; after a lost
+        notice the kernel is asked first, and its answer (`checked`) decides."""
+        if event.pid == 0:
+            self.counters.unverified_notices += 1
+            self.truth.ask(event.what)
+            return False
+        log.warning(
+            "ruleset changed by another process (pid %d, %s): %s; putting it back",
+            event.pid,
+            event.process or "?",
+            event.what,
+        )
+        self.counters.tamperings += 1
+        self.forget()
+        return True
+
+    def checked(self, event: KernelChecked) -> bool:
+        """The kernel's answer to a check; True when the tables must be put back now."""
+        if not event.notice:
+            return False
+        if not event.differences:
+            log.info("nftables monitor: %s; the kernel holds our ruleset", event.notice)
+            return False
+        log.warning(
+            "nftables monitor: %s; the kernel differs: %s; putting it back",
+            event.notice,
+            "; ".join(event.differences[:3]),
+        )
+        self.counters.tamperings += 1
+        self.forget()
+        return True
+
+
+class KernelTruth:
+    """What the kernel holds of our tables, compared with what is in force.
+
+    Asked by `ask()` (a lost-notifications notice), or by `differences()`
+    when the last answer is older than the rate allows; each answer is a
+    `KernelChecked` event.  An answer to a listing that a commit overtook
+    is dropped (and asked again if a notice asked for it).
+    """
+
+    name = "kernel"
+
+    def __init__(self, effect: RulesetEffect, list_ruleset: Lister) -> None:
+        self._effect = effect
+        self._list = list_ruleset
+        self._known: tuple[float, tuple[str, ...]] | None = None  # when asked, what differed
+        self._cost = 0.0  # how long the last listing took
+        self._wake = asyncio.Event()
+        self._notice = ""  # the notice waiting for an answer
+
+    def differences(self) -> list[str]:
+        """The last known differences ([]: none, or none known yet); asks the
+        kernel again when the last answer is stale."""
+        if self._effect.in_force is None:
+            return []
+        every = max(KERNEL_CHECK, self._cost / KERNEL_CHECK_SHARE)
+        if self._known is None or time.monotonic() - self._known[0] >= every:
+            self.ask()
+        return list(self._known[1]) if self._known is not None else []
+
+    def ask(self, notice: str = "") -> None:
+        self._notice = self._notice or notice
+        self._wake.set()
+
+    def committed(self, outcome: Outcome) -> None:
+        if outcome is Outcome.REPLACED:
+            # One transaction replaced our tables whole: the kernel holds them
+            # now; asked again when the rate allows.
+            self._known = (self._known[0] if self._known else time.monotonic(), ())
+        elif self._known is not None and self._known[1]:
+            self.ask()  # the differences may be others now
+
+    async def events(self) -> AsyncIterator[KernelChecked]:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            notice, self._notice = self._notice, ""
+            generation, started = self._effect.generation, time.monotonic()
+            try:
+                differences = tuple(self._effect.differences_in(await self._list()))
+            except (NftError, OSError, ValueError) as e:
+                differences = (f"cannot list the ruleset: {e}",)
+            self._cost = time.monotonic() - started
+            if self._effect.generation != generation:
+                if notice:
+                    self.ask(notice)  # the listing may predate the commit
+                continue
+            self._known = (started, differences)
+            yield KernelChecked(differences, notice)
 
 
 class FailState(Enum):
@@ -110,7 +227,7 @@ class FailState(Enum):
     NOTHING = "nothing"  # none was, and the lockdown was refused too
 
 
-def fail_closed(nft: NftApi) -> tuple[FailState, str]:
+async def fail_closed(nft: NftApi, list_ruleset: Lister) -> tuple[FailState, str]:
     """Leave a tailsfw ruleset in force after a failed start.
 
     A tailsfw ruleset already in force in both families (a restart) stays
@@ -118,8 +235,8 @@ def fail_closed(nft: NftApi) -> tuple[FailState, str]:
     Returns what was done and, if the lockdown failed too, why.
     """
     try:
-        present = tailsfw_families(nft.list_ruleset())
-    except NftError as e:
+        present = tailsfw_families(await list_ruleset())
+    except (NftError, OSError, ValueError) as e:
         log.error("cannot list the ruleset in force (%s): loading the lockdown ruleset", e)
         present = set()
     if present >= set(compiler.FAMILIES.values()):
@@ -134,7 +251,7 @@ def fail_closed(nft: NftApi) -> tuple[FailState, str]:
     return FailState.LOCKDOWN, ""
 
 
-def tailsfw_families(ruleset: list[dict[str, Any]]) -> set[str]:
+def tailsfw_families(ruleset: Listing) -> set[str]:
     """The families that have a tailsfw table in a `list ruleset` answer."""
     return {
         o["table"]["family"]

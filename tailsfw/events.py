@@ -1,8 +1,8 @@
 """What the outside worlds report: one small frozen dataclass per kind of fact.
 
 Each source (netlink, NetworkManager, files, nftables' own notifications,
-the account database) yields these; the daemon folds them into `Facts` or
-reacts to them.  Nothing here does I/O.
+the account database, the kernel's listing of our tables) yields these; the
+daemon folds them into `Facts` or reacts to them.  Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -58,12 +58,24 @@ class RulesetTouched:
 
 @dataclass(frozen=True)
 class AccountsChanged:
-    """The account database: account name -> uid, for the accounts the policy names."""
+    """The account database, whole: account name -> uid, for every account in it
+    (the policy picks the ones it names, in the pure `desired`)."""
 
     uids: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
 
-Event = LinksChanged | DnsServers | FileChanged | RulesetTouched | AccountsChanged
+@dataclass(frozen=True)
+class KernelChecked:
+    """The ruleset effect listed the kernel's tables, away from the loop: what
+    they hold that differs from the ruleset in force ([]: nothing).  `notice`
+    is the lost-notifications notice that asked for the check ("" when the
+    status asked): a difference found then is tampering."""
+
+    differences: tuple[str, ...]
+    notice: str = ""
+
+
+Event = LinksChanged | DnsServers | FileChanged | RulesetTouched | AccountsChanged | KernelChecked
 
 
 class Source(Protocol):

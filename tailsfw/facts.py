@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from types import MappingProxyType
 
 from .events import AccountsChanged, DnsServers, Event, LinksChanged
@@ -17,7 +18,8 @@ from .events import AccountsChanged, DnsServers, Event, LinksChanged
 
 @dataclass(frozen=True)
 class Facts:
-    # account name -> uid, for the accounts that exist.
+    # account name -> uid, for every account of the account database (the
+    # compiler looks up the policy's).
     uids: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     # IPv4 networks on-link on some interface (for `lan.mode = "connected"`).
     connected: frozenset[ipaddress.IPv4Network] = frozenset()
@@ -28,6 +30,15 @@ class Facts:
     dns_known: bool = False
     # The interfaces, by index (each gets its IPv6 setting).
     interfaces: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    @cached_property
+    def user_names(self) -> Mapping[int, str]:
+        """uid -> account name, the first account of the database with that
+        uid (as getpwuid answers), made once per account database."""
+        names: dict[int, str] = {}
+        for name, uid in self.uids.items():
+            names.setdefault(uid, name)
+        return MappingProxyType(names)
 
 
 def updated(facts: Facts, event: Event) -> Facts:

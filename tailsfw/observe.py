@@ -38,7 +38,7 @@ DEFAULT_STATE_FILE = Path("/run/tailsfw/status.json")
 BUS_TIMEOUT = 3.0
 # Seconds of slack between the boot-relative start time and the wall clock.
 START_SLACK = 1.0
-DAEMON_NAMES = (b"tailsfwd", b"tailsfw.daemon")
+DAEMON_NAMES = (b"tailsfwd", b"tailsfw.tailsfwd")
 
 
 class ControlError(RuntimeError):

@@ -27,11 +27,16 @@ import logging
 import os
 import secrets
 import stat
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .events import FileChanged
 from .inotify import watch_paths
+
+if TYPE_CHECKING:  # desired.py renders with this module's functions
+    from .desired import Desired
 
 log = logging.getLogger(__name__)
 
@@ -191,39 +196,82 @@ def _replace(path: Path, data: bytes, was: str) -> None:
         log.warning("%s was %s: replaced by a regular file", path, was)
 
 
+@dataclass(frozen=True)
+class ResolvTexts:
+    """What the two resolver files must hold."""
+
+    resolv: str  # /etc/resolv.conf
+    # /etc/resolv-over-clearnet.conf; None: left as it is (NetworkManager has
+    # not answered yet, or its servers could not be rendered: `refused` says why).
+    clearnet: str | None
+    refused: str = ""
+
+
+def resolv_texts(servers: Sequence[ipaddress.IPv4Address] | None) -> ResolvTexts:
+    """The files' text for NetworkManager's servers (None: not known yet)."""
+    if servers is None:
+        return ResolvTexts(TOR_RESOLV_TEXT, None)
+    try:
+        return ResolvTexts(TOR_RESOLV_TEXT, render_clearnet(servers))
+    except ValueError as e:  # checked by nm.py already: a second line
+        return ResolvTexts(TOR_RESOLV_TEXT, None, str(e))
+
+
 class ResolvFiles:
-    """The effect: both files as they should be, compared with the disk every time."""
+    """The effect: both files as `Desired.files` says.
+
+    `rewrite` compares with the disk every time; `converge` does so only when
+    the wanted text changed or after `forget()` (the watch saw a process,
+    maybe us, touch a file).
+    """
+
+    name = "files"
 
     def __init__(self, resolv_conf: Path, clearnet_conf: Path) -> None:
         self.resolv_conf = resolv_conf
         self.clearnet_conf = clearnet_conf
+        self.rewritten = 0  # files written because they differed
+        self._done: ResolvTexts | None = None  # what the disk held at the last converge
 
-    def converge(self, servers: tuple[ipaddress.IPv4Address, ...] | None) -> list[str]:
-        """Rewrite what differs; the paths rewritten.
+    def converge(self, desired: Desired) -> bool:
+        """`rewrite` if needed; True if a file was rewritten."""
+        texts = desired.files
+        if texts == self._done:
+            return False
+        changed = bool(self.rewrite(texts))
+        self._done = texts
+        return changed
 
-        `servers` None (NetworkManager has not answered yet) leaves the
-        clearnet file as it is.  resolv.conf comes first and is written even
-        if the clearnet file fails (or `servers` is refused: ValueError); an
-        OSError names the first path that could not be written, after both
-        were tried.
+    def forget(self) -> None:
+        """A file was touched: the next converge reads both again."""
+        self._done = None
+
+    def rewrite(self, texts: ResolvTexts) -> list[str]:
+        """Rewrite what differs from `texts`; the paths rewritten.
+
+        A clearnet text of None leaves that file as it is.  resolv.conf comes
+        first and is written even if the clearnet file fails; an OSError names
+        the first path that could not be written, after both were tried, and
+        a ValueError says why NetworkManager's servers could not be rendered.
         """
-        rewritten = []
+        wanted = [(self.resolv_conf, texts.resolv)]
+        if texts.clearnet is not None:
+            wanted.append((self.clearnet_conf, texts.clearnet))
         failed: OSError | None = None
-        texts: list[tuple[Path, Callable[[], str]]] = [(self.resolv_conf, lambda: TOR_RESOLV_TEXT)]
-        if servers is not None:
-            texts.append((self.clearnet_conf, lambda: render_clearnet(servers)))
-        for path, text in texts:
+        rewritten = []
+        for path, text in wanted:
             try:
-                if write_in_place(path, text()):
+                if write_in_place(path, text):
+                    self.rewritten += 1
                     rewritten.append(str(path))
+                    log.info("rewrote %s", path)
             except OSError as e:
                 failed = failed or e
         if failed is not None:
             raise failed
+        if texts.refused:
+            raise ValueError(texts.refused)
         return rewritten
-
-    def forget(self) -> None:
-        """Nothing to drop: `converge` never trusts memory, it reads both files."""
 
 
 class ResolvWatch:

@@ -18,15 +18,17 @@ import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from dbus_fast import BusType, DBusError, NameFlag, PropertyAccess, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusBool, DBusSignature, DBusStr, DBusUInt32, DBusUInt64
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
-from .control import Control
 from .status import Status
+
+if TYPE_CHECKING:  # the readers of properties() need none of the daemon
+    from .control import ControlApi
 
 log = logging.getLogger("tailsfwd")
 
@@ -91,7 +93,7 @@ def changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class FirewallInterface(ServiceInterface):
-    def __init__(self, control: Control) -> None:
+    def __init__(self, control: ControlApi) -> None:
         super().__init__(INTERFACE)
         self._control = control
         # Read and subscribed in one step of the loop: no change falls between.
@@ -258,7 +260,7 @@ async def serve(interface: FirewallInterface, address: str | None = None) -> Ser
 
 
 async def keep_serving(
-    control: Control, address: str | None = None, retry: float = RETRY_DELAY
+    control: ControlApi, address: str | None = None, retry: float = RETRY_DELAY
 ) -> None:
     """Stay on the bus for as long as the daemon runs; never raises for the bus's faults.
 

@@ -10,6 +10,11 @@ from pathlib import Path
 from .droplog import DropCounters
 from .sysctl import SysctlState
 
+# status.json is written again at least this often (seconds), even when
+# nothing changed: its `updated` time says the daemon was alive then, and
+# readers treat a file much older than this as no daemon's.
+HEARTBEAT = 5.0
+
 
 @dataclass
 class RulesetCounters:
@@ -19,19 +24,19 @@ class RulesetCounters:
     replacements: int = 0  # ... of which replaced the tables
     set_updates: int = 0  # ... of which changed set elements only
     unchanged: int = 0  # converges that needed no commit
+    tamperings: int = 0  # changes to our tables by other processes, undone
+    unverified_notices: int = 0  # lost change notifications: the kernel was checked
 
 
 @dataclass
 class Counters(RulesetCounters):
-    """Everything tailsfwd counts: the effect's counters and the daemon's."""
+    """Everything tailsfwd counts: the ruleset effect's counters and the daemon's."""
 
     refused: int = 0  # commits nft refused (the ruleset in force stayed)
     reloads: int = 0
     reloads_refused: int = 0
     files_rewritten: int = 0  # resolv files written because they differed
     files_refused: int = 0  # writes of them that failed
-    tamperings: int = 0  # changes to our tables by other processes, undone
-    unverified_notices: int = 0  # lost change notifications: the kernel was checked
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,9 @@ class Status:
     drops: DropCounters = field(default_factory=DropCounters)  # the refused packets' audit
     # What the kernel holds that differs from the ruleset in force ([]: none).
     kernel_differences: list[str] = field(default_factory=list)
+    # The effects whose last converge failed, and why (retried until they succeed).
+    failing: dict[str, str] = field(default_factory=dict)
+    # Wall-clock time the status was made and written (every HEARTBEAT at least).
     updated: float = field(default_factory=time.time)
 
     def line(self) -> str:
@@ -71,6 +79,8 @@ class Status:
             f" {self.counters.commits} commits; {self.drops.drops} drops"
             + (f" ({self.drops.lost} lost)" if self.drops.lost else "")
         )
+        if self.failing:
+            text += f"; failing: {', '.join(self.failing)}"
         return f"{text}; last error: {self.last_error}" if self.last_error else text
 
 

@@ -8,9 +8,16 @@ failed write loses a second line of defence, never the first.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .desired import Desired
+
+log = logging.getLogger("tailsfwd")
 
 DEFAULT_ROOT = Path("/proc/sys")
 CONNTRACK_HELPER = ("net", "netfilter", "nf_conntrack_helper")
@@ -56,7 +63,10 @@ BOOT_SETTINGS: tuple[tuple[tuple[str, ...], str], ...] = (
 
 
 class Sysctl:
-    """Writes settings below `root` and keeps the state of each."""
+    """Writes settings below `root` and keeps the state of each; as an effect,
+    the interfaces' IPv6 settings."""
+
+    name = "sysctls"
 
     def __init__(self, root: Path = DEFAULT_ROOT) -> None:
         self.root = root
@@ -91,9 +101,10 @@ class Sysctl:
         return state
 
     def apply_boot(self) -> tuple[SysctlState, ...]:
-        """The settings of a fresh start; returns their states."""
+        """The settings of a fresh start; returns their states (a failed one is logged)."""
         done = [self.set(parts, value) for parts, value in BOOT_SETTINGS]
         done.append(self._conntrack_helper())
+        _warn(done)
         return tuple(done)
 
     def _conntrack_helper(self) -> SysctlState:
@@ -127,6 +138,19 @@ class Sysctl:
             self._interfaces.add((index, name))
         return new
 
+    def converge(self, desired: Desired) -> bool:
+        """Each interface's IPv6 setting; True if one was written.  A write that
+        fails is recorded and logged, not raised: the ruleset drops IPv6."""
+        new = self.converge_interfaces(desired.interfaces)
+        _warn(new)
+        return bool(new)
+
     def forget(self) -> None:
         """The next converge writes every interface's setting again."""
         self._interfaces.clear()
+
+
+def _warn(states: list[SysctlState]) -> None:
+    for state in states:
+        if not state.ok:
+            log.warning("sysctl %s: %s", state.name, state.note)

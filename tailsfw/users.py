@@ -1,14 +1,16 @@
-"""Resolve the policy's accounts to uids, from the account database file.
+"""Resolve the policy's accounts to uids, from the account database file,
+for the commands that compile a policy once (tailsfwctl).
 
 The same reading as the accounts source (tailsfw/accounts.py), so that the
-start, a reload and a live change all agree (see docs/resolv.md for why the
-file rather than NSS).
+CLI and the daemon agree (see docs/resolv.md for why the file rather than
+NSS).  The daemon itself never looks accounts up: they are facts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 from .accounts import PASSWD, read_uids
 from .policy import Policy
@@ -24,4 +26,5 @@ def lookup_uids(policy: Policy, passwd: Path = PASSWD) -> Mapping[str, int]:
     A missing account is left out (the compiler reports it, and uses the
     fallback uid if any); an unreadable database is an OSError.
     """
-    return read_uids(accounts_of(policy), passwd)
+    uids = read_uids(passwd)
+    return MappingProxyType({a: uids[a] for a in accounts_of(policy) if a in uids})

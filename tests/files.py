@@ -2,7 +2,7 @@
 
 Shared by tests/local (temp directories, no root), tests/lab and
 bench/resolv.py.  `RestoreLoop` runs what the daemon will run
-(`ResolvWatch` events -> `ResolvFiles.converge`) on an asyncio loop in a
+(`ResolvWatch` events -> `ResolvFiles.rewrite`) on an asyncio loop in a
 thread; `TAMPERINGS` are what another root program may do to a file;
 `time_until` watches the file from outside, as any reader would.
 """
@@ -20,14 +20,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
-from tailsfw.resolv import TOR_RESOLV_TEXT, ResolvFiles, ResolvWatch, render_clearnet
+from tailsfw.resolv import TOR_RESOLV_TEXT, ResolvFiles, ResolvWatch, render_clearnet, resolv_texts
 
 SERVERS = (ipaddress.IPv4Address("192.168.77.1"), ipaddress.IPv4Address("10.0.0.53"))
 POLL = 0.0001  # seconds between two looks at the file
 
 
 class RestoreLoop:
-    """`ResolvWatch` -> `ResolvFiles.converge`, on its own thread, until closed."""
+    """`ResolvWatch` -> `ResolvFiles.rewrite`, on its own thread, until closed."""
 
     def __init__(self, files: ResolvFiles, servers: tuple[ipaddress.IPv4Address, ...]) -> None:
         self.files = files
@@ -48,7 +48,7 @@ class RestoreLoop:
             async for _ in watch.events():
                 self.events += 1
                 try:
-                    self.rewrites += self.files.converge(self.servers)
+                    self.rewrites += self.files.rewrite(resolv_texts(self.servers))
                 except (OSError, ValueError) as e:
                     self.errors.append(e)
                 self._ready.set()

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tailsfw.resolv import ResolvFiles, render_clearnet
+from tailsfw.resolv import ResolvFiles, render_clearnet, resolv_texts
 from tests.files import SERVERS, restore_loop, time_until
 
 BEFORE = (ipaddress.IPv4Address("172.16.0.53"),)
@@ -33,11 +33,11 @@ def main(work: Path) -> dict[str, object]:
     etc = work / "etc"
     etc.mkdir()
     files = ResolvFiles(etc / "resolv.conf", etc / "resolv-over-clearnet.conf")
-    files.converge(BEFORE)
+    files.rewrite(resolv_texts(BEFORE))
     mounted = work / "program-resolv.conf"  # another program's /etc/resolv.conf
     mounted.write_text("")
     subprocess.run(["mount", "--bind", str(files.clearnet_conf), str(mounted)], check=True)
-    rewritten = files.converge(AFTER)
+    rewritten = files.rewrite(resolv_texts(AFTER))
     seen_after_update = mounted.read_text()
     with restore_loop(etc):
         with mounted.open("a") as f:

@@ -276,7 +276,7 @@ class DaemonProcess:
         self.notify = NotifySocket(self.workdir / "notify.sock")
         # Never this machine's resolv files: the daemon's are in the work directory.
         daemon = [
-            VENV_PYTHON, "-m", "tailsfw.daemon",
+            VENV_PYTHON, "-m", "tailsfw.tailsfwd",
             "--policy", str(self.policy), "--state-dir", str(self.state_dir),
             "--resolv-conf", str(self.resolv_conf),
             "--clearnet-resolv-conf", str(self.clearnet_conf),
@@ -595,6 +595,8 @@ class CommitClock:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
 def remove_tailsfw_tables(namespace: str) -> None:
     """Test set-up only: the daemon itself never removes a rule."""
     for family in sorted(tailsfw_tables(namespace)):

@@ -189,7 +189,7 @@ def test_a_stopped_daemon_is_killed_by_the_watchdog_and_restarted(container: Con
 def test_a_broken_install_still_leaves_the_lockdown_and_a_failed_unit() -> None:
     broken = {
         "tailsfwd.service.d/broken.conf": (
-            "[Service]\nExecStart=\nExecStart=/nonexistent/venv/bin/python -m tailsfw.daemon\n"
+            "[Service]\nExecStart=\nExecStart=/nonexistent/venv/bin/python -m tailsfw.tailsfwd\n"
         )
     }
     with booted({**installed_units(), **TEST_UNITS, **broken}, TARGET) as c:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tailsfw.daemon import MAX_DELAY
+from tailsfw.coalesce import MAX_DELAY
 from tests.lab import policies
 from tests.lab.daemon_fixtures import (
     LAB_HOST_SYSCTLS,

@@ -1,7 +1,7 @@
 """The resolver files on a real filesystem with real inotify, in temp directories (no root).
 
 The loop under test is what the daemon runs: `ResolvWatch` events ->
-`ResolvFiles.converge`.  Every tampering must be undone within 100 ms.
+`ResolvFiles.rewrite`.  Every tampering must be undone within 100 ms.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tailsfw.events import FileChanged
-from tailsfw.resolv import TOR_RESOLV_TEXT, ResolvFiles, ResolvWatch, write_in_place
+from tailsfw.resolv import TOR_RESOLV_TEXT, ResolvFiles, ResolvWatch, resolv_texts, write_in_place
 from tests.files import SERVERS, TAMPERINGS, holds, kept, restore_loop, time_until
 
 CLEARNET_TEXT = "nameserver 192.168.77.1\nnameserver 10.0.0.53\n"
@@ -174,17 +174,20 @@ def test_created_with_mode_0644_whatever_the_umask(etc: Path) -> None:
 
 def test_converge_is_idempotent_and_names_what_it_rewrote(etc: Path) -> None:
     files = ResolvFiles(etc / "resolv.conf", etc / "resolv-over-clearnet.conf")
-    assert files.converge(SERVERS) == [str(files.resolv_conf), str(files.clearnet_conf)]
-    assert files.converge(SERVERS) == []
+    assert files.rewrite(resolv_texts(SERVERS)) == [
+        str(files.resolv_conf),
+        str(files.clearnet_conf),
+    ]
+    assert files.rewrite(resolv_texts(SERVERS)) == []
     files.forget()
-    assert files.converge(SERVERS) == []
-    assert files.converge(SERVERS[:1]) == [str(files.clearnet_conf)]
+    assert files.rewrite(resolv_texts(SERVERS)) == []
+    assert files.rewrite(resolv_texts(SERVERS[:1])) == [str(files.clearnet_conf)]
     assert files.clearnet_conf.read_text() == "nameserver 192.168.77.1\n"
-    assert files.converge(()) == [str(files.clearnet_conf)]
+    assert files.rewrite(resolv_texts(())) == [str(files.clearnet_conf)]
     assert files.clearnet_conf.read_text() == ""
     files.clearnet_conf.write_text("nameserver 10.0.0.53\n")
     files.resolv_conf.write_text("nameserver 203.0.113.53\n")
-    assert files.converge(None) == [str(files.resolv_conf)]  # servers not known yet
+    assert files.rewrite(resolv_texts(None)) == [str(files.resolv_conf)]  # servers not known yet
     assert files.clearnet_conf.read_text() == "nameserver 10.0.0.53\n"
 
 
@@ -192,7 +195,7 @@ def test_converge_writes_resolv_conf_even_when_the_clearnet_file_fails(etc: Path
     files = ResolvFiles(etc / "resolv.conf", etc / "resolv-over-clearnet.conf")
     files.clearnet_conf.mkdir()
     with pytest.raises(OSError, match=r"resolv-over-clearnet\.conf"):
-        files.converge(SERVERS)
+        files.rewrite(resolv_texts(SERVERS))
     assert holds(files.resolv_conf, TOR_RESOLV_TEXT)
 
 

@@ -7,18 +7,22 @@ import asyncio
 import ipaddress
 import os
 import tomllib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from tailsfw.daemon import Daemon, Options, Parts
+from tailsfw import compiler
+from tailsfw.coalesce import MAX_DELAY
+from tailsfw.control import Control
+from tailsfw.daemon import Daemon
+from tailsfw.enforce import Lister
 from tailsfw.events import Event, LinksChanged
 from tailsfw.netlink import Address, Link, Snapshot
 from tailsfw.notify import Notifier
-from tailsfw.policy import Policy
+from tailsfw.parts import Parts, Settings
 from tailsfw.sysctl import Sysctl
 from tests.unit.fakekernel import FakeKernel
 
@@ -88,11 +92,30 @@ class Rig:
     netlink: FeedSource
     notify: Recorder
     log: list[str] = field(default_factory=list)
-    uids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def control(self) -> Control:
+        return self.daemon.control
 
     @property
     def policy_path(self) -> Path:
-        return self.daemon.options.policy
+        return self.daemon.settings.policy
+
+    @property
+    def proc_sys(self) -> Path:
+        return self.daemon.parts.sysctl.root
+
+    def compiled(self) -> compiler.Ruleset:
+        """The daemon's policy compiled afresh with its facts of now."""
+        assert self.control.policy is not None
+        return compiler.compile_policy(self.control.policy, self.control.facts)
+
+    async def feed(self, *events: Event, settle: float = 10 * MAX_DELAY) -> None:
+        """Hands events to the running daemon (as netlink's), and lets the
+        coalesced commit and any kernel check happen."""
+        for event in events:
+            self.netlink.queue.put_nowait(event)
+        await asyncio.sleep(settle)
 
 
 def write_policy(path: Path, **lan: Any) -> Path:
@@ -110,35 +133,38 @@ def make_proc_sys(root: Path) -> Path:
     return root
 
 
+def lister(kernel: FakeKernel, delay: float = 0.0) -> Lister:
+    """The fake kernel listed away from the loop, as an `nft` child would."""
+
+    async def list_ruleset() -> list[dict[str, Any]]:
+        await asyncio.sleep(delay)
+        return kernel.list_ruleset()
+
+    return list_ruleset
+
+
 def rig(tmp_path: Path, *events: Event, **parts: Any) -> Rig:
     """A daemon with the shipped policy in "connected" mode, wired to fakes."""
     log: list[str] = []
     kernel = LoggingKernel(log)
     netlink = FeedSource("netlink", *events)
     notify = Recorder(log)
-    uids: dict[str, int] = {}
-
-    def lookup(policy: Policy) -> Mapping[str, int]:
-        return dict(uids)
-
-    options = Options(
+    settings = Settings(
         policy=write_policy(tmp_path / "policy.toml", mode="connected"),
         state_dir=tmp_path / "state",
-        proc_sys=make_proc_sys(tmp_path / "proc-sys"),
-        serve_bus=False,
     )
+    parts.setdefault("list_ruleset", lister(kernel))
     daemon = Daemon(
-        options,
+        settings,
         Parts(
             nft=kernel,
             netlink=netlink,
-            sysctl=Sysctl(options.proc_sys),
+            sysctl=Sysctl(make_proc_sys(tmp_path / "proc-sys")),
             notify=notify,
-            lookup_uids=lookup,
             **parts,
         ),
     )
-    return Rig(daemon, kernel, netlink, notify, log, uids)
+    return Rig(daemon, kernel, netlink, notify, log)
 
 
 def run(daemon: Daemon, *steps: tuple[float, Callable[[], None]]) -> int:
@@ -149,6 +175,22 @@ def run(daemon: Daemon, *steps: tuple[float, Callable[[], None]]) -> int:
         for delay, step in steps:
             loop.call_later(delay, step)
         return await asyncio.wait_for(daemon.run(), 5)
+
+    return asyncio.run(main())
+
+
+def drive(r: Rig, scenario: Callable[[], Awaitable[None]] | None = None) -> int:
+    """Runs the daemon until it is started, then `scenario`, then stops it;
+    its exit code (and at once if the start failed)."""
+
+    async def main() -> int:
+        task = asyncio.create_task(r.daemon.run())
+        while not r.control.started and not task.done():
+            await asyncio.sleep(0.001)
+        if scenario is not None and not task.done():
+            await scenario()
+        r.daemon.stop()
+        return await asyncio.wait_for(task, 5)
 
     return asyncio.run(main())
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tailsfw.daemon import MAX_DELAY, QUIET, Coalescer
+from tailsfw.coalesce import MAX_DELAY, QUIET, Coalescer
 
 
 def run(

@@ -1,6 +1,7 @@
-"""The status during a storm of interface changes: published at most every
-PUBLISH_INTERVAL, and the last change always published; the kernel asked
-away from the loop, its answer published when it changes."""
+"""The one reporter: during a storm of interface changes at most one status
+every PUBLISH_INTERVAL, the last change always published; the kernel asked
+away from the loop, its answer published when it changes; a heartbeat
+rewrites status.json when nothing changes."""
 
 from __future__ import annotations
 
@@ -9,8 +10,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tailsfw.daemon import KERNEL_CHECK, PUBLISH_INTERVAL
-from tests.unit.daemon_fakes import Rig, links, rig
+import pytest
+
+from tailsfw.enforce import KERNEL_CHECK
+from tailsfw.report import PUBLISH_INTERVAL
+from tests.unit.daemon_fakes import Rig, drive, links, rig
+
+
+def written(r: Rig) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((r.daemon.settings.state_dir / "status.json").read_text())
+    return data
 
 
 def test_a_storm_publishes_a_few_statuses_and_the_last_state(tmp_path: Path) -> None:
@@ -19,24 +28,20 @@ def test_a_storm_publishes_a_few_statuses_and_the_last_state(tmp_path: Path) -> 
         links("192.168.1.2/24", names=("lo", "eth0", *(f"if{k}" for k in range(i))))
         for i in range(1, 101)
     ]
+    elapsed = 0.0
 
-    async def main() -> float:
-        while not r.netlink.queue.empty():
-            r.daemon._events.put_nowait(r.netlink.queue.get_nowait())
-        await r.daemon.start()
-        r.daemon.publish(READY="1")
+    async def scenario() -> None:
+        nonlocal elapsed
         start = asyncio.get_running_loop().time()
         for event in storm:  # 100 interface changes, 2 ms apart
-            r.daemon.handle(event)
-            await asyncio.sleep(0.002)
+            await r.feed(event, settle=0.002)
         await asyncio.sleep(2 * PUBLISH_INTERVAL)
-        return asyncio.get_running_loop().time() - start
+        elapsed = asyncio.get_running_loop().time() - start
 
-    elapsed = asyncio.run(main())
+    drive(r, scenario)
     statuses = [m for m in r.notify.messages if "STATUS" in m][1:]  # after READY
-    assert 1 <= len(statuses) <= elapsed / PUBLISH_INTERVAL + 2, len(statuses)
-    written = json.loads((tmp_path / "state" / "status.json").read_text())
-    assert len(written["interfaces"]) == 102  # lo, eth0 and the storm's 100
+    assert 1 <= len(statuses) <= elapsed / PUBLISH_INTERVAL + 3, len(statuses)
+    assert len(written(r)["interfaces"]) == 102  # lo, eth0 and the storm's 100
 
 
 def test_the_kernel_asked_off_the_loop_and_its_answer_published(tmp_path: Path) -> None:
@@ -50,22 +55,35 @@ def test_the_kernel_asked_off_the_loop_and_its_answer_published(tmp_path: Path) 
 
     r = rig(tmp_path, links("192.168.1.2/24"), list_ruleset=list_ruleset)
 
-    async def main() -> None:
-        while not r.netlink.queue.empty():
-            r.daemon._events.put_nowait(r.netlink.queue.get_nowait())
-        await r.daemon.start()
-        r.daemon.publish(READY="1")
-        assert r.daemon.status().state == "enforcing" and not asked  # we just replaced it
+    async def scenario() -> None:
+        assert r.control.status().state == "enforcing" and not asked  # we just replaced it
         r.kernel.tamper(
             {"flush": {"chain": {"family": "ip", "table": "tailsfw", "name": "output"}}}
         )
         await asyncio.sleep(KERNEL_CHECK)
         before = asyncio.get_running_loop().time()
-        assert r.daemon.status().state == "enforcing"  # not known yet: asked now
+        assert r.control.status().state == "enforcing"  # not known yet: asked now
         assert asyncio.get_running_loop().time() - before < 0.01
         await asyncio.sleep(0.1 + PUBLISH_INTERVAL)
         assert len(asked) == 1
 
-    asyncio.run(main())
-    written = json.loads((tmp_path / "state" / "status.json").read_text())
-    assert written["state"] == "tampered" and written["kernel_differences"], written
+    drive(r, scenario)
+    data = written(r)
+    assert data["state"] == "tampered" and data["kernel_differences"], data
+
+
+def test_the_heartbeat_rewrites_the_status_when_nothing_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tailsfw.report.HEARTBEAT", 0.05)
+    monkeypatch.setattr("tailsfw.report.POLL", 0.01)
+    r = rig(tmp_path, links("192.168.1.2/24"))
+    times: list[float] = []
+
+    async def scenario() -> None:
+        for _ in range(4):
+            times.append(written(r)["updated"])
+            await asyncio.sleep(0.06)
+
+    drive(r, scenario)
+    assert times == sorted(set(times)), times  # a new write time each heartbeat

@@ -182,7 +182,7 @@ def test_status_json_of_a_live_daemon_is_read(tmp_path: Path) -> None:
     [
         (None, 1, "has exited"),
         (["/usr/bin/sleep", "100"], 1, "is not tailsfwd"),
-        (["python3", "-m", "tailsfw.daemon"], 900, "stale"),  # started after the file
+        (["python3", "-m", "tailsfw.tailsfwd"], 900, "stale"),  # started after the file
     ],
 )
 def test_status_json_of_no_live_daemon_is_not_running(
