@@ -21,9 +21,11 @@ from typing import Any
 import pytest
 
 from tailsfw import compiler, policy
+from tailsfw.dropaudit import DropAudit
 from tailsfw.enforce import KERNEL_CHECK
 from tailsfw.events import AccountsChanged, DnsServers, FileChanged, RulesetTouched
 from tailsfw.facts import Facts
+from tailsfw.nflog import NflogSocket
 from tailsfw.notify import Notifier
 from tailsfw.resolv import ResolvFiles
 from tailsfw.tailsfwd import Options, services, stderr_is_journal
@@ -281,10 +283,10 @@ def test_the_account_database_reaches_the_ruleset_for_the_accounts_named(
         assert "4321" not in json.dumps(r.kernel.dump())
         await r.feed(AccountsChanged({"root": 0, "clearnet": 4321}))
         assert "4321" in json.dumps(r.kernel.dump())
-        commits = len(r.kernel.documents)
-        # An account the policy does not name: nothing to commit.
+        counters = r.control.status().counters
+        # An account the policy does not name: nothing to compile or commit.
         await r.feed(AccountsChanged({"root": 0, "clearnet": 4321, "someone": 1005}))
-        assert len(r.kernel.documents) == commits
+        assert r.control.status().counters == counters
 
     drive(r, scenario)
     assert r.kernel.holds(r.compiled().document())
@@ -307,6 +309,29 @@ class FeedSourceLate:
         await asyncio.sleep(0.05)
         yield AccountsChanged({"clearnet": 4321})
         await asyncio.Future()
+
+
+def test_the_drops_audit_follows_the_policys_group(tmp_path: Path) -> None:
+    bound: list[int] = []
+
+    def open_socket(group: int) -> NflogSocket:
+        bound.append(group)
+        raise OSError(f"group {group} is the fake's")
+
+    def audit(group: int) -> DropAudit:
+        return DropAudit(group, send=lambda **fields: None, open_socket=open_socket)
+
+    r = rig(tmp_path, links("192.168.1.2/24"), audit=audit)
+
+    async def scenario() -> None:
+        await asyncio.sleep(0.01)
+        r.policy_path.write_text(r.policy_path.read_text().replace("group = 0", "group = 7"))
+        assert r.control.reload()
+        await asyncio.sleep(0.01)
+        assert "group 7" in r.control.status().drops.last_error
+
+    drive(r, scenario)
+    assert bound == [0, 7]
 
 
 # -- Control, without a running loop -------------------------------------------

@@ -106,6 +106,9 @@ def test_counts_logs_a_burst_and_summarises_the_rest_on_stop(fake: FakeSocket) -
         assert (counters.logged, counters.suppressed, counters.lost) == (3, 3, 7)
         assert (counters.overruns, counters.malformed) == (1, 1)
         assert counters.by_user == {"user1000": 5, "userNone": 1}
+        # The daemon names the uids from its accounts facts, without a lookup.
+        assert audit.counters({1000: "amnesia"}).by_user == {"amnesia": 5, "userNone": 1}
+        assert audit.counters({}).by_user == {"1000": 5, "userNone": 1}
         assert counters.by_reason == {"Dropped outbound packet: ": 6}
         assert "bad attribute" in counters.last_error
         task.cancel()
