@@ -38,8 +38,9 @@ Listing = list[dict[str, Any]]  # `nft -j list ruleset`'s objects
 Lister = Callable[[], Awaitable[Listing]]  # the ruleset, listed away from the loop
 # The status says what the kernel holds: asked at most this often, and at
 # most a tenth of the time (listing costs more as interfaces grow: libnftables
-# reads every link to name `iif`, ~50 ms with 2,000 interfaces).
-KERNEL_CHECK = 0.1
+# reads every link to name `iif`, ~50 ms with 2,000 interfaces; comparing the
+# answer costs the loop ~3 ms).  Tampering itself is caught by the monitor.
+KERNEL_CHECK = 1.0
 KERNEL_CHECK_SHARE = 0.1
 
 
@@ -209,14 +210,17 @@ class KernelTruth:
             notice, self._notice = self._notice, ""
             generation, started = self._effect.generation, time.monotonic()
             try:
-                differences = tuple(self._effect.differences_in(await self._list()))
+                listing = await self._list()
             except (NftError, OSError, ValueError) as e:
-                differences = (f"cannot list the ruleset: {e}",)
+                listing, error = [], f"cannot list the ruleset: {e}"
+            else:
+                error = ""
             self._cost = time.monotonic() - started
             if self._effect.generation != generation:
                 if notice:
                     self.ask(notice)  # the listing may predate the commit
                 continue
+            differences = (error,) if error else tuple(self._effect.differences_in(listing))
             self._known = (started, differences)
             yield KernelChecked(differences, notice)
 

@@ -22,7 +22,6 @@ import pytest
 
 from tailsfw import compiler, policy
 from tailsfw.dropaudit import DropAudit
-from tailsfw.enforce import KERNEL_CHECK
 from tailsfw.events import AccountsChanged, DnsServers, FileChanged, RulesetTouched
 from tailsfw.facts import Facts
 from tailsfw.nflog import NflogSocket
@@ -32,6 +31,8 @@ from tailsfw.tailsfwd import Options, services, stderr_is_journal
 from tests.unit.daemon_fakes import Rig, drive, links, rig, run, signal_self, write_policy
 
 Net = ipaddress.IPv4Network
+
+CHECK = 0.1  # the kernel asked this often for the status (enforce.KERNEL_CHECK)
 
 
 def lan(r: Rig) -> list[Any]:
@@ -150,7 +151,10 @@ def test_tampering_is_undone_at_once(tmp_path: Path) -> None:
     assert r.control.status().counters.tamperings == 2
 
 
-def test_the_status_says_what_the_kernel_holds(tmp_path: Path) -> None:
+def test_the_status_says_what_the_kernel_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tailsfw.enforce.KERNEL_CHECK", CHECK)
     r = rig(tmp_path, links("192.168.1.2/24"))
 
     async def scenario() -> None:
@@ -159,7 +163,7 @@ def test_the_status_says_what_the_kernel_holds(tmp_path: Path) -> None:
         r.kernel.tamper(
             {"flush": {"chain": {"family": "ip", "table": "tailsfw", "name": "output"}}}
         )
-        await asyncio.sleep(KERNEL_CHECK)
+        await asyncio.sleep(CHECK)
         r.control.status()  # stale: the kernel is asked, away from the loop
         await asyncio.sleep(0.05)
         status = r.control.status()

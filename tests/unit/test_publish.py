@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from tailsfw.enforce import KERNEL_CHECK
 from tailsfw.report import PUBLISH_INTERVAL
 from tests.unit.daemon_fakes import Rig, drive, links, rig
+
+CHECK = 0.1  # the kernel asked this often for the status (enforce.KERNEL_CHECK)
 
 
 def written(r: Rig) -> dict[str, Any]:
@@ -44,7 +45,10 @@ def test_a_storm_publishes_a_few_statuses_and_the_last_state(tmp_path: Path) -> 
     assert len(written(r)["interfaces"]) == 102  # lo, eth0 and the storm's 100
 
 
-def test_the_kernel_asked_off_the_loop_and_its_answer_published(tmp_path: Path) -> None:
+def test_the_kernel_asked_off_the_loop_and_its_answer_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tailsfw.enforce.KERNEL_CHECK", CHECK)
     asked: list[float] = []
     r: Rig
 
@@ -60,7 +64,7 @@ def test_the_kernel_asked_off_the_loop_and_its_answer_published(tmp_path: Path) 
         r.kernel.tamper(
             {"flush": {"chain": {"family": "ip", "table": "tailsfw", "name": "output"}}}
         )
-        await asyncio.sleep(KERNEL_CHECK)
+        await asyncio.sleep(CHECK)
         before = asyncio.get_running_loop().time()
         assert r.control.status().state == "enforcing"  # not known yet: asked now
         assert asyncio.get_running_loop().time() - before < 0.01
