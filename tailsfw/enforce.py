@@ -166,8 +166,8 @@ class KernelTruth:
     """What the kernel holds of our tables, compared with what is in force.
 
     Asked by `ask()` (a lost-notifications notice), or by `differences()`
-    when the last answer is older than the rate allows; each answer is a
-    `KernelChecked` event.  An answer to a listing that a commit overtook
+    when the last answer is older than the rate allows; an answer to a
+    notice, or one that differs from the last, is a `KernelChecked` event.  An answer to a listing that a commit overtook
     is dropped (and asked again if a notice asked for it).
     """
 
@@ -221,8 +221,9 @@ class KernelTruth:
                     self.ask(notice)  # the listing may predate the commit
                 continue
             differences = (error,) if error else tuple(self._effect.differences_in(listing))
-            self._known = (started, differences)
-            yield KernelChecked(differences, notice)
+            known, self._known = self._known, (started, differences)
+            if notice or known is None or known[1] != differences:
+                yield KernelChecked(differences, notice)  # else nothing new to say
 
 
 class FailState(Enum):
