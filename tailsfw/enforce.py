@@ -167,8 +167,9 @@ class KernelTruth:
 
     Asked by `ask()` (a lost-notifications notice), or by `differences()`
     when the last answer is older than the rate allows; an answer to a
-    notice, or one that differs from the last, is a `KernelChecked` event.  An answer to a listing that a commit overtook
-    is dropped (and asked again if a notice asked for it).
+    notice, or one that differs from the last, is a `KernelChecked` event.
+    An answer to a listing that a commit overtook is dropped (and asked
+    again if a notice asked for it).
     """
 
     name = "kernel"

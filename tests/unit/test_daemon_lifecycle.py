@@ -197,6 +197,7 @@ def test_a_listing_overtaken_by_a_commit_is_asked_again(tmp_path: Path) -> None:
         r.kernel.tamper({"delete": {"table": {"family": "ip6", "name": "tailsfw"}}})
         await r.feed(RulesetTouched(0, "", "notifications lost"), settle=0.01)
         await r.feed(links("192.168.1.2/24", "10.3.0.2/16"), settle=0.02)  # a set update
+        assert len(lan(r)) == 2  # committed while the listing runs: the loop is free
         await asyncio.sleep(0.2)
 
     drive(r, scenario)
