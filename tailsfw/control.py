@@ -142,7 +142,10 @@ class Control:
 
     def _failed(self, effect: Effect, error: Exception) -> None:
         self._failures[effect.name] += 1
-        self.failing[effect.name] = describe(error)
+        why = describe(error)
+        if self.failing.get(effect.name) == why:
+            return  # the same failure again, at a retry: said and reported already
+        self.failing[effect.name] = why
         if effect is self.effects.ruleset:
             if isinstance(error, NftError):
                 self.report.last_error = f"commit refused: {error}"

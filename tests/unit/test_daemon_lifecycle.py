@@ -86,7 +86,7 @@ def test_a_refused_set_update_falls_back_to_replacing_the_tables(tmp_path: Path)
 
 
 def test_a_refused_commit_leaves_the_ruleset_in_force_and_is_retried(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr("tailsfw.daemon.RETRY_DELAY", 0.05)
     r = rig(tmp_path, links("192.168.1.2/24"))
@@ -100,6 +100,8 @@ def test_a_refused_commit_leaves_the_ruleset_in_force_and_is_retried(
         assert status.counters.refused >= 2 and "refused by the fake" in status.last_error
         assert "refused by the fake" in status.failing["ruleset"]
         assert "failing: ruleset" in status.line()
+        said = [r for r in caplog.records if "trying again" in r.getMessage()]
+        assert len(said) == 1, said  # retried, but said once
         r.kernel.refuse = lambda d: None  # the kernel takes it again: the retry succeeds
         await asyncio.sleep(0.2)
 
