@@ -41,6 +41,7 @@ RETRY_DELAY = 2.0
 
 Strings = Annotated[list[str], DBusSignature("as")]
 Counts = Annotated[dict[str, int], DBusSignature("a{st}")]
+Reasons = Annotated[dict[str, str], DBusSignature("a{ss}")]
 Names = Annotated[dict[int, str], DBusSignature("a{us}")]
 # name, wanted, actual, ok, note ("" for a value the kernel does not have)
 SysctlRows = Annotated[list[list[Any]], DBusSignature("a(sssbs)")]
@@ -85,6 +86,7 @@ def properties(status: Status) -> dict[str, Any]:
         "Counters": counters,
         "DropsByUser": dict(status.drops.by_user),
         "DropsByReason": dict(status.drops.by_reason),
+        "Failing": dict(status.failing),
     }
 
 
@@ -203,6 +205,10 @@ class FirewallInterface(ServiceInterface):
     @dbus_property(access=READ)
     def DropsByReason(self) -> Counts:
         return dict(self._get("DropsByReason"))
+
+    @dbus_property(access=READ)
+    def Failing(self) -> Reasons:
+        return dict(self._get("Failing"))
 
 
 @dataclass

@@ -82,6 +82,9 @@ def test_properties_from_a_status_and_the_drop_counters_to_come() -> None:
     assert later["ClearnetDns"] == ["192.168.77.1"]
     assert later["DnsRefused"] == ["fe80::1: not IPv4"]
     assert later["DropsByReason"] == {"lan": 7}
+    assert today["Failing"] == {}
+    failing = dataclasses.replace(FULL, failing={"files": "OSError: read-only"})
+    assert service.properties(failing)["Failing"] == {"files": "OSError: read-only"}
 
 
 @pytest.mark.parametrize(
