@@ -42,6 +42,8 @@ Lister = Callable[[], Awaitable[Listing]]  # the ruleset, listed away from the l
 # answer costs the loop ~3 ms).  Tampering itself is caught by the monitor.
 KERNEL_CHECK = 1.0
 KERNEL_CHECK_SHARE = 0.1
+# A listing that takes longer is given up (and counts as a difference).
+LIST_TIMEOUT = 10.0
 
 
 class NftApi(Protocol):
@@ -211,9 +213,10 @@ class KernelTruth:
             notice, self._notice = self._notice, ""
             generation, started = self._effect.generation, time.monotonic()
             try:
-                listing = await self._list()
-            except (NftError, OSError, ValueError) as e:
-                listing, error = [], f"cannot list the ruleset: {e}"
+                listing = await asyncio.wait_for(self._list(), LIST_TIMEOUT)
+            except (NftError, OSError, ValueError, TimeoutError) as e:
+                why = str(e) or f"no answer within {LIST_TIMEOUT} s"
+                listing, error = [], f"cannot list the ruleset: {why}"
             else:
                 error = ""
             self._cost = time.monotonic() - started

@@ -8,6 +8,7 @@ process instead, away from the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from typing import Any
@@ -65,7 +66,13 @@ async def list_in_child(nft: str = "nft") -> list[dict[str, Any]]:
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    output, error = await child.communicate()
+    try:
+        output, error = await child.communicate()
+    except BaseException:  # cancelled (a timeout): no child is left behind
+        with contextlib.suppress(ProcessLookupError):
+            child.kill()
+        await child.wait()
+        raise
     if child.returncode != 0:
         text = error.decode(errors="replace").strip()
         raise NftError(text or f"nft failed with code {child.returncode}")

@@ -208,6 +208,26 @@ def test_a_listing_overtaken_by_a_commit_is_asked_again(tmp_path: Path) -> None:
     assert r.control.status().counters.tamperings == 1
 
 
+def test_a_listing_that_never_answers_is_given_up_and_the_tables_put_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tailsfw.enforce.LIST_TIMEOUT", 0.05)
+
+    async def stuck() -> list[dict[str, Any]]:
+        await asyncio.Future()
+        return []
+
+    r = rig(tmp_path, links("192.168.1.2/24"), list_ruleset=stuck)
+
+    async def scenario() -> None:
+        r.kernel.tamper({"delete": {"table": {"family": "ip", "name": "tailsfw"}}})
+        await r.feed(RulesetTouched(0, "", "notifications lost"), settle=0.2)
+        assert r.control.status().counters.tamperings == 1
+
+    drive(r, scenario)
+    assert r.kernel.holds(r.compiled().document())  # unknown is not trusted: put back
+
+
 def test_new_interfaces_get_ipv6_switched_off(tmp_path: Path) -> None:
     r = rig(tmp_path, links())
     new = r.proc_sys / "net/ipv6/conf/wlan0/disable_ipv6"
