@@ -11,23 +11,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import queue
-import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tailsfw import nlsock
 from tailsfw.events import RulesetTouched
 from tailsfw.nft import Nft
-from tailsfw.nftmonitor import NftMonitor
-from tests.lab.netns import enter_netns, netns_socket
+from tailsfw.nftmonitor import NETLINK_NETFILTER, NFNLGRP_NFTABLES, NftMonitor
+from tests.lab.netns import enter_netns, in_netns
 
-NETLINK_NETFILTER = 12
-SOL_NETLINK = 270
-NETLINK_ADD_MEMBERSHIP = 1
-NFNLGRP_NFTABLES = 7
 # (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN: the end of every transaction.
 NFT_NEWGEN = (10 << 8) | 15
 
@@ -36,9 +31,8 @@ class NftGenerations:
     """Receives a timestamp for each nftables transaction committed in a namespace."""
 
     def __init__(self, namespace: str) -> None:
-        self.sock = netns_socket(namespace, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        self.sock.bind((0, 0))
-        self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+        self.sock = in_netns(namespace, lambda: nlsock.open_socket(
+            NETLINK_NETFILTER, memberships=(NFNLGRP_NFTABLES,), blocking=True))  # fmt: skip
 
     def close(self) -> None:
         self.sock.close()
@@ -78,12 +72,8 @@ class NftGenerations:
 
     @staticmethod
     def _count(data: bytes) -> int:
-        count, offset = 0, 0
-        while offset + 16 <= len(data):
-            length, kind = struct.unpack_from("=IH", data, offset)
-            count += kind == NFT_NEWGEN
-            offset += max((length + 3) & ~3, 16)
-        return count
+        frames, _ = nlsock.split(data)  # the lab's own kernel: nothing malformed to count
+        return sum(kind == NFT_NEWGEN for kind, *_ in frames)
 
 
 @dataclass(frozen=True)
