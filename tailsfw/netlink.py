@@ -21,12 +21,13 @@ import ipaddress
 import logging
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import nlsock
 from .events import LinksChanged
+from .links import Address, Link, Snapshot
 from .nlsock import ATTR, HEADER, NLA_TYPE_MASK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
 
 log = logging.getLogger(__name__)
@@ -53,55 +54,6 @@ IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 RECV_SIZE = 1 << 17
 BATCH = 64  # datagrams read before the state is looked at again
-
-IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-
-
-@dataclass(frozen=True)
-class Link:
-    index: int
-    name: str
-    up: bool
-
-
-@dataclass(frozen=True)
-class Address:
-    """An address of an interface.
-
-    `prefix` is IFA_ADDRESS with its prefix length: the on-link prefix the
-    kernel makes a route for (for a point-to-point address, the peer's
-    prefix); `local` is the host's own address (IFA_LOCAL).
-    """
-
-    index: int
-    local: str
-    prefix: IPInterface
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    links: frozenset[Link] = frozenset()
-    addresses: frozenset[Address] = frozenset()
-
-    @property
-    def names(self) -> Mapping[int, str]:
-        return {link.index: link.name for link in self.links}
-
-    @property
-    def connected(self) -> frozenset[ipaddress.IPv4Network]:
-        """IPv4 networks on-link on an interface that is up.
-
-        An interface that is down has no routes: its networks are then
-        reached through the gateway, which is what `lan.mode = "connected"`
-        exists to refuse.
-        """
-        up = {link.index for link in self.links if link.up}
-        return frozenset(
-            a.prefix.network
-            for a in self.addresses
-            if a.index in up and isinstance(a.prefix, ipaddress.IPv4Interface)
-        )
-
 
 # A message as the fields State reads: "event", "index", "flags", "family",
 # "prefixlen", and the attributes by their kernel names (as pyroute2 gives them).

@@ -16,7 +16,7 @@ import tomli_w
 
 from tailsfw.daemon import Daemon, Options, Parts
 from tailsfw.events import Event, LinksChanged
-from tailsfw.netlink import Address, Link, Snapshot
+from tailsfw.links import Address, Link, Snapshot
 from tailsfw.notify import Notifier
 from tailsfw.policy import Policy
 from tailsfw.sysctl import Sysctl
