@@ -152,8 +152,9 @@ def attributes(body: memoryview) -> dict[int, memoryview]:
     end = len(body)
     if end < offset:
         raise Malformed("no nfgenmsg header")
+    unpack = ATTR.unpack_from  # a local: ~20 attributes a drop, thousands of drops a second
     while offset + 4 <= end:
-        length, kind = ATTR.unpack_from(body, offset)
+        length, kind = unpack(body, offset)
         if length < 4 or offset + length > end:
             raise Malformed(f"attribute {kind & NLA_TYPE_MASK} of length {length} overruns")
         found[kind & NLA_TYPE_MASK] = body[offset + 4 : offset + length]
