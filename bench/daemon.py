@@ -18,9 +18,7 @@ deletes the namespace, and returns (bench/run.py prints and saves):
 from __future__ import annotations
 
 import ipaddress
-import secrets
 import statistics
-import subprocess
 import tempfile
 import time
 import tomllib
@@ -31,14 +29,13 @@ from typing import Any
 
 import tomli_w
 
-from tests.lab.daemon_fixtures import (
-    REPO,
-    Changer,
-    DaemonProcess,
-    NftGenerations,
-    lan_networks,
-    run_daemon,
-)
+from tests.lab.command import REPO, run
+from tests.lab.daemon_process import DaemonProcess, run_daemon
+from tests.lab.kernel import Changer, lan_networks
+from tests.lab.monitors import NftGenerations
+from tests.lab.names import BENCH_NS, temp_prefix
+from tests.lab.netns import scratch_namespace
+from tests.lab.wait import wait_for
 
 POLICY = REPO / "etc" / "tailsfw" / "policy.toml"
 IF = "tfwb0"
@@ -48,25 +45,16 @@ FLAPS = 1000
 FLAP_NETWORKS = 10
 
 
-def sh(*argv: str, input: str | None = None) -> None:
-    subprocess.run(argv, input=input, text=True, check=True, capture_output=True)
-
-
 @contextmanager
 def namespace() -> Iterator[str]:
-    name = f"tfwbench-{secrets.token_hex(3)}"
-    sh("ip", "netns", "add", name)
-    try:
-        sh("ip", "-n", name, "-batch", "-", input="\n".join([
-            "link set lo up",
+    with scratch_namespace(BENCH_NS) as name:
+        run(["ip", "-n", name, "-batch", "-"], input="\n".join([
             f"link add {IF} type veth peer name tfwb1",
             f"addr add {BASE[2]}/{BASE.prefixlen} dev {IF}",
             f"link set {IF} up",
             "link set tfwb1 up",
         ]) + "\n")  # fmt: skip
         yield name
-    finally:
-        sh("ip", "netns", "delete", name)
 
 
 def write_policy(path: Path) -> Path:
@@ -140,7 +128,7 @@ def flaps(ns: str, daemon: DaemonProcess, spread: float | None) -> tuple[int, fl
     before = daemon.commits()
     start = time.monotonic()
     if spread is None:
-        sh("ip", "-n", ns, "-batch", "-", input="\n".join(commands) + "\n")
+        run(["ip", "-n", ns, "-batch", "-"], input="\n".join(commands) + "\n")
     else:
         with Changer(ns) as changer:
             for i, command in enumerate(commands):
@@ -148,20 +136,17 @@ def flaps(ns: str, daemon: DaemonProcess, spread: float | None) -> tuple[int, fl
                 changer(command)
     elapsed = time.monotonic() - start
     expected = set(ipaddress.collapse_addresses(base | {flap_network(k) for k in range(5)}))
-    deadline = time.monotonic() + 5
-    while lan_networks(ns) != expected:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"after the flaps the set is {lan_networks(ns)}, not {expected}")
-        time.sleep(0.05)
+    wait_for(lambda: lan_networks(ns) == expected, 5, 0.05, what=f"after the flaps, {expected}",
+             why=lambda: f"the set is {lan_networks(ns)}")  # fmt: skip
     time.sleep(0.2)  # anything still pending would be committed by now
     commits = daemon.commits() - before
-    sh("ip", "-n", ns, "addr", "flush", "dev", IF, "to", "10.0.0.0/8")
+    run(["ip", "-n", ns, "addr", "flush", "dev", IF, "to", "10.0.0.0/8"])
     time.sleep(0.1)
     return commits, elapsed * 1000
 
 
 def measure(changes: int) -> dict[str, Any]:
-    with namespace() as ns, tempfile.TemporaryDirectory(prefix="tfwbench") as tmp:
+    with namespace() as ns, tempfile.TemporaryDirectory(prefix=temp_prefix("bench-daemon")) as tmp:
         work = Path(tmp)
         policy = write_policy(work / "policy.toml")
         starts, rss = start_to_ready(ns, policy, work)

@@ -17,8 +17,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.lab.conftest import LAB_ROLES
-from tests.lab.policies import TAILSFWCTL, lab_policy
+from tests.lab.names import temp_prefix
+from tests.lab.policies import LAB_ROLES, TAILSFWCTL, lab_policy
 from tests.lab.topology import Lab
 
 HERE = Path(__file__).resolve().parent
@@ -71,7 +71,10 @@ def sample(rulesets: dict[str, str | None], rounds: int = ROUNDS) -> dict[tuple[
     lab policy loaded by `tailsfwctl apply`.  Rulesets take turns, in an
     order that rotates every round, so that load on the machine hits all.
     """
-    with Lab(LAB_ROLES) as lab, tempfile.TemporaryDirectory(prefix="tailsfw-bench") as tmp:
+    with (
+        Lab(LAB_ROLES) as lab,
+        tempfile.TemporaryDirectory(prefix=temp_prefix("bench-datapath")) as tmp,
+    ):
         flooder = build_flooder(Path(tmp))
         policy = lab_policy(lab, Path(tmp) / "policy.toml")
         lab.peer(["nft", "-f", "-"], input=PEER_DROP)

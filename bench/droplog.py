@@ -37,10 +37,11 @@ from tailsfw import policy as policy_module
 from tailsfw.dropaudit import DropAudit
 from tailsfw.droplog import DEFAULT_LIMITS, DROP_MESSAGE_ID
 from tailsfw.nflog import Batch, decode, messages
-from tests.lab.conftest import LAB_ROLES
-from tests.lab.daemon_fixtures import REPO, VENV_PYTHON, reset_host
+from tests.lab.command import REPO, VENV_PYTHON
 from tests.lab.journald import AuditProcess, Journald, run_audit, run_journald
-from tests.lab.policies import apply, lab_policy
+from tests.lab.kernel import reset_host
+from tests.lab.names import temp_prefix
+from tests.lab.policies import LAB_ROLES, apply, lab_policy
 from tests.lab.topology import INTERNET_V4, Lab
 from tests.unit.nflog_messages import ipv4, packet_message, ports
 
@@ -141,7 +142,10 @@ async def decode_only(batches: int = 800) -> float:
 
 def measure() -> dict[str, Any]:
     figures: dict[str, Any] = {"drop_decode_only_pps": round(asyncio.run(decode_only()))}
-    with Lab(LAB_ROLES) as lab, tempfile.TemporaryDirectory(prefix="tailsfw-bench") as tmp:
+    with (
+        Lab(LAB_ROLES) as lab,
+        tempfile.TemporaryDirectory(prefix=temp_prefix("bench-droplog")) as tmp,
+    ):
         work = Path(tmp)
         flooder = build_flooder(work)
         policy = lab_policy(lab, work / "policy.toml")

@@ -31,16 +31,18 @@ from typing import Any
 from bench.daemon import namespace, percentile, write_policy
 from bench.nm import SignalClock, servers_for
 from tailsfw.resolv import ResolvWatch, render_clearnet
-from tests.lab.bus import private_system_bus
-from tests.lab.daemon_fixtures import DaemonProcess, run_daemon
+from tests.lab.bus import PrivateBus, private_system_bus
+from tests.lab.daemon_process import DaemonProcess, run_daemon
 from tests.lab.dbus_fixtures import (
     IP4,
     EventLog,
     MockNetworkManager,
     mock_network_manager,
     nameserver_data,
-    private_bus,
+    wait_for_name,
 )
+from tests.lab.names import temp_prefix
+from tests.lab.wait import wait_for
 
 CHANGES = 200
 SERVICE = "org.boum.tails.Firewall"
@@ -62,20 +64,6 @@ class FileClock:
 
 def text_for(i: int) -> str:
     return render_clearnet([ipaddress.IPv4Address(a) for a in servers_for(i)])
-
-
-def wait_for_service(address: str, timeout: float = 10.0) -> None:
-    import dbus
-
-    connection = dbus.bus.BusConnection(address)
-    try:
-        deadline = time.monotonic() + timeout
-        while not connection.name_has_owner(SERVICE):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{SERVICE} not on the bus within {timeout} s")
-            time.sleep(0.05)
-    finally:
-        connection.close()
 
 
 def update_times(
@@ -100,8 +88,8 @@ def update_times(
 def measure() -> dict[str, Any]:
     with (
         namespace() as ns,
-        tempfile.TemporaryDirectory(prefix="tfwfull") as tmp,
-        private_bus(ns, Path(tmp) / "nm-bus") as nm_bus,
+        tempfile.TemporaryDirectory(prefix=temp_prefix("bench-full")) as tmp,
+        PrivateBus(Path(tmp) / "nm-bus", namespace=ns) as nm_bus,
         mock_network_manager(nm_bus) as nm,
         private_system_bus() as system_bus,
     ):
@@ -111,14 +99,12 @@ def measure() -> dict[str, Any]:
         args = ["--nm-bus", nm_bus.address, "--bus", system_bus.address]
         with run_daemon(ns, policy, Path(tmp) / "run", args) as daemon:
             daemon.wait_ready()
-            wait_for_service(system_bus.address)
-            deadline = time.monotonic() + 10
-            while not (
-                daemon.clearnet_conf.exists() and daemon.clearnet_conf.read_text() == text_for(0)
-            ):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the first servers were never written:\n{daemon.log()}")
-                time.sleep(0.01)
+            wait_for_name(system_bus, SERVICE, present=True)
+            wait_for(
+                lambda: daemon.clearnet_conf.exists()
+                and daemon.clearnet_conf.read_text() == text_for(0),
+                10, 0.01, what="the first servers written", why=daemon.log,
+            )  # fmt: skip
             time.sleep(1.0)  # steady state: the start's garbage is collected
             rss = daemon.rss_mb()
             samples = update_times(daemon, nm, config, nm_bus.address)

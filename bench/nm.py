@@ -33,15 +33,16 @@ from typing import Any
 
 from bench.daemon import percentile
 from tailsfw.events import DnsServers
+from tests.lab.bus import PrivateBus
 from tests.lab.dbus_fixtures import (
     IP4,
     EventLog,
     MockNetworkManager,
     mock_network_manager,
     nameserver_data,
-    private_bus,
-    scratch_namespace,
 )
+from tests.lab.names import temp_prefix
+from tests.lab.netns import scratch_namespace
 
 CHANGES = 300
 
@@ -151,8 +152,8 @@ async def child_rss(address: str, config: str) -> dict[str, float]:
 def measure() -> dict[str, Any]:
     with (
         scratch_namespace() as namespace,
-        tempfile.TemporaryDirectory(prefix="tfwnm-bench") as tmp,
-        private_bus(namespace, Path(tmp)) as bus,
+        tempfile.TemporaryDirectory(prefix=temp_prefix("bench-nm")) as tmp,
+        PrivateBus(Path(tmp), namespace=namespace) as bus,
         mock_network_manager(bus) as nm,
     ):
         nm.start()

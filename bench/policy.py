@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 
 from tailsfw import policy
+from tests.lab.names import temp_prefix
 
 SHIPPED = Path(__file__).resolve().parents[1] / "etc" / "tailsfw" / "policy.toml"
 COUNT = 10_000
@@ -57,7 +58,7 @@ def median_ms(fn: Callable[[], object]) -> float:
 def measure() -> dict[str, float]:
     shipped = SHIPPED.read_text()
     figures: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="tailsfw-bench") as tmp:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("bench-policy")) as tmp:
         for name, grow in (("networks", networks), ("ports", ports), ("users", users)):
             path = Path(tmp) / f"{name}.toml"
             path.write_text(grow(shipped))

@@ -36,6 +36,7 @@ from bench.daemon import percentile
 from tailsfw.accounts import AccountsSource
 from tailsfw.resolv import ResolvFiles, resolv_texts
 from tests.files import SERVERS, TAMPERINGS, holds, kept, restore_loop, time_until
+from tests.lab.names import temp_prefix
 
 ROUNDS = 50  # per tampering and file: 600 restores
 CALLS = 2000
@@ -124,7 +125,7 @@ async def account_times(work: Path) -> list[float]:
 
 
 def measure() -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="tailsfw-bench-resolv") as tmp:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("bench-resolv")) as tmp:
         work = Path(tmp)
         restores = restore_times(work)
         noop, write = converge_us(work)

@@ -15,9 +15,9 @@ from typing import Any
 
 from bench import daemon, datapath, droplog, full, nm, resolv, storm, tamper
 from bench import policy as policy_load
-from tests.lab.conftest import LAB_ROLES, UNAVAILABLE
-from tests.lab.policies import lab_policy
-from tests.lab.topology import Lab
+from tests.lab.names import temp_prefix
+from tests.lab.policies import LAB_ROLES, lab_policy
+from tests.lab.topology import UNAVAILABLE, Lab
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 VENV_PYTHON = sys.executable
@@ -44,7 +44,7 @@ TARGETS: dict[str, tuple[float, bool]] = {
 
 def apply_figures() -> dict[str, Any]:
     """bench/apply.py, run inside a lab host namespace."""
-    with Lab(LAB_ROLES) as lab, tempfile.TemporaryDirectory(prefix="tailsfw-bench") as tmp:
+    with Lab(LAB_ROLES) as lab, tempfile.TemporaryDirectory(prefix=temp_prefix("bench")) as tmp:
         policy = lab_policy(lab, Path(tmp) / "policy.toml")
         done = lab.host([VENV_PYTHON, "-m", "bench.apply", str(policy)], timeout=300)
         figures: dict[str, Any] = json.loads(done.stdout)

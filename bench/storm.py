@@ -28,7 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.daemon import IF, namespace, write_policy
-from tests.lab.daemon_fixtures import Changer, CommitClock, DaemonProcess, lan_networks, run_daemon
+from tests.lab.daemon_process import DaemonProcess, run_daemon
+from tests.lab.kernel import Changer, lan_networks
+from tests.lab.monitors import CommitClock
+from tests.lab.names import temp_prefix
 from tests.lab.storm import (
     collapsed,
     cpu_seconds,
@@ -72,7 +75,7 @@ def measure_storm(ns: str, daemon: DaemonProcess, count: int) -> dict[str, float
 
 
 def measure(count: int = STORM) -> dict[str, Any]:
-    with namespace() as ns, tempfile.TemporaryDirectory(prefix="tfwstorm") as tmp:
+    with namespace() as ns, tempfile.TemporaryDirectory(prefix=temp_prefix("bench-storm")) as tmp:
         work = Path(tmp)
         policy = write_policy(work / "policy.toml")
         with run_daemon(ns, policy, work / "run") as daemon:

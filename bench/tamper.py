@@ -42,7 +42,10 @@ from tailsfw import compiler, nftmonitor, policy, verify
 from tailsfw.events import RulesetTouched
 from tailsfw.facts import Facts
 from tailsfw.nft import Nft
-from tests.lab.daemon_fixtures import CommitClock, MonitorThread, in_netns, run_daemon
+from tests.lab.daemon_process import run_daemon
+from tests.lab.monitors import CommitClock, MonitorThread
+from tests.lab.names import temp_prefix
+from tests.lab.netns import in_netns
 
 ROUNDS = 12
 TAMPERINGS = (
@@ -106,7 +109,7 @@ def tamper_times(ns: str, rules: compiler.Ruleset, restore_at_once: bool) -> lis
 def daemon_restore_times(ns: str) -> list[float]:
     """Per tampering, in ms, from its commit to tailsfwd's restoring commit."""
     times = []
-    with tempfile.TemporaryDirectory(prefix="tfwtamper") as tmp:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("bench-tamper")) as tmp:
         policy = write_policy(Path(tmp) / "policy.toml")
         with run_daemon(ns, policy, Path(tmp) / "run") as daemon, CommitClock(ns) as clock:
             daemon.wait_ready()

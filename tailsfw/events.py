@@ -12,10 +12,9 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:  # the compiler's users need no netlink socket code
-    from .netlink import Snapshot
+from .links import Snapshot
 
 
 @dataclass(frozen=True)

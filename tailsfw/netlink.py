@@ -21,11 +21,14 @@ import ipaddress
 import logging
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import nlsock
 from .events import LinksChanged
+from .links import Address, Link, Snapshot
+from .nlsock import ATTR, HEADER, NLA_TYPE_MASK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +38,10 @@ RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV6_IFADDR = 0x100
 GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
 IFF_UP = 0x1
-SO_RCVBUFFORCE = 33  # asm-generic/socket.h; not in typeshed
 # Room for a burst of events while a commit blocks the loop (a few ms); a
 # storm of 2,000 new interfaces is ~10 MB of messages.
 RCVBUF = 16 * 1024 * 1024
-# linux/netlink.h and linux/rtnetlink.h
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+# linux/rtnetlink.h
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 EVENTS = {
@@ -50,61 +50,10 @@ EVENTS = {
 }  # fmt: skip
 IFLA_IFNAME = 3
 IFA_ADDRESS, IFA_LOCAL = 1, 2
-HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, pid
 IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
-RTATTR = struct.Struct("=HH")  # length, type
 RECV_SIZE = 1 << 17
 BATCH = 64  # datagrams read before the state is looked at again
-
-IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-
-
-@dataclass(frozen=True)
-class Link:
-    index: int
-    name: str
-    up: bool
-
-
-@dataclass(frozen=True)
-class Address:
-    """An address of an interface.
-
-    `prefix` is IFA_ADDRESS with its prefix length: the on-link prefix the
-    kernel makes a route for (for a point-to-point address, the peer's
-    prefix); `local` is the host's own address (IFA_LOCAL).
-    """
-
-    index: int
-    local: str
-    prefix: IPInterface
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    links: frozenset[Link] = frozenset()
-    addresses: frozenset[Address] = frozenset()
-
-    @property
-    def names(self) -> Mapping[int, str]:
-        return {link.index: link.name for link in self.links}
-
-    @property
-    def connected(self) -> frozenset[ipaddress.IPv4Network]:
-        """IPv4 networks on-link on an interface that is up.
-
-        An interface that is down has no routes: its networks are then
-        reached through the gateway, which is what `lan.mode = "connected"`
-        exists to refuse.
-        """
-        up = {link.index for link in self.links if link.up}
-        return frozenset(
-            a.prefix.network
-            for a in self.addresses
-            if a.index in up and isinstance(a.prefix, ipaddress.IPv4Interface)
-        )
-
 
 # A message as the fields State reads: "event", "index", "flags", "family",
 # "prefixlen", and the attributes by their kernel names (as pyroute2 gives them).
@@ -116,11 +65,11 @@ class NetlinkError(OSError):
 
 
 def _attributes(data: bytes, offset: int, end: int) -> Iterator[tuple[int, bytes]]:
-    while offset + RTATTR.size <= end:
-        length, kind = RTATTR.unpack_from(data, offset)
-        if length < RTATTR.size:
+    while offset + ATTR.size <= end:
+        length, kind = ATTR.unpack_from(data, offset)
+        if length < ATTR.size:
             return
-        yield kind & 0x3FFF, data[offset + RTATTR.size : offset + length]
+        yield kind & NLA_TYPE_MASK, data[offset + ATTR.size : offset + length]
         offset += (length + 3) & ~3
 
 
@@ -147,15 +96,14 @@ def _address(data: bytes, offset: int, end: int, event: str) -> Message:
 
 def decode(data: bytes, seq: int = 0) -> tuple[list[Message], bool]:
     """The link and address messages of one datagram, and whether it ends
-    the dump numbered `seq`.  Raises NetlinkError for the kernel's refusal."""
+    the dump numbered `seq`.  Raises NetlinkError for the kernel's refusal,
+    nlsock.Malformed for a datagram that cannot be read whole (the state
+    is then read again: see nlsock)."""
     messages: list[Message] = []
     done = False
-    offset = 0
-    while offset + HEADER.size <= len(data):
-        length, kind, _, number, _ = HEADER.unpack_from(data, offset)
-        if length < HEADER.size or offset + length > len(data):
-            raise ValueError(f"netlink: truncated message at byte {offset}")
-        body, end = offset + HEADER.size, offset + length
+    frames, malformed = nlsock.split(data)
+    for frame in frames:
+        kind, _, number, body, end = frame
         event = EVENTS.get(kind)
         if event is not None and kind in (RTM_NEWLINK, RTM_DELLINK):
             if end - body >= IFINFOMSG.size:
@@ -165,11 +113,10 @@ def decode(data: bytes, seq: int = 0) -> tuple[list[Message], bool]:
                 messages.append(_address(data, body, end, event))
         elif kind == NLMSG_DONE and seq and number == seq:
             done = True
-        elif kind == NLMSG_ERROR and end - body >= 4:
-            (code,) = struct.unpack_from("=i", data, body)
-            if code != 0:
-                raise NetlinkError(-code, f"netlink request refused: {errno.errorcode.get(-code)}")
-        offset += (length + 3) & ~3
+        elif kind == NLMSG_ERROR and (code := nlsock.error_code(data, frame)) != 0:
+            raise NetlinkError(code, f"netlink request refused: {errno.errorcode.get(code)}")
+    if malformed:
+        raise nlsock.Malformed(malformed)
     return messages, done
 
 
@@ -180,23 +127,7 @@ def dump_request(kind: int, seq: int) -> bytes:
 
 
 def open_socket(rcvbuf: int, groups: int = GROUPS) -> socket.socket:
-    sock = socket.socket(
-        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
-        socket.NETLINK_ROUTE,
-    )  # fmt: skip
-    try:
-        try:
-            # FORCE goes past net.core.rmem_max (needs CAP_NET_ADMIN).
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        # Subscribed before the dumps: an event that races with a dump comes
-        # after it, in the kernel's order, so the state converges.
-        sock.bind((0, groups))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return nlsock.open_socket(socket.NETLINK_ROUTE, rcvbuf, groups)
 
 
 def link_of(msg: Any) -> Link:
@@ -292,6 +223,7 @@ class NetlinkSource:
         self.retry_delay = retry_delay
         self.reads = 0  # full reads of the state: 1 + the number of resyncs
         self.last_error = ""
+        self.malformed = nlsock.Malformations(self.name)
 
     async def events(self) -> AsyncIterator[LinksChanged]:
         async for snapshot in self.snapshots():
@@ -308,6 +240,9 @@ class NetlinkSource:
                     log.warning("netlink: events were lost (ENOBUFS): reading the whole state")
                     continue
                 log.error("netlink: %s: reading the whole state again", self.last_error)
+            except nlsock.Malformed as e:
+                self.last_error = f"malformed message: {e}"
+                self.malformed.note(str(e))  # the state is read again: nothing is lost
             except Exception as e:  # a message we cannot decode, ...
                 self.last_error = repr(e)
                 log.error("netlink: %r: reading the whole state again", e)

@@ -31,23 +31,19 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import nlsock
 from .events import RulesetTouched
+from .nlsock import ATTR, NLA_TYPE_MASK, NLMSG_OVERRUN
 
 log = logging.getLogger(__name__)
 
 NETLINK_NETFILTER = 12
-SOL_NETLINK = 270
-NETLINK_ADD_MEMBERSHIP = 1
 NFNLGRP_NFTABLES = 7
-SO_RCVBUFFORCE = 33  # asm-generic/socket.h; not in typeshed
 # Room for a few full replacements of a large ruleset while the loop is busy.
 RCVBUF = 8 * 1024 * 1024
 RECV_SIZE = 1 << 17
 
 NFNL_SUBSYS_NFTABLES = 10
-NLMSG_OVERRUN = 4
-NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
-HEADER = struct.Struct("=IHHII")  # nlmsghdr
 NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (big endian)
 
 # NFT_MSG_* -> (op, kind); the name attribute of each kind (table: 1).
@@ -113,19 +109,17 @@ class Unreadable:
 
 
 Notice = Change | Generation | Unreadable
-
-
-class _Malformed(ValueError):
-    pass
+# Not malformed: the kernel says it dropped notices.
+OVERRUN = Unreadable("the kernel reported an overrun")
 
 
 def _attributes(data: bytes, offset: int, end: int) -> dict[int, bytes]:
     """Netlink attributes between offset and end (the first of each type)."""
     found: dict[int, bytes] = {}
     while offset + 4 <= end:
-        length, kind = struct.unpack_from("=HH", data, offset)
+        length, kind = ATTR.unpack_from(data, offset)
         if length < 4 or offset + length > end:
-            raise _Malformed(f"attribute of length {length} at byte {offset}")
+            raise nlsock.Malformed(f"attribute of length {length} at byte {offset}")
         found.setdefault(kind & NLA_TYPE_MASK, data[offset + 4 : offset + length])
         offset += (length + 3) & ~3
     return found
@@ -136,9 +130,9 @@ def _all_attributes(data: bytes) -> list[tuple[int, bytes]]:
     found: list[tuple[int, bytes]] = []
     offset = 0
     while offset + 4 <= len(data):
-        length, kind = struct.unpack_from("=HH", data, offset)
+        length, kind = ATTR.unpack_from(data, offset)
         if length < 4 or offset + length > len(data):
-            raise _Malformed(f"nested attribute of length {length}")
+            raise nlsock.Malformed(f"nested attribute of length {length}")
         found.append((kind & NLA_TYPE_MASK, data[offset + 4 : offset + length]))
         offset += (length + 3) & ~3
     return found
@@ -169,7 +163,7 @@ def _notice(kind: int, data: bytes, offset: int, end: int) -> Notice | None:
     if msg != NFT_MSG_NEWGEN and msg not in MESSAGES:
         return None  # NFT_MSG_TRACE and the like: no change
     if end - offset < NFGENMSG.size:
-        raise _Malformed("message shorter than its nfgenmsg header")
+        raise nlsock.Malformed("message shorter than its nfgenmsg header")
     family = data[offset]
     attrs = _attributes(data, offset + NFGENMSG.size, end)
     if msg == NFT_MSG_NEWGEN:
@@ -198,29 +192,23 @@ def decode(data: bytes) -> list[Notice]:
     """The notices in one datagram from the NFNLGRP_NFTABLES group.
 
     Never raises: a message that cannot be read becomes `Unreadable`, and
-    nothing after it in the datagram is trusted.
+    nothing after it in the datagram is trusted (see nlsock).
     """
     notices: list[Notice] = []
-    offset = 0
-    while offset < len(data):
-        if len(data) - offset < HEADER.size:
-            notices.append(Unreadable(f"{len(data) - offset} stray bytes at byte {offset}"))
-            break
-        length, kind, _, _, _ = HEADER.unpack_from(data, offset)
-        if length < HEADER.size or offset + length > len(data):
-            notices.append(Unreadable(f"message of length {length} at byte {offset} is truncated"))
-            break
+    frames, malformed = nlsock.split(data)
+    for kind, _, _, body, end in frames:
         if kind == NLMSG_OVERRUN:
-            notices.append(Unreadable("the kernel reported an overrun"))
+            notices.append(OVERRUN)
         elif kind >> 8 == NFNL_SUBSYS_NFTABLES:
             try:
-                notice = _notice(kind, data, offset + HEADER.size, offset + length)
-            except _Malformed as e:
+                notice = _notice(kind, data, body, end)
+            except nlsock.Malformed as e:
                 notices.append(Unreadable(f"message type {kind:#x}: {e}"))
-                break
+                return notices
             if notice is not None:
                 notices.append(notice)
-        offset += (length + 3) & ~3
+    if malformed:
+        notices.append(Unreadable(malformed))
     return notices
 
 
@@ -377,6 +365,7 @@ class NftMonitor:
         self.touched = 0  # foreign transactions seen
         self.lost = 0  # times notices were lost
         self.last_error = ""
+        self.malformed = nlsock.Malformations(self.name)
 
     async def events(self) -> AsyncIterator[RulesetTouched]:
         transactions = Transactions(self.table, own_task(self.own_pid))
@@ -428,6 +417,8 @@ class NftMonitor:
             if not data:
                 raise ConnectionResetError(errno.ECONNRESET, "netlink socket closed")
             for notice in decode(data):
+                if isinstance(notice, Unreadable) and notice != OVERRUN:
+                    self.malformed.note(notice.reason)
                 event = transactions.feed(notice)
                 if event is not None:
                     self.touched += event.pid != 0
@@ -437,17 +428,4 @@ class NftMonitor:
 
 def open_socket(rcvbuf: int = RCVBUF) -> socket.socket:
     """A non-blocking socket subscribed to nftables' notifications."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
-                         NETLINK_NETFILTER)  # fmt: skip
-    try:
-        sock.bind((0, 0))
-        sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
-        try:
-            # FORCE goes past net.core.rmem_max (needs CAP_NET_ADMIN).
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    return nlsock.open_socket(NETLINK_NETFILTER, rcvbuf, memberships=(NFNLGRP_NFTABLES,))

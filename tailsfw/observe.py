@@ -28,7 +28,8 @@ from dbus_fast.aio import MessageBus
 from . import compiler, policy, summary, users
 from .droplog import DropCounters
 from .facts import Facts
-from .netlink import NetlinkSource, Snapshot
+from .links import Snapshot
+from .netlink import NetlinkSource
 from .nft import Nft, NftError
 from .service import BUS_NAME, INTERFACE, OBJECT_PATH, properties
 from .status import Counters, Status

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import tempfile
@@ -25,12 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.lab.command import REPO
+from tests.lab.leftovers import remove_empty_cgroups
+from tests.lab.names import temp_prefix
+from tests.lab.wait import wait_for
+
 VENV = (REPO / ".venv").resolve()
 VENV_PYTHON = VENV / "bin" / "python"
 SHIPPED_UNITS = REPO / "systemd"
-PREFIX = "tfwboot-"
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 # This checkout and its venv, as the container's units see them: at a fixed
 # path outside /tmp, which the unit's PrivateTmp= would hide (a checkout in
 # /tmp, as CI's may be, made the daemon fail at EXEC).
@@ -100,12 +101,7 @@ class Container:
 
     def wait(self, what: str, check: Callable[[], bool], timeout: float = 20) -> float:
         """Polls `check` until true; returns the seconds it took."""
-        start = time.monotonic()
-        while not check():
-            if time.monotonic() - start > timeout:
-                raise BootError(f"not within {timeout} s: {what}\n{self.console_text()}")
-            time.sleep(0.02)
-        return time.monotonic() - start
+        return wait_for(check, timeout, 0.02, what=what, why=self.console_text)
 
     def ruleset(self) -> list[dict[str, Any]]:
         listing: list[dict[str, Any]] = json.loads(self.run("nft", "-j", "list", "ruleset").stdout)[
@@ -133,26 +129,12 @@ def container_init(nspawn: int) -> int | None:
     return None
 
 
-def remove_empty_cgroups() -> None:
-    """nspawn leaves two empty cgroups (and empty ones below them) at the top of
-    each hierarchy: remove them, deepest first.  rmdir refuses a cgroup that
-    has processes, so one in use (another container's) is never touched."""
-    for hierarchy in CGROUP_ROOT.iterdir():
-        for name in ("payload", "supervisor"):
-            top = hierarchy / name
-            if not top.is_dir():
-                continue
-            for below, _, _ in os.walk(top, topdown=False):
-                with contextlib.suppress(OSError):
-                    os.rmdir(below)
-
-
 @contextlib.contextmanager
 def booted(
     units: Mapping[str, str], target: str, binds: Sequence[tuple[str, str]] = ()
 ) -> Iterator[Container]:
     """A container booted into `target` with `units` installed; halted on exit."""
-    with tempfile.TemporaryDirectory(prefix=PREFIX) as work:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("boot")) as work:
         unit_dir = Path(work) / "units"
         write_units(unit_dir, units)
         console = Path(work) / "console.log"

@@ -1,10 +1,15 @@
-"""A private dbus-daemon configured like the system bus, with the project's policy.
+"""The lab's one private dbus-daemon, in a configuration of two:
 
-The default policy is the system bus's own (deny owning names and method
-calls, allow signals and replies), and the project's
-etc/dbus-1/system.d/org.boum.tails.Firewall.conf is included as installed.
-The socket is a path in a temporary directory that every user can reach, so
-that a client run as another user (setpriv) meets the bus policy.
+- `system_policy()`: like the system bus (deny owning names and method
+  calls, allow signals and replies) with the project's
+  etc/dbus-1/system.d/org.boum.tails.Firewall.conf included as installed;
+- `OPEN_POLICY`: anyone may own any name and call anything (python-dbusmock's
+  NetworkManager and the real one own their names on it).
+
+The socket is directory/bus.sock (a path socket crosses network namespaces;
+the directory is opened to every user, so that a client run as another user
+with setpriv meets the bus policy). The daemon runs in a network namespace
+if given one, and is ended by its pid.
 """
 
 from __future__ import annotations
@@ -13,14 +18,16 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.lab.command import REPO, command_env, netns_exec, run
+from tests.lab.names import temp_prefix
+
 POLICY = REPO / "etc" / "dbus-1" / "system.d" / "org.boum.tails.Firewall.conf"
 
 HEADER = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
@@ -43,6 +50,18 @@ SYSTEM_POLICY = """  <policy context="default">
            send_interface="org.freedesktop.DBus.Introspectable"/>
   </policy>
   <include>{policy}</include>"""
+# Anyone may own any name and call anything: dbusmock and NetworkManager.
+OPEN_POLICY = """  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_type="method_call"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>"""
+
+
+def system_policy(policy: Path = POLICY) -> str:
+    return SYSTEM_POLICY.format(policy=policy)
 
 
 def bus_config(socket: Path, policy: str) -> str:
@@ -53,52 +72,84 @@ def bus_config(socket: Path, policy: str) -> str:
     )
 
 
-@dataclass(frozen=True)
+@dataclass
 class PrivateBus:
-    address: str
+    """dbus-daemon with `policy` (busconfig XML), its socket in `directory`;
+    started and stopped at will (`with bus:` does both)."""
+
     directory: Path
-    pid: int
+    policy: str = OPEN_POLICY
+    namespace: str | None = None  # None: this process's own network namespace
+    pid: int = field(init=False, default=0)
+
+    @property
+    def socket(self) -> Path:
+        return self.directory / "bus.sock"
+
+    @property
+    def address(self) -> str:
+        return f"unix:path={self.socket}"
+
+    def start(self) -> PrivateBus:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.chmod(0o755)  # other users' clients reach the socket
+        config = self.directory / "bus.conf"
+        config.write_text(bus_config(self.socket, self.policy))
+        done = run(
+            [*self.exec_prefix(), "dbus-daemon", f"--config-file={config}", "--fork",
+             "--print-address=1", "--print-pid=1"],
+            timeout=10,
+        )  # fmt: skip
+        self.pid = int(done.stdout.split()[1])
+        return self
+
+    def close(self) -> None:
+        """Ends it by its pid (SIGKILL if SIGTERM is not enough) and waits
+        until it is gone, so that the socket can be bound again."""
+        if self.pid:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, sig)
+                if _gone(self.pid, timeout=5.0):
+                    break
+            self.pid = 0
+        self.socket.unlink(missing_ok=True)
+
+    def __enter__(self) -> PrivateBus:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def exec_prefix(self) -> list[str]:
+        """Runs a command where the bus runs (its network namespace)."""
+        return netns_exec(self.namespace) if self.namespace is not None else []
+
+    def env(self) -> dict[str, str]:
+        return {**command_env(), "DBUS_SYSTEM_BUS_ADDRESS": self.address}
+
+    def connection(self) -> Any:
+        """A dbus-python connection to this bus (blocking calls, no main loop)."""
+        import dbus
+
+        return dbus.bus.BusConnection(self.address)
 
 
-def write_config(directory: Path, policy: Path = POLICY) -> Path:
-    """A system-like bus configuration listening on directory/bus.sock."""
-    directory.chmod(0o755)  # other users' clients reach the socket
-    config = directory / "bus.conf"
-    config.write_text(bus_config(directory / "bus.sock", SYSTEM_POLICY.format(policy=policy)))
-    return config
-
-
-@contextlib.contextmanager
-def dbus_daemon(config: Path) -> Iterator[PrivateBus]:
-    """dbus-daemon running with `config`; killed by its pid on exit."""
-    done = subprocess.run(
-        ["dbus-daemon", f"--config-file={config}", "--fork", "--print-address=1",
-         "--print-pid=1"],
-        capture_output=True, text=True, timeout=10, check=False,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(f"dbus-daemon did not start: {done.stderr.strip()}")
-    address, pid = done.stdout.split()
-    try:
-        yield PrivateBus(address, config.parent, int(pid))
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGTERM)
-        _wait_gone(int(pid))
-
-
-def _wait_gone(pid: int, timeout: float = 5.0) -> None:
+def _gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+    while Path(f"/proc/{pid}").exists():
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.01)
+    return True
 
 
 @contextlib.contextmanager
 def private_system_bus(policy: Path = POLICY) -> Iterator[PrivateBus]:
-    """A running bus in a temporary directory, removed on exit."""
-    directory = Path(tempfile.mkdtemp(prefix="tfwboot-bus-"))
+    """A running system-like bus in a temporary directory, removed on exit."""
+    directory = Path(tempfile.mkdtemp(prefix=temp_prefix("bus")))
     try:
-        with dbus_daemon(write_config(directory, policy)) as bus:
+        with PrivateBus(directory, system_policy(policy)) as bus:
             yield bus
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -1,14 +1,9 @@
-"""A private D-Bus in a lab namespace, python-dbusmock's NetworkManager on it,
-and a thread that collects what a source yields.
+"""python-dbusmock's NetworkManager on a private bus (bus.py), and a thread
+that collects what a source yields.
 
 Shared by tests/lab/test_nm_mock.py, tests/lab/networkmanager.py (the real
 NetworkManager) and bench/nm.py:
 
-- `scratch_namespace`: a network namespace of our own (``tfwnm-*``), deleted
-  on exit with whatever still runs in it;
-- `PrivateBus`: ``dbus-daemon --fork`` in that namespace with a unix:path
-  socket in a temp directory (path sockets cross network namespaces), killed
-  by its pid;
 - `MockNetworkManager`: ``python3 -m dbusmock --template networkmanager`` on
   that bus, with IP4Config objects added by hand (the template has none),
   killed and started again at will;
@@ -20,38 +15,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import secrets
 import shutil
-import signal
 import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
-from tests.lab.bus import bus_config
-from tests.lab.topology import COMMAND_PATH, PYTHON, command_env, delete_namespace, run
+from tests.lab.bus import PrivateBus
+from tests.lab.command import COMMAND_PATH, PYTHON
+from tests.lab.wait import wait_for
 
-NS_PREFIX = "tfwnm"
-NETNS_DIR = Path("/run/netns")
 NM = "org.freedesktop.NetworkManager"
 NM_PATH = "/org/freedesktop/NetworkManager"
 DEVICE = "org.freedesktop.NetworkManager.Device"
 ACTIVE = "org.freedesktop.NetworkManager.Connection.Active"
 IP4 = "org.freedesktop.NetworkManager.IP4Config"
 MOCK = "org.freedesktop.DBus.Mock"
-
-# Anyone may own any name and call anything: dbusmock and NetworkManager.
-OPEN_POLICY = """  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_type="method_call"/>
-    <allow send_destination="*"/>
-    <allow receive_sender="*"/>
-  </policy>"""
 
 
 def unavailable() -> str | None:
@@ -67,81 +48,11 @@ def unavailable() -> str | None:
     return "private D-Bus skipped: missing " + ", ".join(missing) if missing else None
 
 
-@contextlib.contextmanager
-def scratch_namespace(prefix: str = NS_PREFIX) -> Iterator[str]:
-    name = f"{prefix}-{secrets.token_hex(3)}"
-    try:
-        # Inside the try: an `ip netns add` that times out on a loaded
-        # machine may still have made the namespace (seen: two were left).
-        run(["ip", "netns", "add", name])
-        run(["ip", "-n", name, "link", "set", "lo", "up"])
-        yield name
-    finally:
-        if (NETNS_DIR / name).exists():
-            delete_namespace(name)  # ends what still runs in it, by pid
-
-
-@dataclass
-class PrivateBus:
-    """dbus-daemon in a network namespace, its socket in `directory`."""
-
-    namespace: str
-    directory: Path
-    pid: int = field(init=False, default=0)
-
-    @property
-    def socket(self) -> Path:
-        return self.directory / "bus"
-
-    @property
-    def address(self) -> str:
-        return f"unix:path={self.socket}"
-
-    def start(self) -> PrivateBus:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        config = self.directory / "bus.conf"
-        config.write_text(bus_config(self.socket, OPEN_POLICY))
-        done = run(
-            ["ip", "netns", "exec", self.namespace, "dbus-daemon", f"--config-file={config}",
-             "--fork", "--print-address=1", "--print-pid=1"],
-        )  # fmt: skip
-        self.pid = int(done.stdout.split()[1])
-        return self
-
-    def close(self) -> None:
-        if self.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            self.pid = 0
-        self.socket.unlink(missing_ok=True)
-
-    def env(self) -> dict[str, str]:
-        return {**command_env(), "DBUS_SYSTEM_BUS_ADDRESS": self.address}
-
-    def connection(self) -> Any:
-        """A dbus-python connection to this bus (blocking calls, no main loop)."""
-        import dbus
-
-        return dbus.bus.BusConnection(self.address)
-
-
-@contextlib.contextmanager
-def private_bus(namespace: str, directory: Path) -> Iterator[PrivateBus]:
-    bus = PrivateBus(namespace, directory).start()
-    try:
-        yield bus
-    finally:
-        bus.close()
-
-
 def wait_for_name(bus: PrivateBus, name: str, present: bool, timeout: float = 10.0) -> None:
     connection = bus.connection()
     try:
-        deadline = time.monotonic() + timeout
-        while connection.name_has_owner(name) != present:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{name} still {'absent' if present else 'present'}")
-            time.sleep(0.01)
+        what = f"{name} {'on' if present else 'off'} the bus"
+        wait_for(lambda: bool(connection.name_has_owner(name)) == present, timeout, 0.01, what=what)
     finally:
         connection.close()
 
@@ -171,7 +82,7 @@ class MockNetworkManager:
 
     def start(self) -> MockNetworkManager:
         self.process = subprocess.Popen(
-            ["ip", "netns", "exec", self.bus.namespace, PYTHON, "-m", "dbusmock", "--system",
+            [*self.bus.exec_prefix(), PYTHON, "-m", "dbusmock", "--system",
              "--template", "networkmanager"],
             env=self.bus.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip

@@ -27,18 +27,14 @@ from typing import Any
 
 from tests.lab import matrix
 from tests.lab.bus import private_system_bus
-from tests.lab.conftest import LAB_ROLES, LEASED, UNAVAILABLE
-from tests.lab.daemon_fixtures import (
-    VENV_PYTHON,
-    DaemonProcess,
-    lab_host_put_back,
-    lan_networks,
-    run_daemon,
-)
+from tests.lab.command import VENV_PYTHON, command_env, netns_exec, run
+from tests.lab.daemon_process import DaemonProcess, run_daemon
 from tests.lab.journald import Journald, run_journald
-from tests.lab.networkmanager import extra_link, network_manager
-from tests.lab.policies import lab_policy
-from tests.lab.topology import INTERNET_V4, Lab, command_env, netns_exec, run
+from tests.lab.kernel import lab_host_put_back, lan_networks
+from tests.lab.names import temp_prefix
+from tests.lab.networkmanager import LEASED, extra_link, network_manager
+from tests.lab.policies import LAB_ROLES, lab_policy
+from tests.lab.topology import INTERNET_V4, UNAVAILABLE, Lab
 from tests.lab.tor_demo import tor_act
 
 STEPS = 9
@@ -162,7 +158,7 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         progress("the lab: a host and its LAN/Internet peer in network namespaces")
         lab = stack.enter_context(Lab(LAB_ROLES))
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tailsfw-demo-")))
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=temp_prefix("demo"))))
         print(f"    host {lab.host_ns}, peer {lab.peer_ns} ({progress.elapsed():.1f} s)")
         progress("NetworkManager on a private bus, leases from dnsmasq; a bus and a journald")
         link = stack.enter_context(extra_link(lab.host_ns, lab.peer_ns))

@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.lab.daemon_fixtures import REPO, VENV_PYTHON
-from tests.lab.topology import command_env, netns_exec
+from tests.lab.command import REPO, VENV_PYTHON, command_env, netns_exec
 
 JOURNALD = "/lib/systemd/systemd-journald"
 CONFIG = """[Journal]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import shutil
 import signal
 import subprocess
 import textwrap
@@ -40,10 +41,28 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.lab.dbus_fixtures import NM, PrivateBus, private_bus, wait_for_name
-from tests.lab.topology import COMMAND_PATH, command_env, run
+from tests.lab.bus import PrivateBus
+from tests.lab.command import COMMAND_PATH, command_env, netns_exec, run
+from tests.lab.dbus_fixtures import NM, wait_for_name
+from tests.lab.dbus_fixtures import unavailable as bus_unavailable
+from tests.lab.wait import NotInTime
 
 CONNECTION_ID = "tfwlab"
+# The DNS servers the lab's DHCP server hands out first: addresses the peer
+# listens on, so that packets to them can be counted.
+LEASED = ("198.51.100.53", "203.0.113.53")
+
+
+def nm_unavailable() -> str | None:
+    missing = [
+        t
+        for t in ("NetworkManager", "nmcli", "dnsmasq", "unshare")
+        if shutil.which(t, path=COMMAND_PATH) is None
+    ]
+    return "real NetworkManager skipped: missing " + ", ".join(missing) if missing else None
+
+
+NM_UNAVAILABLE = bus_unavailable() or nm_unavailable()
 PEER_LAN = ipaddress.IPv4Interface("192.168.88.1/24")
 
 
@@ -97,7 +116,7 @@ class LeaseServer:
         self.dns = tuple(dns)
         first, last = self.link.dhcp_range
         argv = [
-            "ip", "netns", "exec", self.peer_ns, "dnsmasq", "--no-daemon", "--conf-file=/dev/null",
+            *netns_exec(self.peer_ns), "dnsmasq", "--no-daemon", "--conf-file=/dev/null",
             "--port=0", "--no-ping", "--bind-interfaces", f"--interface={self.link.peer_if}",
             f"--dhcp-range={first},{last},1h",
             f"--dhcp-leasefile={self.workdir / 'dnsmasq.leases'}",
@@ -185,13 +204,13 @@ class RealNetworkManager:
         )
         # `ip netns exec`, `unshare` (without --fork) and `sh -c exec` all exec
         # in place: the pid is NetworkManager's.
-        argv = ["ip", "netns", "exec", self.host_ns, "unshare", "-m", "--propagation", "private",
+        argv = [*netns_exec(self.host_ns), "unshare", "-m", "--propagation", "private",
                 "sh", "-ec", script]  # fmt: skip
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=log, env=self.bus.env())
         try:
             wait_for_name(self.bus, NM, present=True)
-        except TimeoutError:
+        except NotInTime:
             self.kill()
             raise RuntimeError(f"NetworkManager did not start:\n{self.log()}") from None
 
@@ -202,7 +221,7 @@ class RealNetworkManager:
         wait_for_name(self.bus, NM, present=False)
 
     def nmcli(self, *args: str) -> str:
-        done = run(["ip", "netns", "exec", self.host_ns, "env",
+        done = run([*netns_exec(self.host_ns), "env",
                     f"DBUS_SYSTEM_BUS_ADDRESS={self.bus.address}", f"PATH={COMMAND_PATH}",
                     "nmcli", *args])  # fmt: skip
         return done.stdout
@@ -241,7 +260,7 @@ def network_manager(
     """A private bus and NetworkManager in `host_ns`, dnsmasq in `peer_ns`
     leasing `dns`; everything killed by pid on exit."""
     workdir.mkdir(parents=True, exist_ok=True)
-    with private_bus(host_ns, workdir / "bus") as bus:
+    with PrivateBus(workdir / "bus", namespace=host_ns) as bus:
         dnsmasq = LeaseServer(peer_ns, link, workdir)
         nm = RealNetworkManager(host_ns, link, workdir, bus)
         try:

@@ -11,12 +11,27 @@ from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
+from tests.lab.command import REPO
+
 if TYPE_CHECKING:
     from tests.lab.topology import Lab
 
+# The account names the shipped policy uses: each is a Lab role.
+LAB_ROLES = [
+    "amnesia",
+    "root",
+    "clearnet",
+    "debian-tor",
+    "_apt",
+    "proxy",
+    "nobody",
+    "tails-upgrade-frontend",
+    "htp",
+    "tails-iuk-get-target-file",
+    "Debian-gdm",
+]
 REFUSE_CHAIN = "refuse"  # tailsfw.compiler.REFUSE: counts, logs, rejects
 
-REPO = Path(__file__).parents[2]
 DEFAULT_POLICY = REPO / "etc" / "tailsfw" / "policy.toml"
 TAILSFWCTL = str(REPO / ".venv" / "bin" / "tailsfwctl")
 

@@ -14,7 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.lab.daemon_fixtures import CommitClock, lan_networks
+from tests.lab.kernel import lan_networks
+from tests.lab.monitors import CommitClock
 
 GROUP = 4077
 PREFIX = "tfwst"

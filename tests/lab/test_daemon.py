@@ -22,30 +22,20 @@ import pytest
 
 from tailsfw.coalesce import MAX_DELAY
 from tests.lab import policies
-from tests.lab.daemon_fixtures import (
+from tests.lab.command import PYTHON, netns_exec, ns_run
+from tests.lab.daemon_process import DaemonProcess, run_daemon
+from tests.lab.kernel import (
     LAB_HOST_SYSCTLS,
     Changer,
-    DaemonProcess,
-    NftGenerations,
     lan_networks,
-    ns_run,
     read_sysctls,
     remove_tailsfw_tables,
-    run_daemon,
     tailsfw_tables,
-    wait_for,
 )
-from tests.lab.topology import (
-    HOST_IF,
-    INTERNET_V4,
-    PEER_LAN_V4,
-    PYTHON,
-    Lab,
-    netns_exec,
-    stop_process,
-    wait_ready,
-)
+from tests.lab.monitors import NftGenerations
+from tests.lab.topology import HOST_IF, INTERNET_V4, PEER_LAN_V4, Lab, stop_process, wait_ready
 from tests.lab.traffic import leak_attempts
+from tests.lab.wait import wait_for
 
 Net = ipaddress.IPv4Network
 INTERNET = INTERNET_V4[0]

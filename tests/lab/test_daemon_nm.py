@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from tests.lab.conftest import LEASED
-from tests.lab.daemon_fixtures import DaemonProcess, run_daemon, wait_for
-from tests.lab.networkmanager import NetworkManagerLab
+from tests.lab.daemon_process import DaemonProcess, run_daemon
+from tests.lab.networkmanager import LEASED, NetworkManagerLab
 from tests.lab.policies import lab_policy
 from tests.lab.topology import INTERNET_V4, Lab
+from tests.lab.wait import wait_for
 
 TOR_DNS = "nameserver 127.0.0.1\n"
 pytestmark = pytest.mark.usefixtures("daemon_host")

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
+from tests.lab.command import REPO
 from tests.lab.matrix import INTERNET, INTERNET2
-from tests.lab.policies import REPO, TAILSFWCTL, lab_policy
+from tests.lab.policies import TAILSFWCTL, lab_policy
 from tests.lab.topology import Lab
 
 VENV_PYTHON = str(Path(TAILSFWCTL).with_name("python"))

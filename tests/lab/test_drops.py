@@ -21,9 +21,11 @@ import pytest
 from tailsfw import policy as policy_module
 from tailsfw.droplog import DROP_MESSAGE_ID, SUMMARY_MESSAGE_ID, Limits
 from tests.lab import policies
-from tests.lab.daemon_fixtures import REPO, VENV_PYTHON, lab_host_put_back, reset_host, run_daemon
+from tests.lab.command import PYTHON, REPO, VENV_PYTHON, netns_exec
+from tests.lab.daemon_process import run_daemon
 from tests.lab.journald import AuditProcess, Journald, run_audit, run_journald
-from tests.lab.topology import INTERNET_V4, INTERNET_V6, PYTHON, Lab, netns_exec
+from tests.lab.kernel import lab_host_put_back, reset_host
+from tests.lab.topology import INTERNET_V4, INTERNET_V6, Lab
 
 FLOOD_SECONDS = 10.0
 # One user, one socket, as fast as it can; prints how many sends it made.

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from tailsfw.accounts import AccountsSource
 from tests.files import holds, kept, restore_loop, time_until
-from tests.lab.daemon_fixtures import REPO, VENV_PYTHON
-from tests.lab.topology import USER_PREFIX
+from tests.lab.command import REPO, VENV_PYTHON
+from tests.lab.names import USER_PREFIX
 
 TARGET_MS = 100.0
 

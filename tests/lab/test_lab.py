@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.lab.command import PYTHON
 from tests.lab.topology import (
     HOST_INBOUND_PORT,
     HOST_TCP_PORTS,
@@ -21,7 +22,6 @@ from tests.lab.topology import (
     INTERNET_V4,
     INTERNET_V6,
     PEER_LAN_V4,
-    PYTHON,
     Lab,
 )
 from tests.lab.traffic import late_answer

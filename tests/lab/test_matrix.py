@@ -16,6 +16,7 @@ import pytest
 from tailsfw import compiler, policy
 from tailsfw.facts import Facts
 from tests.lab import matrix, policies
+from tests.lab.command import PYTHON
 from tests.lab.policies import DEFAULT_POLICY, TAILSFWCTL, apply
 from tests.lab.topology import (
     HOST_IF,
@@ -25,7 +26,6 @@ from tests.lab.topology import (
     PEER_IF,
     PEER_LAN_V4,
     PEER_LAN_V6,
-    PYTHON,
     Lab,
 )
 from tests.lab.traffic import late_answer, leak_attempts

@@ -12,9 +12,8 @@ import pytest
 
 from tailsfw.events import DnsServers
 from tailsfw.nm import NetworkManagerSource
-from tests.lab.conftest import LEASED, NM_UNAVAILABLE
 from tests.lab.dbus_fixtures import EventLog
-from tests.lab.networkmanager import NetworkManagerLab
+from tests.lab.networkmanager import LEASED, NM_UNAVAILABLE, NetworkManagerLab
 
 pytestmark = pytest.mark.skipif(NM_UNAVAILABLE is not None, reason=NM_UNAVAILABLE or "")
 RELEASED = ("203.0.113.54",)

@@ -16,18 +16,18 @@ import pytest
 
 from tailsfw.events import DnsServers
 from tailsfw.nm import MAX_SERVERS, NetworkManagerSource
+from tests.lab.bus import PrivateBus
 from tests.lab.dbus_fixtures import (
     DEVICE,
     IP4,
     EventLog,
     MockNetworkManager,
-    PrivateBus,
     mock_network_manager,
     nameserver_data,
-    private_bus,
-    scratch_namespace,
     unavailable,
 )
+from tests.lab.names import temp_prefix
+from tests.lab.netns import scratch_namespace
 
 UNAVAILABLE = unavailable()
 pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
@@ -39,8 +39,8 @@ A = ipaddress.IPv4Address
 def bus() -> Iterator[PrivateBus]:
     with (
         scratch_namespace() as namespace,
-        tempfile.TemporaryDirectory(prefix="tfwnm-") as tmp,
-        private_bus(namespace, Path(tmp)) as bus,
+        tempfile.TemporaryDirectory(prefix=temp_prefix("nm-mock")) as tmp,
+        PrivateBus(Path(tmp), namespace=namespace) as bus,
     ):
         yield bus
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from tailsfw import policy
 from tests import policy_mutants as mutants
 from tests.lab.matrix import INTERNET, INTERNET2, INTERNET6, ROUTER
+from tests.lab.names import temp_prefix
 from tests.lab.policies import apply, lab_policy
 from tests.lab.topology import Lab
 
@@ -80,7 +81,7 @@ def test_accepted_mutants_let_out_nothing_the_shipped_policy_refuses(
     )
     @given(st.data())
     def one(data: st.DataObject) -> None:
-        with tempfile.TemporaryDirectory(prefix="tailsfw-fuzz") as tmp:
+        with tempfile.TemporaryDirectory(prefix=temp_prefix("fuzz")) as tmp:
 
             def edit(tree: dict[str, Any]) -> None:
                 mutant = mutants.semantic(data.draw, tree)

@@ -23,8 +23,8 @@ from dbus_fast.aio import MessageBus
 from tailsfw import cli, service, summary
 from tailsfw.status import Counters, Status
 from tailsfw.sysctl import SysctlState
-from tests.lab.bus import PrivateBus, dbus_daemon, private_system_bus, write_config
-from tests.lab.daemon_fixtures import REPO, VENV_PYTHON
+from tests.lab.bus import PrivateBus, private_system_bus, system_policy
+from tests.lab.command import REPO, VENV_PYTHON
 from tests.lab.policies import DEFAULT_POLICY
 
 STATUS = Status(
@@ -284,8 +284,8 @@ def test_status_as_another_user_reads_the_daemon_over_the_bus(bus: PrivateBus) -
 
 def test_keep_serving_waits_for_the_bus_and_comes_back_after_it_restarts(tmp_path: Path) -> None:
     """The firewall starts before the bus: the service must find it when it comes."""
-    config = write_config(tmp_path)
-    address = f"unix:path={tmp_path / 'bus.sock'}"
+    bus = PrivateBus(tmp_path, system_policy())
+    address = bus.address
 
     async def owned() -> bool:
         try:
@@ -315,7 +315,7 @@ def test_keep_serving_waits_for_the_bus_and_comes_back_after_it_restarts(tmp_pat
         await asyncio.sleep(0.2)  # no bus yet: it keeps trying
         assert not task.done()
         for _ in range(2):  # the bus starts; then it restarts
-            with dbus_daemon(config):
+            with bus:
                 await wait_owned()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -17,14 +17,10 @@ import pytest
 from tailsfw import compiler, summary
 from tests.lab import policies
 from tests.lab.bus import private_system_bus
-from tests.lab.daemon_fixtures import (
-    REPO,
-    VENV_PYTHON,
-    remove_tailsfw_tables,
-    run_daemon,
-    tailsfw_tables,
-)
-from tests.lab.topology import Lab, netns_exec
+from tests.lab.command import REPO, VENV_PYTHON, netns_exec
+from tests.lab.daemon_process import run_daemon
+from tests.lab.kernel import remove_tailsfw_tables, tailsfw_tables
+from tests.lab.topology import Lab
 
 pytestmark = pytest.mark.usefixtures("daemon_host")
 

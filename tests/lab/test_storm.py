@@ -23,7 +23,9 @@ from typing import Any
 import pytest
 
 from tests.lab import policies
-from tests.lab.daemon_fixtures import Changer, CommitClock, DaemonProcess, lan_networks, run_daemon
+from tests.lab.daemon_process import DaemonProcess, run_daemon
+from tests.lab.kernel import Changer, lan_networks
+from tests.lab.monitors import CommitClock
 from tests.lab.storm import (
     GROUP,
     collapsed,

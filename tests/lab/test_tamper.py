@@ -25,18 +25,12 @@ from tailsfw.events import RulesetTouched
 from tailsfw.facts import Facts
 from tailsfw.nft import Nft
 from tests.lab import policies
-from tests.lab.daemon_fixtures import (
-    REPO,
-    VENV_PYTHON,
-    CommitClock,
-    MonitorThread,
-    in_netns,
-    lan_networks,
-    ns_run,
-    run_daemon,
-    tailsfw_tables,
-)
-from tests.lab.topology import INTERNET_V4, Lab, command_env, netns_exec
+from tests.lab.command import REPO, VENV_PYTHON, command_env, netns_exec, ns_run
+from tests.lab.daemon_process import run_daemon
+from tests.lab.kernel import lan_networks, tailsfw_tables
+from tests.lab.monitors import CommitClock, MonitorThread
+from tests.lab.netns import in_netns
+from tests.lab.topology import INTERNET_V4, Lab
 
 EVENT_LIMIT = 0.050  # s, p99 from the tampering commit to the event
 RESTORE_LIMIT = 0.100  # s, a bound for the test; bench/tamper.py measures the p99

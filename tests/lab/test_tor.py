@@ -21,7 +21,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.lab.daemon_fixtures import lab_host_put_back, remove_tailsfw_tables, run_daemon
+from tests.lab.daemon_process import run_daemon
+from tests.lab.kernel import lab_host_put_back, remove_tailsfw_tables
 from tests.lab.policies import TAILSFWCTL, lab_policy
 from tests.lab.topology import HOST_V4, INTERNET_V4, Lab
 from tests.lab.tor_network import (

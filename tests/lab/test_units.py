@@ -8,7 +8,8 @@ import subprocess
 from pathlib import Path
 
 from tailsfw import compiler, observe
-from tests.lab.boot import REPO, VENV, installed_units, write_units
+from tests.lab.boot import VENV, installed_units, write_units
+from tests.lab.command import REPO
 
 FAIL_CLOSED = REPO / "libexec" / "fail-closed"
 MAN = REPO / "man"

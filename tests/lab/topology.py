@@ -37,35 +37,28 @@ import json
 import os
 import pwd
 import re
-import secrets
 import selectors
 import shlex
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-LAB_PREFIX = "tfwlab"
-USER_PREFIX = "tfwt-"
-SCRIPTS_PREFIX = f"{LAB_PREFIX}-scripts-"
-# For the temporary directories of the lab's parts (the Tor network's keys
-# and data): a crashed run's are removed with the rest of its leftovers.
-TEMP_PREFIX = f"{LAB_PREFIX}-tmp-"
+from tests.lab.command import COMMAND_PATH, PYTHON, LabError, command_env, netns_exec, run
+from tests.lab.leftovers import remove_leftovers
+from tests.lab.names import LAB_NS, USER_PREFIX, owned_name, temp_prefix
+from tests.lab.netns import delete_namespace
+
 OTHER_ROLE = "other"  # an account that no policy names
-PYTHON = "/usr/bin/python3"  # Debian's: the scripts need nothing else
 LOCK_PATH = Path("/run/lock/tfwlab.lock")
 HERE = Path(__file__).resolve().parent
-# The tools live in sbin, which a non-login environment may not have on PATH.
-COMMAND_PATH = os.pathsep.join(
-    [os.environ.get("PATH", os.defpath), "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-)
+TOOLS = ("ip", "nft", "setpriv", "useradd", "userdel", "groupdel", "getent", "sysctl")
 
 HOST_IF = "eth0"
 PEER_IF = "lan0"
@@ -115,10 +108,6 @@ table netdev {COUNTER_TABLE} {{
 PROTOS = ("tcp", "udp", "icmp", "raw", "udplite", "sctp", "dccp")
 
 
-class LabError(RuntimeError):
-    """A lab command failed; the message carries its stderr."""
-
-
 @dataclass(frozen=True)
 class Account:
     name: str
@@ -142,6 +131,22 @@ def account_name(role: str) -> str:
     return (USER_PREFIX + re.sub(r"[^a-z0-9-]", "-", role.lower()))[:32]
 
 
+def unavailable() -> str | None:
+    """Why the lab cannot run here, or None."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append(f"not root (euid {os.geteuid()})")
+    missing = [tool for tool in TOOLS if shutil.which(tool, path=COMMAND_PATH) is None]
+    if not os.access(PYTHON, os.X_OK):
+        missing.append(PYTHON)
+    if missing:
+        problems.append("missing " + ", ".join(missing))
+    return "network lab skipped: " + "; ".join(problems) if problems else None
+
+
+UNAVAILABLE = unavailable()
+
+
 def endpoint(address: str, port: int) -> str:
     """``ADDR:PORT`` as listeners.py reads it (IPv6 in brackets)."""
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
@@ -157,75 +162,6 @@ def host_listener_args() -> list[str]:
         *(arg for a, p in HOST_INBOUND for arg in ("--tcp", endpoint(a, p))),
         *(arg for a, p in HOST_INBOUND for arg in ("--udp", endpoint(a, p))),
     ]
-
-
-def command_env() -> dict[str, str]:
-    return {**os.environ, "PATH": COMMAND_PATH}
-
-
-def netns_exec(namespace: str) -> list[str]:
-    return ["ip", "netns", "exec", namespace]
-
-
-def run(
-    argv: Sequence[str], *, input: str | None = None, timeout: float = 30.0
-) -> subprocess.CompletedProcess[str]:
-    """Runs a command, raising LabError (with its stderr) if it fails."""
-    try:
-        done = subprocess.run(
-            list(argv),
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=command_env(),
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise LabError(f"{shlex.join(argv)}: no exit within {timeout} s") from exc
-    if done.returncode != 0:
-        raise LabError(
-            f"{shlex.join(argv)} exited with {done.returncode}: "
-            f"{done.stderr.strip() or done.stdout.strip() or '(no output)'}"
-        )
-    return done
-
-
-def lab_namespaces() -> list[str]:
-    listing = run(["ip", "netns", "list"]).stdout
-    names = (line.split()[0] for line in listing.splitlines() if line.strip())
-    return [name for name in names if name.startswith(LAB_PREFIX)]
-
-
-def prefixed_accounts() -> list[str]:
-    return [entry.pw_name for entry in pwd.getpwall() if entry.pw_name.startswith(USER_PREFIX)]
-
-
-def delete_namespace(namespace: str) -> None:
-    # A namespace lives on while a process is inside it, and a crashed run's
-    # listeners would keep running unseen: end them first, by pid.
-    pids = run(["ip", "netns", "pids", namespace]).stdout.split()
-    for pid in pids:
-        with suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGKILL)
-    run(["ip", "netns", "delete", namespace])
-
-
-def remove_leftovers() -> None:
-    """Deletes every ``tfwlab*`` namespace, ``tfwt-*`` account or group,
-    staged copy of the scripts and temporary directory: what a crashed run
-    left behind."""
-    for namespace in lab_namespaces():
-        delete_namespace(namespace)
-    for prefix in (SCRIPTS_PREFIX, TEMP_PREFIX):
-        for directory in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
-            shutil.rmtree(directory, ignore_errors=True)
-    for name in prefixed_accounts():
-        # --force: a killed process may still be a zombie owned by the account.
-        run(["userdel", "--force", name])
-    groups = run(["getent", "group"]).stdout.splitlines()
-    for name in (line.split(":", 1)[0] for line in groups):
-        if name.startswith(USER_PREFIX):
-            run(["groupdel", name])
 
 
 @contextmanager
@@ -321,7 +257,8 @@ class Lab:
     """
 
     roles: list[str]
-    suffix: str = field(default_factory=lambda: secrets.token_hex(3))
+    # Its owner's pid first, as names.py wants.
+    suffix: str = field(default_factory=lambda: owned_name(LAB_NS).removeprefix(f"{LAB_NS}-"))
     # Parallel work in several checkouts queues on the lock: TFWLAB_LOCK_TIMEOUT lengthens the wait.
     lock_timeout: float = field(
         default_factory=lambda: float(os.environ.get("TFWLAB_LOCK_TIMEOUT", "120"))
@@ -333,11 +270,11 @@ class Lab:
 
     @property
     def host_ns(self) -> str:
-        return f"{LAB_PREFIX}-{self.suffix}-host"
+        return f"{LAB_NS}-{self.suffix}-host"
 
     @property
     def peer_ns(self) -> str:
-        return f"{LAB_PREFIX}-{self.suffix}-peer"
+        return f"{LAB_NS}-{self.suffix}-peer"
 
     def __enter__(self) -> Lab:
         self._stack.enter_context(exclusive_lock(LOCK_PATH, self.lock_timeout))
@@ -361,7 +298,8 @@ class Lab:
 
     def _build(self) -> None:
         self._stack.callback(self._forget)
-        scripts = self._stack.enter_context(tempfile.TemporaryDirectory(prefix=SCRIPTS_PREFIX))
+        scripts_dir = tempfile.TemporaryDirectory(prefix=temp_prefix("scripts"))
+        scripts = self._stack.enter_context(scripts_dir)
         self.scripts = Path(scripts)
         stage_scripts(self.scripts)
         for namespace in (self.host_ns, self.peer_ns):

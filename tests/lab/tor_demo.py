@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.lab.conftest import LAB_ROLES, UNAVAILABLE
-from tests.lab.policies import TAILSFWCTL, lab_policy
-from tests.lab.topology import HOST_V4, Lab
+from tests.lab.names import temp_prefix
+from tests.lab.policies import LAB_ROLES, TAILSFWCTL, lab_policy
+from tests.lab.topology import HOST_V4, UNAVAILABLE, Lab
 from tests.lab.tor_network import (
     EXIT,
     RELAYS,
@@ -47,7 +47,7 @@ def tor_act(lab: Lab, apply: bool = True) -> None:
         say(f"act skipped: missing {', '.join(missing)} (Debian: tor, dnsmasq, curl)")
         return
     start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="tailsfw-tor-demo") as tmp:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("tor-demo")) as tmp:
         if apply:
             policy = lab_policy(lab, Path(tmp) / "policy.toml")
             lab.host([TAILSFWCTL, "apply", "--policy", str(policy)])

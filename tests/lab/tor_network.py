@@ -34,28 +34,24 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.lab.daemon_fixtures import netns_socket
+from tests.lab.command import COMMAND_PATH, PYTHON, LabError, command_env, netns_exec, run
+from tests.lab.names import temp_prefix
+from tests.lab.netns import netns_socket
 from tests.lab.topology import (
-    COMMAND_PATH,
     HERE,
     HOST_IF,
     HOST_V4,
     HOUSEKEEPING_ICMPV6,
     PEER_IF,
-    PYTHON,
-    TEMP_PREFIX,
     Lab,
-    LabError,
-    command_env,
-    netns_exec,
-    run,
     stop_process,
 )
+from tests.lab.wait import wait_for
 
 TOR = "tor"
 TOR_GENCERT = "tor-gencert"
@@ -434,19 +430,6 @@ def tail(path: Path, lines: int = 15) -> str:
         return f"({exc})"
 
 
-def wait_for(
-    condition: str, check: Callable[[], bool], timeout: float, why: Callable[[], str]
-) -> float:
-    """Polls ``check()`` until true; returns the seconds it took. ``why()``
-    says what went wrong when it never gets true."""
-    start_time = time.monotonic()
-    while not check():
-        if time.monotonic() - start_time > timeout:
-            raise LabError(f"{condition} not within {timeout:.0f} s: {why()}")
-        time.sleep(0.2)
-    return time.monotonic() - start_time
-
-
 # -- the network -----------------------------------------------------------------
 
 
@@ -513,7 +496,7 @@ def tor_network(lab: Lab) -> Iterator[TorNetwork]:
     """
     started = time.monotonic()
     with ExitStack() as stack:
-        base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}tor-")))
+        base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=temp_prefix("tor"))))
         base.chmod(0o755)  # the client's data directory below is the Tor user's
         add_peer_addresses(lab, stack)
         watch = Watch(lab, lab.account("debian-tor").uid)
@@ -717,7 +700,8 @@ def tor_client(network: TorNetwork, role: str = "debian-tor") -> Iterator[TorCli
     account = lab.account(role)
     # Not before there is a consensus: asked too early, the authorities
     # answer 404, and Tor backs off (once for over a minute).
-    wait_for("a first consensus", network.has_consensus, BOOTSTRAP_TIMEOUT, network.logs)
+    wait_for(network.has_consensus, BOOTSTRAP_TIMEOUT, 0.2, what="a first consensus",
+             why=network.logs)  # fmt: skip
     with ExitStack() as stack:
         datadir = Path(tempfile.mkdtemp(prefix="client-", dir=network.base))
         stack.callback(shutil.rmtree, datadir, ignore_errors=True)
@@ -732,7 +716,7 @@ def tor_client(network: TorNetwork, role: str = "debian-tor") -> Iterator[TorCli
         )
         client = TorClient(network, datadir, process)
         client.bootstrap_seconds = wait_for(
-            "Tor client bootstrap", client.ready, BOOTSTRAP_TIMEOUT, client.log
+            client.ready, BOOTSTRAP_TIMEOUT, 0.2, what="Tor client bootstrap", why=client.log
         )
         if network.bootstrap_seconds is None:
             network.bootstrap_seconds = time.monotonic() - network.started

@@ -9,7 +9,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from tests.lab.topology import PYTHON, Lab, LabError, netns_exec
+from tests.lab.command import PYTHON, LabError, netns_exec
+from tests.lab.topology import Lab
 
 # TCP and UDP to the Internet and to the LAN resolver, each attempt from a
 # fresh socket; prints "attempts connected".

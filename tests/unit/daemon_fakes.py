@@ -20,7 +20,7 @@ from tailsfw.control import Control
 from tailsfw.daemon import Daemon
 from tailsfw.enforce import Lister
 from tailsfw.events import Event, LinksChanged
-from tailsfw.netlink import Address, Link, Snapshot
+from tailsfw.links import Address, Link, Snapshot
 from tailsfw.notify import Notifier
 from tailsfw.parts import Parts, Settings
 from tailsfw.sysctl import Sysctl

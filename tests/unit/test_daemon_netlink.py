@@ -9,7 +9,8 @@ from typing import Any
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg  # type: ignore[import-untyped]
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg  # type: ignore[import-untyped]
 
-from tailsfw.netlink import IFF_UP, Link, Snapshot, State, address_of
+from tailsfw.links import Link, Snapshot
+from tailsfw.netlink import IFF_UP, State, address_of
 
 Net = ipaddress.IPv4Network
 

@@ -10,7 +10,7 @@ import pytest
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg  # type: ignore[import-untyped]
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg  # type: ignore[import-untyped]
 
-from tailsfw import netlink
+from tailsfw import netlink, nlsock
 from tailsfw.netlink import IFF_UP, State
 
 
@@ -61,10 +61,10 @@ def test_links_and_addresses_of_one_datagram() -> None:
 
 
 def test_the_end_of_a_dump_and_a_refusal() -> None:
-    done = struct.pack("=IHHIIi", 20, netlink.NLMSG_DONE, 2, 7, 0, 0)
+    done = struct.pack("=IHHIIi", 20, nlsock.NLMSG_DONE, 2, 7, 0, 0)
     assert netlink.decode(done, seq=7) == ([], True)
     assert netlink.decode(done, seq=8) == ([], False)  # another dump's end
-    refused = struct.pack("=IHHIIi", 20, netlink.NLMSG_ERROR, 0, 7, 0, -1)
+    refused = struct.pack("=IHHIIi", 20, nlsock.NLMSG_ERROR, 0, 7, 0, -1)
     with pytest.raises(netlink.NetlinkError, match="EPERM"):
         netlink.decode(refused, seq=7)
 
@@ -77,5 +77,5 @@ def test_a_truncated_message_is_an_error() -> None:
 
 def test_dump_requests() -> None:
     request = netlink.dump_request(netlink.RTM_GETADDR, 2)
-    length, kind, flags, seq, _ = netlink.HEADER.unpack_from(request)
+    length, kind, flags, seq, _ = nlsock.HEADER.unpack_from(request)
     assert (length, kind, flags, seq) == (len(request), netlink.RTM_GETADDR, 0x301, 2)

@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tailsfw import nflog
-from tailsfw.nflog import Drop, Malformed, decode, messages, sequence_gap
+from tailsfw.nflog import Drop, decode, messages, sequence_gap
+from tailsfw.nlsock import Malformed
 from tests.unit.nflog_messages import PREFIX, ipv4, ipv6, packet_message, ports
 
 NOW = 1_800_000_000.5

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab import dnsquery
-from tests.lab.topology import LabError
+from tests.lab.command import LabError
 from tests.lab.tor_network import (
     EXIT,
     RELAYS,
