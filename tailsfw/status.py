@@ -10,6 +10,10 @@ from pathlib import Path
 from .droplog import DropCounters
 from .sysctl import SysctlState
 
+# Seconds between two writes of the status file at most, even when nothing
+# changed: a reader tells a live daemon's file from a stopped or frozen one's.
+HEARTBEAT = 5.0
+
 
 @dataclass
 class RulesetCounters:
