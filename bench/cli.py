@@ -4,11 +4,14 @@ Run by bench/run.py as `ip netns exec HOST python -m bench.cli POLICY`; prints
 one JSON object of figures.  Each round runs every command once, in turn, so
 that the machine's load falls on all of them alike; figures are medians.
 `status` runs as root with no daemon (no bus, no status file): it compiles
-the policy and compares the kernel's tables with it.
+the policy and compares the kernel's tables with it.  tailsfw is byte-compiled
+first, as an installed package is (this environment may set
+PYTHONDONTWRITEBYTECODE, which would make every start compile the sources).
 """
 
 from __future__ import annotations
 
+import compileall
 import json
 import statistics
 import subprocess
@@ -43,6 +46,7 @@ def run_ms(argv: list[str], ok: tuple[int, ...]) -> float:
 
 
 def measure(policy: str, rounds: int = ROUNDS) -> dict[str, float]:
+    compileall.compile_dir(REPO / "tailsfw", quiet=1)
     runs = commands(policy)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for argv in runs.values():  # warm the page cache, and load the ruleset once

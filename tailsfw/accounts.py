@@ -16,7 +16,6 @@ source injectable (a passwd in a temp directory) and the parser pure.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import stat
@@ -25,7 +24,10 @@ from pathlib import Path
 from types import MappingProxyType
 
 from .events import AccountsChanged
-from .inotify import watch_paths
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # the source's, imported when it runs: tailsfwctl reads the file only
+    import asyncio
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,8 @@ class AccountsSource:
             self._wake.put_nowait(None)
 
     async def events(self) -> AsyncIterator[AccountsChanged]:
+        import asyncio
+
         wake = self._wake = asyncio.Queue()
         watch = asyncio.create_task(self._watch(wake), name="accounts-watch")
         last: Mapping[str, int] | None = None
@@ -146,5 +150,7 @@ class AccountsSource:
     async def _watch(self, wake: asyncio.Queue[None]) -> None:
         # The watch is set up before the read it triggers first, so no
         # change falls between the two.
+        from .inotify import watch_paths
+
         async for _ in watch_paths([self.passwd]):
             wake.put_nowait(None)

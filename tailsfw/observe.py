@@ -15,7 +15,6 @@ is a bus to ask, the compiler when there is something to compare with.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,7 +56,9 @@ def missing_socket(address: str | None) -> str:
     return path
 
 
-async def _call(address: str | None, member: str, signature: str, body: list[Any]) -> Message:
+async def _call(address: str | None, member: str) -> Message:
+    import asyncio
+
     from dbus_fast import BusType, Message, MessageType
     from dbus_fast.aio import MessageBus
 
@@ -70,7 +71,10 @@ async def _call(address: str | None, member: str, signature: str, body: list[Any
             summary.NO_DAEMON, f"tailsfwd is not on the bus: no system bus ({e.strerror})"
         ) from e
     try:
-        interface = INTERFACE if member == "Reload" else "org.freedesktop.DBus.Properties"
+        if member == "Reload":
+            interface, signature, body = INTERFACE, "", []
+        else:  # GetAll: every property of the interface
+            interface, signature, body = "org.freedesktop.DBus.Properties", "s", [INTERFACE]
         message = Message(
             destination=BUS_NAME, path=OBJECT_PATH, interface=interface,
             member=member, signature=signature, body=body,
@@ -88,13 +92,15 @@ async def _call(address: str | None, member: str, signature: str, body: list[Any
     return reply
 
 
-def call(address: str | None, member: str, signature: str, body: list[Any]) -> Message:
-    """One method call to tailsfwd; ControlError if it did not answer."""
+def call(address: str | None, member: str) -> Message:
+    """Reload or GetAll, called on tailsfwd; ControlError if it did not answer."""
     if socket := missing_socket(address):
         raise ControlError(
             summary.NO_DAEMON, f"tailsfwd is not on the bus: no system bus (no {socket})"
         )
-    return asyncio.run(_call(address, member, signature, body))
+    import asyncio
+
+    return asyncio.run(_call(address, member))
 
 
 def control_error(name: str, text: str) -> ControlError:
@@ -109,13 +115,11 @@ def control_error(name: str, text: str) -> ControlError:
 
 def reload(address: str | None = None) -> None:
     """Ask the daemon to adopt its policy again; ControlError if it did not."""
-    call(address, "Reload", "", [])
+    call(address, "Reload")
 
 
 def daemon_from_bus(address: str | None = None) -> dict[str, Any]:
-    from .service import INTERFACE
-
-    reply = call(address, "GetAll", "s", [INTERFACE])
+    reply = call(address, "GetAll")
     return {name: variant.value for name, variant in reply.body[0].items()}
 
 
@@ -127,12 +131,13 @@ def daemon(address: str | None, state_file: Path) -> tuple[dict[str, Any] | None
         return None, str(e)  # on the bus and silent: frozen or stuck, not running
     except ControlError as bus_error:
         from . import statusfile
-        from .service import properties
 
         try:
             found = statusfile.daemon_status(state_file)
         except statusfile.StatusFileError as e:
             return None, f"{bus_error}; {e}"
+        from .service import properties  # the D-Bus library: only for a file believed
+
         return properties(found), str(state_file)
 
 

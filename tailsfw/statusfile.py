@@ -5,7 +5,7 @@ A file is only what someone wrote, so it is believed only when:
   without following), owned by root and writable by nobody else, at most
   MAX_BYTES, and strict JSON with finite numbers of bounded size;
 - it is fresh: the daemon rewrites it every HEARTBEAT seconds, so a file
-  older than FRESH is from a daemon that stopped, or froze;
+  older than HEARTBEATS of them is from a daemon that stopped, or froze;
 - its pid is the daemon's, by what no other process can fake: the process
   runs as root in the tailsfwd.service cgroup (only root can put a process
   there), its executable is this interpreter (where /proc lets us read it:
@@ -24,14 +24,13 @@ import stat
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .droplog import DropCounters
-from .status import HEARTBEAT, Counters, Status
-from .sysctl import SysctlState
+if TYPE_CHECKING:  # imported once a file is worth reading: tailsfwctl starts faster
+    from .status import Status
 
 MAX_BYTES = 1024 * 1024  # a status is a few KiB
-FRESH = 3 * HEARTBEAT  # seconds: older than this, the daemon is not answering
+HEARTBEATS = 3  # a file older than this many heartbeats is not a daemon answering
 UNIT = "tailsfwd.service"
 MAX_PID = 2**22  # the kernel's PID_MAX_LIMIT
 MAX_TIME = 2.0**33  # seconds since the epoch (year 2242): beyond, not a time
@@ -98,6 +97,7 @@ def read(path: Path, owner: int = 0) -> dict[str, Any]:
     if not isinstance(found, dict):
         raise StatusFileError(f"{path} is not a JSON object")
     _check_fields(path, found)
+    _check_shapes(path, found)
     return found
 
 
@@ -115,6 +115,11 @@ def _check_fields(path: Path, data: dict[str, Any]) -> None:
         value = data.get(name, 0)
         if type(value) not in (int, float) or not 0 <= value <= MAX_TIME:
             raise StatusFileError(f"{path}: {name} {value!r} is not a time")
+
+
+def _check_shapes(path: Path, data: dict[str, Any]) -> None:
+    from .status import Status
+
     for f in dataclasses.fields(Status):
         shape = SHAPES.get(str(f.type))
         value = data.get(f.name)
@@ -129,6 +134,10 @@ def _check_fields(path: Path, data: dict[str, Any]) -> None:
 
 def status_from_json(data: dict[str, Any]) -> Status:
     """A Status from its status.json form; fields unknown to this version are left out."""
+    from .droplog import DropCounters
+    from .status import Counters, Status
+    from .sysctl import SysctlState
+
     names = {f.name for f in dataclasses.fields(Status)}
     values = {k: v for k, v in data.items() if k in names}
     values["counters"] = Counters(**data.get("counters", {}))
@@ -195,8 +204,10 @@ def daemon_status(
     """The status in `path` when a live, answering tailsfwd wrote it; else
     StatusFileError saying why not."""
     data = read(path, owner)
+    from .status import HEARTBEAT
+
     age = (time.time() if now is None else now) - data["updated"]
-    if age > FRESH:
+    if age > HEARTBEATS * HEARTBEAT:
         raise StatusFileError(
             f"{path} was last written {age:.0f} s ago (tailsfwd rewrites it every "
             f"{HEARTBEAT:g} s): tailsfwd is not answering"

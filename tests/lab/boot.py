@@ -35,6 +35,8 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 # path outside /tmp, which the unit's PrivateTmp= would hide (a checkout in
 # /tmp, as CI's may be, made the daemon fail at EXEC).
 INSTALLED = Path("/opt/tailsfw")
+
+
 def installed_unit(shipped: str, repo: Path = INSTALLED, venv: Path = INSTALLED / ".venv") -> str:
     """The shipped unit with a checkout's paths (by default as the container
     sees this one); raises if a path to substitute is not found."""

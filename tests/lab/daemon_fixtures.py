@@ -595,6 +595,8 @@ class CommitClock:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
 def remove_tailsfw_tables(namespace: str) -> None:
     """Test set-up only: the daemon itself never removes a rule."""
     for family in sorted(tailsfw_tables(namespace)):
