@@ -16,7 +16,6 @@ source injectable (a passwd in a temp directory) and the parser pure.
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 from collections.abc import AsyncIterator, Collection, Mapping
@@ -29,7 +28,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # the source's, imported when it runs: tailsfwctl reads the file only
     import asyncio
 
-log = logging.getLogger(__name__)
 
 PASSWD = Path("/etc/passwd")
 MAX_UID = 2**32 - 2  # (uid_t)-1 means "no uid"
@@ -123,6 +121,7 @@ class AccountsSource:
 
     async def events(self) -> AsyncIterator[AccountsChanged]:
         import asyncio
+        import logging
 
         wake = self._wake = asyncio.Queue()
         watch = asyncio.create_task(self._watch(wake), name="accounts-watch")
@@ -137,7 +136,7 @@ class AccountsSource:
                 except OSError as e:
                     # Keep what is in force; the next change of the file retries.
                     self.last_error = str(e)
-                    log.error("accounts: %s: keeping the last uids", e)
+                    logging.getLogger(__name__).error("accounts: %s: keeping the last uids", e)
                     continue
                 self.last_error = ""
                 if uids != last:
