@@ -13,7 +13,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -95,17 +95,22 @@ def test_another_policy_is_3(lab: Lab, policy: Path, tmp_path: Path) -> None:
 
 
 @contextmanager
-def unit_cgroup() -> Iterator[Callable[[Sequence[str]], list[str]]]:
+def unit_cgroup() -> Iterator[Callable[[int], None]]:
     """A cgroup named as systemd names tailsfwd's (…/tailsfwd.service, in
-    systemd's hierarchy or the unified one), and a wrap that starts the daemon
-    in it: only root can put a process there, which is what status trusts."""
+    systemd's hierarchy or the unified one), and a function that moves a
+    process into it: only root can, which is what status trusts.  (Moved from
+    here: `ip netns exec` gives the daemon a /sys without the cgroup mounts.)"""
     base = Path("/sys/fs/cgroup/systemd")
     base = base if base.is_dir() else Path("/sys/fs/cgroup")
     slice_ = base / f"tfwlab-{os.getpid()}.slice"
     unit = slice_ / "tailsfwd.service"
     unit.mkdir(parents=True)
+
+    def into_unit(pid: int) -> None:
+        (unit / "cgroup.procs").write_text(f"{pid}\n")
+
     try:
-        yield lambda argv: ["sh", "-c", f'echo $$ > {unit}/cgroup.procs && exec "$@"', "sh", *argv]
+        yield into_unit
     finally:
         for _ in range(50):  # the daemon was killed: its cgroup empties at once, or nearly
             try:
@@ -144,7 +149,8 @@ def test_a_frozen_daemon_is_not_on_for_a_user(lab: Lab, shared_dir: Path) -> Non
     three heartbeats, a user's status says unknown (4), never "on"."""
     policy = policies.lab_policy(lab, shared_dir / "policy.toml")
     remove_tailsfw_tables(lab.host_ns)
-    with unit_cgroup() as wrap, run_daemon(lab.host_ns, policy, shared_dir / "d", wrap=wrap) as d:
+    with unit_cgroup() as into_unit, run_daemon(lab.host_ns, policy, shared_dir / "d") as d:
+        into_unit(d.process.pid)
         d.wait_ready()
         state_file = d.state_dir / "status.json"
         code, data = status_as(lab, "amnesia", policy, state_file, NO_BUS)
@@ -170,9 +176,10 @@ def test_a_daemon_silent_on_the_bus_is_not_on(lab: Lab, shared_dir: Path) -> Non
     policy = policies.lab_policy(lab, shared_dir / "policy.toml")
     with (
         private_system_bus() as bus,
-        unit_cgroup() as wrap,
-        run_daemon(lab.host_ns, policy, shared_dir / "d", ["--bus", bus.address], wrap) as d,
+        unit_cgroup() as into_unit,
+        run_daemon(lab.host_ns, policy, shared_dir / "d", ["--bus", bus.address]) as d,
     ):
+        into_unit(d.process.pid)
         d.wait_ready()
         state_file = d.state_dir / "status.json"
         for _ in range(50):  # the service comes on the bus just after READY
@@ -235,9 +242,10 @@ def test_a_status_file_left_by_a_dead_daemon_is_not_running(
 ) -> None:
     remove_tailsfw_tables(lab.host_ns)
     with (
-        unit_cgroup() as wrap,
-        run_daemon(lab.host_ns, policy, tmp_path / "d", wrap=wrap) as daemon,
+        unit_cgroup() as into_unit,
+        run_daemon(lab.host_ns, policy, tmp_path / "d") as daemon,
     ):
+        into_unit(daemon.process.pid)
         daemon.wait_ready()
         state_file = daemon.state_dir / "status.json"
         code, data = status(lab, policy, state_file)
