@@ -59,7 +59,7 @@ from .policy import Policy, PolicyError
 from .policy import load as load_policy
 from .resolv import ResolvFiles, ResolvWatch
 from .service import keep_serving
-from .status import Counters, Status, write_status
+from .status import HEARTBEAT, Counters, Status, write_status
 from .sysctl import DEFAULT_ROOT, Sysctl
 
 log = logging.getLogger("tailsfwd")
@@ -641,6 +641,7 @@ class Daemon:
         tasks = {
             asyncio.create_task(self._loop(), name="loop"),
             asyncio.create_task(self._report_drops(), name="drops report"),
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
         }
         # The bus comes later in boot than we do, and may restart: the service
         # waits for it, and its troubles never stop the daemon.
@@ -707,6 +708,13 @@ class Daemon:
             if self._audit is not None and (now := self._audit[0].counters()) != last:
                 last = now
                 self.publish()
+
+    async def _heartbeat(self) -> None:
+        """Rewrite the status at least every HEARTBEAT: a reader of the file
+        tells a live daemon from a stopped or frozen one by its age."""
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            self.publish_soon()
 
     async def _watchdog(self, interval: float) -> None:
         while True:

@@ -155,6 +155,10 @@ def test_a_frozen_daemon_is_not_on_for_a_user(lab: Lab, shared_dir: Path) -> Non
         state_file = d.state_dir / "status.json"
         code, data = status_as(lab, "amnesia", policy, state_file, NO_BUS)
         assert (code, data["daemon"]["source"]) == (summary.OK, str(state_file)), data
+        # Nothing changes, yet a live daemon's file stays fresh (the heartbeat).
+        time.sleep(statusfile.HEARTBEATS * HEARTBEAT + 1)
+        code, data = status_as(lab, "amnesia", policy, state_file, NO_BUS)
+        assert (code, data["daemon"]["source"]) == (summary.OK, str(state_file)), data
         os.kill(d.process.pid, signal.SIGSTOP)
         frozen = time.time()
         try:
