@@ -38,17 +38,29 @@ TARGETS: dict[str, tuple[float, bool]] = {
     # Noticing leaves most of the 50 ms restore budget to the re-apply.
     "tamper_event_ms_p99": (10.0, True),
     "policy_load_10k_ms": (1000.0, True),
+    # tailsfwctl as whole processes, against the bare interpreter (bench/cli.py).
+    "cli_apply_vs_python": (3.5, True),
+    "cli_status_vs_python": (3.5, True),
+    "cli_help_vs_python": (2.0, True),
     **{f"datapath_{p.name}_vs_floor": (0.97, False) for p in datapath.PATHS if p.allowed},
 }
 
 
-def apply_figures() -> dict[str, Any]:
-    """bench/apply.py, run inside a lab host namespace."""
+def in_lab_host(module: str) -> dict[str, Any]:
+    """bench/MODULE.py, run as root inside a lab host namespace with the lab's policy."""
     with Lab(LAB_ROLES) as lab, tempfile.TemporaryDirectory(prefix=temp_prefix("bench")) as tmp:
         policy = lab_policy(lab, Path(tmp) / "policy.toml")
-        done = lab.host([VENV_PYTHON, "-m", "bench.apply", str(policy)], timeout=300)
+        done = lab.host([VENV_PYTHON, "-m", module, str(policy)], timeout=300)
         figures: dict[str, Any] = json.loads(done.stdout)
         return figures
+
+
+def apply_figures() -> dict[str, Any]:
+    return in_lab_host("bench.apply")
+
+
+def cli_figures() -> dict[str, Any]:
+    return in_lab_host("bench.cli")
 
 
 def row(key: str, value: Any) -> str:
@@ -68,6 +80,7 @@ def main() -> int:
     results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     parts: list[Callable[[], dict[str, Any]]] = [
         apply_figures,
+        cli_figures,
         policy_load.measure,
         datapath.measure,
         lambda: daemon.measure(300),

@@ -16,8 +16,6 @@ source injectable (a passwd in a temp directory) and the parser pure.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import stat
 from collections.abc import AsyncIterator, Mapping
@@ -25,9 +23,11 @@ from pathlib import Path
 from types import MappingProxyType
 
 from .events import AccountsChanged
-from .inotify import watch_paths
 
-log = logging.getLogger(__name__)
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # the source's, imported when it runs: tailsfwctl reads the file only
+    import asyncio
+
 
 PASSWD = Path("/etc/passwd")
 MAX_UID = 2**32 - 2  # (uid_t)-1 means "no uid"
@@ -111,6 +111,9 @@ class AccountsSource:
         self.last_error = ""
 
     async def events(self) -> AsyncIterator[AccountsChanged]:
+        import asyncio
+        import logging
+
         wake: asyncio.Queue[None] = asyncio.Queue()
         watch = asyncio.create_task(self._watch(wake), name="accounts-watch")
         last: Mapping[str, int] | None = None
@@ -124,7 +127,7 @@ class AccountsSource:
                 except OSError as e:
                     # Keep what is in force; the next change of the file retries.
                     self.last_error = str(e)
-                    log.error("accounts: %s: keeping the last uids", e)
+                    logging.getLogger(__name__).error("accounts: %s: keeping the last uids", e)
                     continue
                 self.last_error = ""
                 if uids != last:
@@ -136,5 +139,7 @@ class AccountsSource:
     async def _watch(self, wake: asyncio.Queue[None]) -> None:
         # The watch is set up before the read it triggers first, so no
         # change falls between the two.
+        from .inotify import watch_paths
+
         async for _ in watch_paths([self.passwd]):
             wake.put_nowait(None)

@@ -1,36 +1,54 @@
-"""tailsfwctl: what a person or a boot script runs."""
+"""tailsfwctl: what a person or a boot script runs.
+
+It starts fast: this module imports nothing of tailsfw at its top.  Each
+command is one row of COMMANDS: a line of help, a function that adds its
+arguments and one that runs it; both import what that command needs, and
+only the command in hand has its arguments added (docs/benchmarks.md says
+what each command imports; tests/unit/test_cli_imports.py keeps it so).
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-from datetime import datetime
+from collections.abc import Callable
 from pathlib import Path
 
-from . import compiler, dropquery, netlink, observe, policy, summary, users, verify
-from .facts import Facts
-from .nft import Nft, NftError
+TYPE_CHECKING = False  # as typing's, without importing typing (4 ms) for --help
+if TYPE_CHECKING:
+    from .compiler import Ruleset
 
 DEFAULT_POLICY = Path("/etc/tailsfw/policy.toml")
+DEFAULT_STATE_FILE = Path("/run/tailsfw/status.json")
 CANNOT_TELL = 2  # verify: the kernel could not be compared (1 is "it differs")
+UNCHANGED = "the ruleset in force is unchanged"
 
 
 class NeedsRoot(RuntimeError):
-    """The command changes the kernel's ruleset, which only root may do."""
+    """The command changes or reads the kernel's ruleset, which only root may do."""
 
 
-def build(policy_path: Path) -> compiler.Ruleset:
-    pol = policy.load(policy_path)
-    ruleset = compiler.compile_policy(pol, Facts(uids=users.lookup_uids(pol)))
+def warn(ruleset: Ruleset) -> None:
     for warning in ruleset.warnings:
         print(f"tailsfwctl: warning: {warning}", file=sys.stderr)
+
+
+def build(policy_path: Path) -> Ruleset:
+    """What `apply` loads: the policy with the facts of now (no daemon asked)."""
+    from .now import compile_now
+
+    ruleset = compile_now(policy_path)
+    warn(ruleset)
     return ruleset
 
 
+# -- the commands: each imports what it needs -----------------------------------
+
+
 def cmd_render(args: argparse.Namespace) -> int:
+    import subprocess
+
     ruleset = build(args.policy)
     if args.format == "json":
         print(ruleset.to_json())
@@ -55,6 +73,8 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise NeedsRoot("apply needs root")
+    from .nft import Nft
+
     ruleset = build(args.policy)
     Nft().apply(ruleset.document())
     print(f"tailsfwctl: ruleset {ruleset.digest()[:12]} in force")
@@ -62,6 +82,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from . import observe, summary
+
     seen = observe.observe(args.policy, DEFAULT_POLICY, args.bus, args.state_file)
     if args.json:
         print(json.dumps(summary.to_json(seen), indent=1, sort_keys=True))
@@ -71,12 +95,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
+    from . import observe
+
     observe.reload(args.bus)
     print("tailsfwctl: tailsfwd reloaded the policy")
     return 0
 
 
 def cmd_drops(args: argparse.Namespace) -> int:
+    import json
+    from datetime import datetime
+
+    from . import dropquery
+
     since = dropquery.parse_since(args.since, datetime.now()) if args.since else None
     drops = dropquery.DropJournal(args.directory)
     drops.since(since)
@@ -92,87 +123,153 @@ def cmd_drops(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """0: the kernel holds what the policy compiles to; 1: it differs; 2: cannot tell."""
+    """0: the kernel holds what the policy compiles to; 1: it differs; 2: cannot tell.
+
+    The policy is compiled as `status` compiles it (the facts of now, the
+    running daemon's DNS servers) and compared as `status` and the daemon
+    compare (tailsfw/verify.py): the three cannot disagree."""
     if os.geteuid() != 0:
         raise NeedsRoot("verify needs root to read the kernel's ruleset")
-    pol = policy.load(args.policy)
+    from . import observe, verify
+    from .nft import Nft
+    from .policy import PolicyError
+
+    found, _ = observe.daemon(args.bus, args.state_file)
     try:
-        lan = netlink.read_snapshot().connected if pol.lan.mode == "connected" else frozenset()
-        ruleset = compiler.compile_policy(pol, Facts(uids=users.lookup_uids(pol), connected=lan))
-        found = verify.differences(Nft().list_ruleset(), ruleset)
+        ruleset = observe.expected(args.policy, found)
+        differences = verify.differences(Nft().list_ruleset(), ruleset)
+    except PolicyError:
+        raise
     except Exception as e:  # libnftables, netlink, a listing nft wrote wrongly: one line
         return fail(CANNOT_TELL, f"cannot verify: {type(e).__name__}: {e}")
-    for warning in ruleset.warnings:
-        print(f"tailsfwctl: warning: {warning}", file=sys.stderr)
-    for line in found:
+    warn(ruleset)
+    for line in differences:
         print(line)
+    count = len(differences)
     print(
-        f"tailsfwctl: the kernel holds {'another ruleset' if found else 'the policy'}: "
-        f"{len(found)} difference{'s' * (len(found) != 1)}",
+        f"tailsfwctl: the kernel holds {'another ruleset' if differences else 'the policy'}: "
+        f"{count} difference{'s' * (count != 1)}",
         file=sys.stderr,
     )
-    return 1 if found else 0
+    return 1 if differences else 0
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tailsfwctl", description="Control the Tails network filter.")
-    sub = p.add_subparsers(dest="command", required=True)
-    render = sub.add_parser("render", help="print the ruleset that would be loaded")
-    render.add_argument("--format", choices=("json", "nft"), default="json")
-    render.set_defaults(func=cmd_render)
-    apply = sub.add_parser("apply", help="load the ruleset in one transaction")
-    apply.set_defaults(func=cmd_apply)
-    check = sub.add_parser("verify", help="compare the kernel's tables with the policy")
-    check.set_defaults(func=cmd_verify)
-    for s in (render, apply, check):
-        s.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy file")
-    status = sub.add_parser("status", help="is the policy's ruleset in force? (exit 0 if so)")
-    status.add_argument(
-        "--policy", type=Path, help="policy to compare with (default: the daemon's)"
-    )
-    status.add_argument("--json", action="store_true", help="print JSON for scripts")
-    status.add_argument(
-        "--state-file", type=Path, default=observe.DEFAULT_STATE_FILE,
+# -- the arguments: added for the command in hand only ---------------------------
+
+
+def policy_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy file")
+
+
+def render_arguments(p: argparse.ArgumentParser) -> None:
+    policy_arguments(p)
+    p.add_argument("--format", choices=("json", "nft"), default="json")
+
+
+def bus_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bus", metavar="ADDRESS", help="D-Bus address (default: system bus)")
+
+
+def daemon_arguments(p: argparse.ArgumentParser) -> None:
+    bus_arguments(p)
+    p.add_argument(
+        "--state-file", type=Path, default=DEFAULT_STATE_FILE,
         help="the daemon's status.json, read when it is not on the bus",
     )  # fmt: skip
-    status.set_defaults(func=cmd_status)
-    reload = sub.add_parser("reload", help="ask tailsfwd to adopt its policy file again")
-    reload.set_defaults(func=cmd_reload)
-    for s in (status, reload):
-        s.add_argument("--bus", metavar="ADDRESS", help="D-Bus address (default: system bus)")
-    drops = sub.add_parser("drops", help="the refused packets, from the journal")
-    drops.add_argument("--since", metavar="TIME", help=dropquery.SINCE_HELP)
-    drops.add_argument("--user", metavar="NAME", help="only this user's (name or uid)")
-    drops.add_argument("--follow", action="store_true", help="then wait for new ones")
-    drops.add_argument("--json", action="store_true", help="one JSON object a line")
-    drops.add_argument("--directory", type=Path, help="read journal files from here")
-    drops.set_defaults(func=cmd_drops)
+
+
+def verify_arguments(p: argparse.ArgumentParser) -> None:
+    policy_arguments(p)
+    daemon_arguments(p)
+
+
+def status_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", type=Path, help="policy to compare with (default: the daemon's)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    daemon_arguments(p)
+
+
+def drops_arguments(p: argparse.ArgumentParser) -> None:
+    from .dropquery import SINCE_HELP
+
+    p.add_argument("--since", metavar="TIME", help=SINCE_HELP)
+    p.add_argument("--user", metavar="NAME", help="only this user's (name or uid)")
+    p.add_argument("--follow", action="store_true", help="then wait for new ones")
+    p.add_argument("--json", action="store_true", help="one JSON object a line")
+    p.add_argument("--directory", type=Path, help="read journal files from here")
+
+
+class Command:
+    """A row of COMMANDS (a plain class: typing's are slow to import)."""
+
+    def __init__(
+        self,
+        help: str,
+        arguments: Callable[[argparse.ArgumentParser], None],
+        run: Callable[[argparse.Namespace], int],
+    ) -> None:
+        self.help, self.arguments, self.run = help, arguments, run
+
+
+COMMANDS = {
+    "render": Command("print the ruleset that would be loaded", render_arguments, cmd_render),
+    "apply": Command("load the ruleset in one transaction", policy_arguments, cmd_apply),
+    "verify": Command("compare the kernel's tables with the policy", verify_arguments, cmd_verify),
+    "status": Command(
+        "is the policy's ruleset in force? (exit 0 if so)", status_arguments, cmd_status
+    ),
+    "reload": Command("ask tailsfwd to adopt its policy file again", bus_arguments, cmd_reload),
+    "drops": Command("the refused packets, from the journal", drops_arguments, cmd_drops),
+}
+
+
+def parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser for `argv`: every command listed, the one named given its arguments."""
+    p = argparse.ArgumentParser(prog="tailsfwctl", description="Control the Tails network filter.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        s = sub.add_parser(name, help=command.help)
+        if name in argv[:1]:
+            command.arguments(s)
+        s.set_defaults(run=command.run)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Every failure is one line on stderr and an exit status of its own (tailsfwctl(8))."""
-    args = parser().parse_args(argv)
-    unchanged = "the ruleset in force is unchanged"
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser(argv).parse_args(argv)
     try:
-        return int(args.func(args))
-    except policy.PolicyError as e:
-        return fail(summary.BAD_POLICY, f"{e}; {unchanged}")
-    except NeedsRoot as e:
-        return fail(summary.NO_PERMISSION, f"{e}; {unchanged}")
-    except dropquery.QueryError as e:
-        return fail(summary.FAILED, str(e))
+        return int(args.run(args))
     except BrokenPipeError:  # `tailsfwctl drops | head`: quiet, also at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except NftError as e:
-        return fail(summary.FAILED, f"nft refused the ruleset: {e}; {unchanged}")
-    except observe.ControlError as e:
-        return fail(e.code, str(e))
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a person gets one line, never a traceback
-        return fail(summary.FAILED, f"{args.command} failed: {type(e).__name__}: {e}")
+        return fail(*failure(e, args.command))
+
+
+def failure(e: Exception, command: str) -> tuple[int, str]:
+    """The exit status and the line for an error.  An error class can only
+    have been raised if its module was imported: look only at those."""
+    from . import summary
+
+    def raised(module: str, name: str) -> bool:
+        loaded = sys.modules.get(f"tailsfw.{module}")
+        return loaded is not None and isinstance(e, getattr(loaded, name))
+
+    if raised("policy", "PolicyError"):
+        return summary.BAD_POLICY, f"{e}; {UNCHANGED}"
+    if isinstance(e, NeedsRoot):
+        return summary.NO_PERMISSION, f"{e}; {UNCHANGED}"
+    if raised("dropquery", "QueryError"):
+        return summary.FAILED, str(e)
+    if raised("nft", "NftError"):
+        return summary.FAILED, f"nft refused the ruleset: {e}; {UNCHANGED}"
+    if raised("observe", "ControlError"):
+        return e.code, str(e)  # type: ignore[attr-defined]
+    return summary.FAILED, f"{command} failed: {type(e).__name__}: {e}"
 
 
 def fail(code: int, message: str) -> int:

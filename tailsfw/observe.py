@@ -1,45 +1,33 @@
-"""What `tailsfwctl status` and `reload` look at, and the one call they make.
+"""What `tailsfwctl status`, `verify` and `reload` look at, and the one call they make.
 
-- the daemon: its properties over D-Bus; else its status.json, but only
-  when the pid in it is alive, is tailsfwd, and wrote that file (a file
-  left by a dead daemon, or older than the process now holding the pid, is
-  no daemon at all);
+- the daemon: its properties over D-Bus; else its status.json, believed
+  only as tailsfw/statusfile.py says (strict, fresh, written by the real
+  tailsfwd).  A daemon that is on the bus but does not answer is not a
+  running daemon, and its file is not read;
 - the kernel (root only): the tailsfw tables, compared with the policy's
-  ruleset and the lockdown ruleset, each loaded into a scratch network
-  namespace and listed back by the same nft;
-- the policy: compiled with the facts of now (accounts, on-link networks).
+  ruleset and the lockdown ruleset by tailsfw/verify.py (the comparison the
+  daemon and `verify` make too);
+- the policy: compiled with the facts of now (tailsfw/now.py).
+
+Each piece is imported only when it is needed: the D-Bus library when there
+is a bus to ask, the compiler when there is something to compare with.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import ipaddress
-import json
 import os
-import subprocess
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dbus_fast import BusType, ErrorType, Message, MessageType
-from dbus_fast.aio import MessageBus
+from . import summary
 
-from . import compiler, policy, summary, users
-from .droplog import DropCounters
-from .facts import Facts
-from .links import Snapshot
-from .netlink import NetlinkSource
-from .nft import Nft, NftError
-from .service import BUS_NAME, INTERFACE, OBJECT_PATH, properties
-from .status import Counters, Status
-from .sysctl import SysctlState
+if TYPE_CHECKING:
+    from dbus_fast import Message
 
-DEFAULT_STATE_FILE = Path("/run/tailsfw/status.json")
+    from .compiler import Ruleset
+
 BUS_TIMEOUT = 3.0
-# Seconds of slack between the boot-relative start time and the wall clock.
-START_SLACK = 1.0
-DAEMON_NAMES = (b"tailsfwd", b"tailsfw.tailsfwd")
+SYSTEM_BUS = "unix:path=/var/run/dbus/system_bus_socket"  # as D-Bus defines it
 
 
 class ControlError(RuntimeError):
@@ -50,10 +38,32 @@ class ControlError(RuntimeError):
         self.code = code
 
 
+class NoAnswer(ControlError):
+    """tailsfwd holds its name on the bus but did not answer in time."""
+
+
 # -- the daemon ----------------------------------------------------------------
 
 
-async def _call(address: str | None, member: str, signature: str, body: list[Any]) -> Message:
+def missing_socket(address: str | None) -> str:
+    """The socket file of a `unix:path=` bus address when it does not exist, else ""."""
+    address = address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or SYSTEM_BUS
+    kind, _, rest = address.partition(":")
+    keys = dict(pair.partition("=")[::2] for pair in rest.split(","))
+    path = keys.get("path", "")
+    if kind != "unix" or ";" in address or not path or os.path.lexists(path):
+        return ""
+    return path
+
+
+async def _call(address: str | None, member: str) -> Message:
+    import asyncio
+
+    from dbus_fast import BusType, Message, MessageType
+    from dbus_fast.aio import MessageBus
+
+    from .service import BUS_NAME, INTERFACE, OBJECT_PATH
+
     try:
         bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
     except OSError as e:
@@ -61,14 +71,19 @@ async def _call(address: str | None, member: str, signature: str, body: list[Any
             summary.NO_DAEMON, f"tailsfwd is not on the bus: no system bus ({e.strerror})"
         ) from e
     try:
-        interface = INTERFACE if member == "Reload" else "org.freedesktop.DBus.Properties"
+        if member == "Reload":
+            interface, signature, body = INTERFACE, "", []
+        else:  # GetAll: every property of the interface
+            interface, signature, body = "org.freedesktop.DBus.Properties", "s", [INTERFACE]
         message = Message(
             destination=BUS_NAME, path=OBJECT_PATH, interface=interface,
             member=member, signature=signature, body=body,
         )  # fmt: skip
         reply = await asyncio.wait_for(bus.call(message), BUS_TIMEOUT)
     except TimeoutError:
-        raise ControlError(summary.NO_DAEMON, "tailsfwd does not answer on the bus") from None
+        raise NoAnswer(
+            summary.NO_DAEMON, f"{summary.NO_ANSWER} on the bus ({BUS_TIMEOUT:g} s)"
+        ) from None
     finally:
         bus.disconnect()
     assert reply is not None
@@ -77,7 +92,20 @@ async def _call(address: str | None, member: str, signature: str, body: list[Any
     return reply
 
 
+def call(address: str | None, member: str) -> Message:
+    """Reload or GetAll, called on tailsfwd; ControlError if it did not answer."""
+    if socket := missing_socket(address):
+        raise ControlError(
+            summary.NO_DAEMON, f"tailsfwd is not on the bus: no system bus (no {socket})"
+        )
+    import asyncio
+
+    return asyncio.run(_call(address, member))
+
+
 def control_error(name: str, text: str) -> ControlError:
+    from dbus_fast import ErrorType
+
     if name in (ErrorType.SERVICE_UNKNOWN.value, ErrorType.NAME_HAS_NO_OWNER.value):
         return ControlError(summary.NO_DAEMON, "tailsfwd is not running (not on the bus)")
     if name == ErrorType.ACCESS_DENIED.value:
@@ -87,158 +115,68 @@ def control_error(name: str, text: str) -> ControlError:
 
 def reload(address: str | None = None) -> None:
     """Ask the daemon to adopt its policy again; ControlError if it did not."""
-    asyncio.run(_call(address, "Reload", "", []))
+    call(address, "Reload")
 
 
 def daemon_from_bus(address: str | None = None) -> dict[str, Any]:
-    reply = asyncio.run(_call(address, "GetAll", "s", [INTERFACE]))
+    reply = call(address, "GetAll")
     return {name: variant.value for name, variant in reply.body[0].items()}
-
-
-def status_from_json(data: dict[str, Any]) -> Status:
-    """A Status from its status.json form; fields unknown to this version are left out."""
-    names = {f.name for f in dataclasses.fields(Status)}
-    values = {k: v for k, v in data.items() if k in names}
-    values["counters"] = Counters(**data.get("counters", {}))
-    values["sysctls"] = [SysctlState(**s) for s in data.get("sysctls", [])]
-    values["interfaces"] = {int(k): v for k, v in data.get("interfaces", {}).items()}
-    values["drops"] = DropCounters(**data.get("drops", {}))
-    return Status(**values)
-
-
-def process_started(pid: int, proc: Path = Path("/proc")) -> float:
-    """When a process started, in seconds since the epoch (to the second)."""
-    fields = (proc / str(pid) / "stat").read_text().rpartition(")")[2].split()
-    ticks = int(fields[19])  # field 22, counted from after the command name
-    boot = next(
-        int(line.split()[1])
-        for line in (proc / "stat").read_text().splitlines()
-        if line.startswith("btime ")
-    )
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
-
-
-def not_running(pid: int, updated: float, path: Path, proc: Path = Path("/proc")) -> str:
-    """Why the daemon that wrote `path` is not running, or "" if it is."""
-    try:
-        argv = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
-        started = process_started(pid, proc)
-    except (OSError, ValueError, IndexError, StopIteration):
-        return f"pid {pid} of {path} has exited"
-    if not any(Path(a.decode(errors="replace")).name.encode() in DAEMON_NAMES for a in argv):
-        return f"pid {pid} of {path} is not tailsfwd"
-    if started > updated + START_SLACK:
-        return f"{path} is older than process {pid}: stale"
-    return ""
-
-
-def daemon_from_file(path: Path, proc: Path = Path("/proc")) -> tuple[dict[str, Any] | None, str]:
-    """The properties from status.json and "status.json", or None and why not."""
-    try:
-        data = json.loads(path.read_text())
-        pid, updated = int(data["pid"]), float(data["updated"])
-    except FileNotFoundError:
-        return None, f"no {path}"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return None, f"cannot read {path}: {e}"
-    why = not_running(pid, updated, path, proc)
-    if why:
-        return None, why
-    try:
-        return properties(status_from_json(data)), f"{path}"
-    except (TypeError, ValueError, AttributeError) as e:
-        return None, f"{path} is not a status file of this version: {e}"
 
 
 def daemon(address: str | None, state_file: Path) -> tuple[dict[str, Any] | None, str]:
     """The running daemon's properties and where they came from, or None and why."""
     try:
         return daemon_from_bus(address), "D-Bus"
+    except NoAnswer as e:
+        return None, str(e)  # on the bus and silent: frozen or stuck, not running
     except ControlError as bus_error:
-        found, source = daemon_from_file(state_file)
-        return found, source if found is not None else f"{bus_error}; {source}"
+        from . import statusfile
+
+        try:
+            found = statusfile.daemon_status(state_file)
+        except statusfile.StatusFileError as e:
+            return None, f"{bus_error}; {e}"
+        from .service import properties  # the D-Bus library: only for a file believed
+
+        return properties(found), str(state_file)
 
 
 # -- the policy and the kernel -------------------------------------------------
 
 
-def connected_now() -> frozenset[ipaddress.IPv4Network]:
-    async def first() -> Snapshot:
-        snapshots = NetlinkSource().snapshots()
-        try:
-            return await anext(snapshots)
-        finally:
-            await snapshots.aclose()  # type: ignore[attr-defined]
+def expected(path: Path, found: dict[str, Any] | None) -> Ruleset:
+    """The policy's ruleset with the facts of now, and the running daemon's
+    DNS servers; PolicyError if the policy is broken."""
+    from .now import compile_now
 
-    return asyncio.run(first()).connected
+    return compile_now(path, found["ClearnetDns"] if found else ())
 
 
-def compile_now(path: Path, dns: list[str]) -> compiler.Ruleset:
-    """The policy's ruleset with the facts of now; PolicyError if it is broken."""
-    pol = policy.load(path)
-    connected = connected_now() if pol.lan.mode == "connected" else frozenset()
-    facts = Facts(
-        uids=users.lookup_uids(pol),
-        connected=connected,
-        dns=tuple(ipaddress.IPv4Address(a) for a in dns),
-    )
-    return compiler.compile_policy(pol, facts)
-
-
-def ours(listing: list[dict[str, Any]]) -> list[Any]:
-    """The tailsfw tables of a listing, without what changes as it runs (handles, counts)."""
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {
-                k: 0 if k in ("packets", "bytes") else clean(v)
-                for k, v in value.items()
-                if k != "handle"
-            }
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return value
-
-    kept = []
-    for obj in listing:
-        body = next(iter(obj.values()))
-        if isinstance(body, dict) and compiler.TABLE in (body.get("table"), body.get("name")):
-            kept.append(clean(obj))
-    return kept
-
-
-def scratch_listing(ruleset: compiler.Ruleset) -> list[Any]:
-    """The listing nft gives back for `ruleset`, loaded in a throw-away network namespace."""
-    done = subprocess.run(
-        ["unshare", "--map-root-user", "--net", "sh", "-c", "nft -j -f - && nft -j list ruleset"],
-        input=ruleset.to_json(), capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise NftError(f"cannot load the ruleset in a scratch namespace: {done.stderr.strip()}")
-    return ours(json.loads(done.stdout)["nftables"])
-
-
-def kernel(expected: compiler.Ruleset | None) -> tuple[summary.Kernel | None, str]:
+def kernel(wanted: Ruleset | None) -> tuple[summary.Kernel | None, str]:
     """The kernel's tailsfw tables and whose ruleset they are (root only)."""
     if os.geteuid() != 0:
         return None, "only root can read the kernel's tables"
+    from . import compiler, verify
+    from .nft import Nft, NftError
+
     try:
-        held = ours(Nft().list_ruleset())
-        families = tuple(sorted({o["table"]["family"] for o in held if "table" in o}))
-        how = "the kernel's tables compared with the ruleset listed back from a scratch namespace"
-        if not families:
-            return summary.Kernel((), summary.NONE), how
-        candidates: list[tuple[str, Callable[[], compiler.Ruleset]]] = [
-            (summary.LOCKDOWN, compiler.lockdown)
-        ]
-        if expected is not None:
-            candidates.insert(0, (summary.POLICY, lambda: expected))
-        for holds, ruleset in candidates:
-            if held == scratch_listing(ruleset()):
-                return summary.Kernel(families, holds), how
-        return summary.Kernel(families, summary.OTHER), how
+        listing = Nft().list_ruleset()
     except NftError as e:
         return None, str(e)
+    held = verify.canonical(listing)
+    families = tuple(sorted({f for kind, f, _ in held.objects if kind == "table"}))
+    how = "the kernel's tables compared with the ruleset, as verify compares them"
+    if not held.objects and not held.foreign:
+        return summary.Kernel((), summary.NONE), how
+    found: list[str] = []
+    for holds, ruleset in ((summary.POLICY, wanted), (summary.LOCKDOWN, compiler.lockdown())):
+        if ruleset is None:
+            continue
+        differences = verify.differences(listing, ruleset)
+        if not differences:
+            return summary.Kernel(families, holds), how
+        found = found or differences
+    return summary.Kernel(families, summary.OTHER, tuple(found)), how
 
 
 def observe(
@@ -247,16 +185,19 @@ def observe(
     """Without --policy, the policy the daemon runs (or the default one) is compared."""
     found, source = daemon(address, state_file)
     path = policy_path or (Path(found["PolicyPath"]) if found else default_policy)
-    expected: compiler.Ruleset | None = None
+    wanted: Ruleset | None = None
     error = ""
-    try:
-        expected = compile_now(path, found["ClearnetDns"] if found else [])
-    except policy.PolicyError as e:
-        error = str(e)
-    held, note = kernel(expected)
+    if found is not None or os.geteuid() == 0:  # else nothing to compare it with
+        from . import policy
+
+        try:
+            wanted = expected(path, found)
+        except policy.PolicyError as e:
+            error = str(e)
+    held, note = kernel(wanted)
     return summary.Observation(
         policy_path=str(path),
-        expected=expected.digest() if expected else "",
+        expected=wanted.digest() if wanted else "",
         policy_error=error,
         daemon=found,
         daemon_source=source,

@@ -29,6 +29,7 @@ class Kernel:
 
     families: tuple[str, ...]
     holds: str  # NONE | POLICY | LOCKDOWN | OTHER
+    differences: tuple[str, ...] = ()  # OTHER: how it differs from the policy's
 
 
 @dataclass(frozen=True)
@@ -58,14 +59,28 @@ def verdict(obs: Observation) -> tuple[int, str]:
         return OK, "on: the policy's ruleset is in force"
     daemon = obs.daemon
     if daemon is None:
-        return NO_PERMISSION, "unknown: tailsfwd is not running and only root can read the kernel"
-    if daemon["State"] == "lockdown":
+        why = "does not answer" if obs.daemon_source.startswith(NO_ANSWER) else "is not running"
+        return NO_PERMISSION, f"unknown: tailsfwd {why} and only root can read the kernel"
+    state = daemon["State"]
+    if state == "lockdown":
         return NOT_IN_FORCE, "lockdown: only loopback traffic passes"
+    if state != "enforcing":  # whatever digest it reports, it says it does not enforce it
+        return NOT_IN_FORCE, f"not in force: tailsfwd reports {STATES.get(state, state or '?')}"
     if obs.policy_error:
         return BAD_POLICY, "unknown: the policy cannot be compiled to compare"
-    if daemon["State"] != "enforcing" or daemon["RulesetDigest"] != obs.expected:
+    if daemon["RulesetDigest"] != obs.expected:
         return NOT_IN_FORCE, "not the policy: tailsfwd reports another ruleset"
     return OK, "on: the policy's ruleset is in force"
+
+
+# What a daemon's state other than enforcing means, for the status line.
+STATES = {
+    "starting": "it is starting (no ruleset of the policy loaded yet)",
+    "tampered": "the kernel's tables differ from its ruleset (tampered)",
+    "failed": "it failed (see its error)",
+}
+NO_ANSWER = "tailsfwd does not answer"  # how observe.py names a daemon silent on the bus
+SHOWN_DIFFERENCES = 5
 
 
 def when(usec: int) -> str:
@@ -105,6 +120,7 @@ def render(obs: Observation, color: bool = False) -> str:
         rows.append(("State", d["State"] + (f" ({d['StatusLine']})" if d["StatusLine"] else "")))
     rows.append(("Policy", obs.policy_path + (f": {obs.policy_error}" if obs.policy_error else "")))
     rows.append(("Ruleset", ruleset_line(obs)))
+    rows.extend(difference_rows(obs.kernel.differences if obs.kernel else ()))
     if d is not None:
         if d["LastApply"]:
             cause = f" ({d['LastApplyCause']})" if d["LastApplyCause"] else ""
@@ -132,9 +148,13 @@ def ruleset_line(obs: Observation) -> str:
     if k is None and d is None:
         return f"unknown: tailsfwd is not running and {obs.kernel_note}"
     if k is None:
-        compared = (
-            "matches the policy" if d and digest == obs.expected else "does not match the policy"
-        )
+        assert d is not None
+        if d["State"] != "enforcing":
+            compared = f"not in force: tailsfwd reports {d['State'] or '?'}"
+        elif digest == obs.expected:
+            compared = "matches the policy"
+        else:
+            compared = "does not match the policy"
         return f"{shown}, {compared} (as tailsfwd reports; {obs.kernel_note})"
     if k.holds == NONE:
         return "no tailsfw tables in the kernel"
@@ -145,6 +165,13 @@ def ruleset_line(obs: Observation) -> str:
         OTHER: "not what the policy compiles to",
     }[k.holds]
     return f"{shown}; kernel: {tables}: {what} ({obs.kernel_note})"
+
+
+def difference_rows(found: tuple[str, ...]) -> list[tuple[str, str]]:
+    rows = [("Differs", line) for line in found[:SHOWN_DIFFERENCES]]
+    if len(found) > SHOWN_DIFFERENCES:
+        rows.append(("", f"... {len(found) - SHOWN_DIFFERENCES} more (tailsfwctl verify)"))
+    return rows
 
 
 def dns_rows(d: dict[str, Any]) -> list[tuple[str, str]]:
@@ -187,6 +214,7 @@ def to_json(obs: Observation) -> dict[str, Any]:
                    "properties": obs.daemon},
         "kernel": None if obs.kernel is None else {
             "tables": list(obs.kernel.families), "holds": obs.kernel.holds,
+            "differences": list(obs.kernel.differences),
         },
         "kernel_note": obs.kernel_note,
     }  # fmt: skip

@@ -16,13 +16,16 @@ kernel adds or rewrites and does not change what a rule does:
 - a protocol number where the kernel lists its name (`meta l4proto 6` is
   listed as `tcp`, and so are the keys of `inet_proto` maps).
 
-Only the families the compiler writes (`ip`, `ip6`) are compared: a table
-named `tailsfw` in another family is not ours to judge.
+Only the families the compiler writes (`ip`, `ip6`) are compared rule by
+rule.  Anything else named `tailsfw` (a table in another family, a chain,
+set or map of that name in another table) is named as a difference: the
+policy has none, and a person reading "tailsfw" must not be misled.  The
+daemon, `tailsfwctl status` and `tailsfwctl verify` all judge the kernel
+with this one comparison.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
@@ -52,17 +55,20 @@ class Tables:
     """The tailsfw tables in canonical form.
 
     `objects`: (kind, family, name) -> the object without its identity;
-    `rules`: (family, chain) -> the chain's rules, in order.
+    `rules`: (family, chain) -> the chain's rules, in order;
+    `foreign`: what else is named tailsfw ("table inet tailsfw"), sorted.
     """
 
     objects: dict[tuple[str, str, str], Json]
     rules: dict[tuple[str, str], list[Json]]
+    foreign: tuple[str, ...] = ()
 
     def key(self) -> str:
         """One string for the whole: equal tables, equal strings."""
         objects = sorted((list(k), v) for k, v in self.objects.items())
         rules = sorted((list(k), v) for k, v in self.rules.items())
-        return json.dumps([objects, rules], sort_keys=True, separators=(",", ":"))
+        whole = [objects, rules, list(self.foreign)]
+        return json.dumps(whole, sort_keys=True, separators=(",", ":"))
 
     def digest(self) -> str:
         return hashlib.sha256(self.key().encode()).hexdigest()
@@ -72,6 +78,7 @@ def canonical(objects: Iterable[Json]) -> Tables:
     """The tailsfw tables among `objects` (a listing, or a compiled ruleset's)."""
     found: dict[tuple[str, str, str], Json] = {}
     rules: dict[tuple[str, str], list[Json]] = {}
+    foreign: set[str] = set()
     for obj in objects:
         if not isinstance(obj, dict) or len(obj) != 1:
             continue
@@ -81,6 +88,10 @@ def canonical(objects: Iterable[Json]) -> Tables:
         family = _name(body.get("family"))
         table = body.get("name") if kind == "table" else body.get("table")
         if family not in OUR_FAMILIES or table != TABLE:
+            if table == TABLE:  # another family's tailsfw table, or what is in it
+                foreign.add(f"table {family} {TABLE}")
+            elif kind != "table" and body.get("name") == TABLE:
+                foreign.add(f"{kind} {family} {_name(table)} {TABLE}")
             continue
         if kind == "rule":
             expr = body.get("expr", [])
@@ -102,7 +113,7 @@ def canonical(objects: Iterable[Json]) -> Tables:
     for kind, family, name in found:
         if kind == "chain":
             rules.setdefault((family, name), [])
-    return Tables(found, rules)
+    return Tables(found, rules, tuple(sorted(foreign)))
 
 
 def _name(value: Any) -> str:
@@ -223,7 +234,7 @@ def matches(listing: Iterable[Json], ruleset: Ruleset) -> bool:
 def differences(listing: Iterable[Json], ruleset: Ruleset) -> list[str]:
     """What differs between the kernel and the ruleset, readably; [] when equal."""
     kernel, wanted = canonical(listing), canonical(ruleset.objects)
-    found: list[str] = []
+    found = [f"{label}: in the kernel, not in the policy" for label in kernel.foreign]
     order = {kind: i for i, kind in enumerate(KINDS)}
     keys = sorted(kernel.objects.keys() | wanted.objects.keys(), key=lambda k: (order[k[0]], k))
     # A table on one side only is one difference, not one per object in it.
@@ -289,6 +300,10 @@ def _elements(has: list[Any], wants: list[Any]) -> tuple[str, str]:
 
 def _rule_differences(chain: str, has: list[Json], wants: list[Json]) -> list[str]:
     """Rules inserted, removed or changed, by their position (1 = first)."""
+    if has == wants:
+        return []
+    import difflib  # only when tables differ: tailsfwctl status starts faster
+
     a = [json.dumps(r, sort_keys=True) for r in has]
     b = [json.dumps(r, sort_keys=True) for r in wants]
     found = []

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tailsfw import observe, summary
+from tailsfw import summary, verify
 from tests.lab.boot import INSTALLED, Container, booted, installed_units
 
 TARGET = "tfwboot.target"
@@ -108,7 +108,7 @@ def test_the_full_ruleset_is_in_force_when_network_pre_is_reached(container: Con
     at_network_pre = json.loads(container.run("cat", PROBE_FILE).stdout)["nftables"]
     assert "lockdown" not in json.dumps(at_network_pre)
     # The very ruleset in force now, which status finds to be the policy's.
-    assert observe.ours(at_network_pre) == observe.ours(container.ruleset())
+    assert verify.canonical(at_network_pre) == verify.canonical(container.ruleset())
     code, data = tailsfwctl_status(container)
     assert code == summary.OK, data
     assert data["daemon"]["running"] is True

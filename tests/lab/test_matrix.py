@@ -275,4 +275,3 @@ def test_the_ruleset_loads_without_etc_protocols_and_services(tmp_path: Path) ->
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "meta l4proto 58" in done.stdout and "table ip6 tailsfw" in done.stdout
-

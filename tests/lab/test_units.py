@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tailsfw import compiler, observe
+from tailsfw import compiler, verify
 from tests.lab.boot import VENV, installed_units, write_units
 from tests.lab.command import REPO
 
@@ -42,8 +42,7 @@ def in_scratch_namespace(script: str, stdin: str = "") -> subprocess.CompletedPr
 def test_fail_closed_loads_the_compilers_lockdown_where_no_table_is() -> None:
     done = in_scratch_namespace(f"{FAIL_CLOSED} && nft -j list ruleset")
     assert done.returncode == 0, done.stderr
-    loaded = observe.ours(json.loads(done.stdout)["nftables"])
-    assert loaded == observe.scratch_listing(compiler.lockdown())
+    assert verify.differences(json.loads(done.stdout)["nftables"], compiler.lockdown()) == []
 
 
 def test_fail_closed_leaves_a_ruleset_in_force_untouched() -> None:

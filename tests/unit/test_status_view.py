@@ -6,13 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tailsfw import cli, observe, service, summary
+from tailsfw import cli, service, summary
 from tailsfw.droplog import DropCounters
 from tailsfw.status import Counters, Status
 from tailsfw.sysctl import SysctlState
@@ -82,9 +81,6 @@ def test_properties_from_a_status_and_the_drop_counters_to_come() -> None:
     assert later["ClearnetDns"] == ["192.168.77.1"]
     assert later["DnsRefused"] == ["fe80::1: not IPv4"]
     assert later["DropsByReason"] == {"lan": 7}
-    assert today["Failing"] == {}
-    failing = dataclasses.replace(FULL, failing={"files": "OSError: read-only"})
-    assert service.properties(failing)["Failing"] == {"files": "OSError: read-only"}
 
 
 @pytest.mark.parametrize(
@@ -107,6 +103,38 @@ def test_verdict(
         daemon = service.properties(dataclasses.replace(STATUS, state=daemon_state))
     got, answer = summary.verdict(seen(daemon, kernel))
     assert (got, answer[: len(first)]) == (code, first)
+
+
+@pytest.mark.parametrize("state", ["starting", "tampered", "lockdown", "failed", "", "other"])
+def test_a_daemon_that_does_not_enforce_is_never_on_even_with_the_policys_digest(
+    state: str,
+) -> None:
+    reported = dataclasses.replace(STATUS, state=state, last_error="")
+    daemon = service.properties(reported)
+    assert daemon["RulesetDigest"] == DIGEST  # the policy's: only the state says no
+    code, answer = summary.verdict(seen(daemon))
+    assert code == summary.NOT_IN_FORCE
+    text = summary.render(seen(daemon))
+    assert "in force" not in reported.line()
+    assert "in force" not in text.splitlines()[0] or "not in force" in text.splitlines()[0]
+    assert "matches the policy" not in text
+    assert text.splitlines()[0] == f"● tailsfw: {answer}"
+
+
+def test_a_daemon_that_does_not_answer_is_named_in_the_verdict() -> None:
+    silent = dataclasses.replace(seen(), daemon_source="tailsfwd does not answer on the bus (3 s)")
+    assert summary.verdict(silent) == (
+        summary.NO_PERMISSION,
+        "unknown: tailsfwd does not answer and only root can read the kernel",
+    )
+
+
+def test_the_kernels_differences_are_shown() -> None:
+    other = summary.Kernel(("inet", "ip", "ip6"), summary.OTHER,
+                           tuple(f"difference {i}" for i in range(7)))  # fmt: skip
+    text = summary.render(seen(None, other))
+    assert "  Differs: difference 0\n" in text and "difference 4\n" in text
+    assert "difference 5" not in text and "... 2 more (tailsfwctl verify)" in text
 
 
 def test_a_daemon_with_another_digest_is_not_in_force() -> None:
@@ -147,59 +175,11 @@ def test_render_without_daemon_says_so() -> None:
 def test_json_for_scripts() -> None:
     data = summary.to_json(seen(None, IN_FORCE))
     assert json.loads(json.dumps(data))["in_force"] is True
-    assert data["kernel"] == {"tables": ["ip", "ip6"], "holds": "policy"}
+    assert data["kernel"] == {"tables": ["ip", "ip6"], "holds": "policy", "differences": []}
 
 
 def test_ago() -> None:
     assert [summary.ago(s) for s in (5, 65, 3725, 90000)] == ["5s", "1min 5s", "1h 2min", "1d 1h"]
-
-
-def write_status(path: Path, pid: int, updated: float) -> Path:
-    data = json.loads(json.dumps(dataclasses.asdict(STATUS)))
-    data.update(pid=pid, updated=updated)
-    path.write_text(json.dumps(data))
-    return path
-
-
-def fake_proc(root: Path, pid: int, argv: list[str], started_ticks: int, boot: int) -> Path:
-    (root / str(pid)).mkdir(parents=True)
-    (root / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
-    fields = ["S"] + ["0"] * 18 + [str(started_ticks)] + ["0"] * 10
-    (root / str(pid) / "stat").write_text(f"{pid} (python3) " + " ".join(fields))
-    (root / "stat").write_text(f"cpu 0 0\nbtime {boot}\n")
-    return root
-
-
-def test_status_json_of_a_live_daemon_is_read(tmp_path: Path) -> None:
-    ticks = os.sysconf("SC_CLK_TCK")
-    boot = int(time.time()) - 1000
-    proc = fake_proc(tmp_path / "proc", 77, ["/usr/bin/python3", "/usr/bin/tailsfwd"], ticks, boot)
-    path = write_status(tmp_path / "status.json", 77, boot + 500)
-    found, source = observe.daemon_from_file(path, proc)
-    assert found is not None and found["RulesetDigest"] == DIGEST
-    assert source == str(path)
-
-
-@pytest.mark.parametrize(
-    ("argv", "started", "why"),
-    [
-        (None, 1, "has exited"),
-        (["/usr/bin/sleep", "100"], 1, "is not tailsfwd"),
-        (["python3", "-m", "tailsfw.tailsfwd"], 900, "stale"),  # started after the file
-    ],
-)
-def test_status_json_of_no_live_daemon_is_not_running(
-    tmp_path: Path, argv: list[str] | None, started: int, why: str
-) -> None:
-    boot = int(time.time()) - 1000
-    proc = tmp_path / "proc"
-    proc.mkdir()
-    if argv is not None:
-        fake_proc(proc, 77, argv, started * os.sysconf("SC_CLK_TCK"), boot)
-    path = write_status(tmp_path / "status.json", 77, boot + 500)
-    found, source = observe.daemon_from_file(path, proc)
-    assert found is None
-    assert why in source
 
 
 def test_apply_as_another_user_says_it_needs_root(

@@ -41,9 +41,9 @@ def as_listed(ruleset: compiler.Ruleset) -> list[Json]:
         if kind == "rule":
             body["expr"] = _listed_expr(body["expr"], body["family"])
         listing.append({kind: body})
-    # Another family's table, and another table, are not ours to judge.
-    listing.append({"table": {"family": "inet", "name": "tailsfw", "handle": 99}})
-    listing.append({"chain": {"family": "ip", "table": "other", "name": "c", "handle": 98}})
+    # Another table, with a chain of another name, is not ours to judge.
+    listing.append({"table": {"family": "inet", "name": "other", "handle": 99}})
+    listing.append({"chain": {"family": "inet", "table": "other", "name": "c", "handle": 98}})
     return listing
 
 
@@ -172,6 +172,55 @@ def test_set_elements_added_and_removed_are_named() -> None:
         "set ip tailsfw lan: elements missing from the kernel: 10.1.0.0/16",
         "map ip tailsfw local_any: elements not in the policy: tcp . 2001 : accept",
     ]
+
+
+def test_an_element_added_to_a_verdict_map_of_many_is_a_difference() -> None:
+    """One more uid in lan_refused's skuid vmap would grant it clearnet's rights."""
+    ruleset = compiled()
+    listing = as_listed(ruleset)
+    rule = next(r for r in rules_of(listing, "ip", "lan_refused") if "vmap" in r["expr"][0])
+    position = rules_of(listing, "ip", "lan_refused").index(rule) + 1
+    rule["expr"] = copy.deepcopy(rule["expr"])  # the output chain's rule shares the vmap
+    data = rule["expr"][0]["vmap"]["data"]
+    assert len(data["set"]) > 1
+    data["set"].append([65000, {"jump": {"target": "direct_clearnet"}}])  # sorts last
+    (found,) = verify.differences(listing, ruleset)
+    assert found.startswith(f"chain ip tailsfw lan_refused: rule {position} is `meta skuid vmap {{")
+    assert "65000 : jump direct_clearnet" in found
+    assert verify.kernel_digest(listing) != verify.expected_digest(ruleset)
+    data["set"].pop()
+    data["set"][-1] = [65001, data["set"][-1][1]]  # the last of many changed
+    assert len(verify.differences(listing, ruleset)) == 1
+
+
+def test_counters_are_ignored_whatever_they_counted() -> None:
+    ruleset = compiled()
+    listing = as_listed(ruleset)
+    for rule in (o["rule"] for o in listing if "rule" in o):
+        for statement in rule["expr"]:
+            if "counter" in statement:
+                statement["counter"] = {"packets": 99999, "bytes": 123456789}
+    assert verify.differences(listing, ruleset) == []
+    assert verify.kernel_digest(listing) == verify.expected_digest(ruleset)
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"table": {"family": "inet", "name": "tailsfw"}}, "table inet tailsfw"),
+        ({"table": {"family": "bridge", "name": "tailsfw"}}, "table bridge tailsfw"),
+        ({"chain": {"family": "inet", "table": "filter", "name": "tailsfw"}},
+         "chain inet filter tailsfw"),
+        ({"set": {"family": "ip", "table": "nat", "name": "tailsfw", "type": "ipv4_addr"}},
+         "set ip nat tailsfw"),
+    ],
+)  # fmt: skip
+def test_anything_else_named_tailsfw_is_a_difference(extra: Json, named: str) -> None:
+    ruleset = compiled()
+    listing = [*as_listed(ruleset), extra]
+    assert verify.differences(listing, ruleset) == [f"{named}: in the kernel, not in the policy"]
+    assert not verify.matches(listing, ruleset)
+    assert verify.kernel_digest(listing) != verify.expected_digest(ruleset)
 
 
 def test_a_missing_table_is_one_difference() -> None:
