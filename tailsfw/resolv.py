@@ -30,13 +30,10 @@ import stat
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .events import FileChanged
 from .inotify import watch_paths
-
-if TYPE_CHECKING:  # desired.py renders with this module's functions
-    from .desired import Desired
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +204,14 @@ class ResolvTexts:
     refused: str = ""
 
 
+class WithFiles(Protocol):
+    """What the files effect reads of tailsfw.desired.Desired (named
+    structurally: desired.py imports this module to render the texts)."""
+
+    @property
+    def files(self) -> ResolvTexts: ...
+
+
 def resolv_texts(servers: Sequence[ipaddress.IPv4Address] | None) -> ResolvTexts:
     """The files' text for NetworkManager's servers (None: not known yet)."""
     if servers is None:
@@ -233,7 +238,7 @@ class ResolvFiles:
         self.rewritten = 0  # files written because they differed
         self._done: ResolvTexts | None = None  # what the disk held at the last converge
 
-    def converge(self, desired: Desired) -> bool:
+    def converge(self, desired: WithFiles) -> bool:
         """`rewrite` if needed; True if a file was rewritten."""
         texts = desired.files
         if texts == self._done:
