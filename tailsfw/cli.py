@@ -10,7 +10,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from . import compiler, dropquery, netlink, observe, policy, summary, users, verify
+from . import compiler, dropquery, netlink, observe, policy, provecli, summary, users, verify
 from .facts import Facts
 from .nft import Nft, NftError
 
@@ -147,6 +147,7 @@ def parser() -> argparse.ArgumentParser:
     drops.add_argument("--json", action="store_true", help="one JSON object a line")
     drops.add_argument("--directory", type=Path, help="read journal files from here")
     drops.set_defaults(func=cmd_drops)
+    provecli.add_commands(sub)  # explain, prove
     return p
 
 
