@@ -23,8 +23,20 @@ from typing import Any
 
 Json = dict[str, Any]
 # Protocol names nft may list instead of numbers.
-PROTOCOLS = {"icmp": 1, "igmp": 2, "tcp": 6, "udp": 17, "dccp": 33, "gre": 47, "esp": 50,
-             "ah": 51, "icmpv6": 58, "ipv6-icmp": 58, "sctp": 132, "udplite": 136}  # fmt: skip
+PROTOCOLS = {
+    "icmp": 1,
+    "igmp": 2,
+    "tcp": 6,
+    "udp": 17,
+    "dccp": 33,
+    "gre": 47,
+    "esp": 50,
+    "ah": 51,
+    "icmpv6": 58,
+    "ipv6-icmp": 58,
+    "sctp": 132,
+    "udplite": 136,
+}
 NAMES = {1: "icmp", 6: "tcp", 17: "udp", 33: "dccp", 58: "icmpv6", 132: "sctp", 136: "udplite"}
 TCP, UDP, ICMPV6 = 6, 17, 58
 # Protocol numbers never used as a representative: the kernel reads them as
@@ -89,8 +101,13 @@ def _field(left: Any, family: str) -> str | None:
         return None
     if "meta" in left:
         key = left["meta"]["key"]
-        return {"skuid": "uid", "l4proto": "proto", "oif": "oif", "oifname": "oif",
-                "nfproto": None}.get(key)  # fmt: skip
+        return {
+            "skuid": "uid",
+            "l4proto": "proto",
+            "oif": "oif",
+            "oifname": "oif",
+            "nfproto": None,
+        }.get(key)
     if "payload" in left:
         payload = left["payload"]
         name = payload.get("field")
@@ -277,16 +294,25 @@ def derive(objects: Iterable[Json]) -> list[Packet]:
     return found
 
 
-def _product(oifs: list[str], saddrs: list[str | None], protos: list[int]) -> Iterator[
-        tuple[str, str | None, int]]:  # fmt: skip
+def _product(
+    oifs: list[str], saddrs: list[str | None], protos: list[int]
+) -> Iterator[tuple[str, str | None, int]]:
     for oif in oifs:
         for saddr in saddrs:
             for proto in protos:
                 yield oif, saddr, proto
 
 
-def _with_ports(family: str, uid: int, daddr: str, oif: str, saddr: str | None, proto: int,
-                ports: list[int], syn: bool) -> list[Packet]:  # fmt: skip
+def _with_ports(
+    family: str,
+    uid: int,
+    daddr: str,
+    oif: str,
+    saddr: str | None,
+    proto: int,
+    ports: list[int],
+    syn: bool,
+) -> list[Packet]:
     if family == "ipv6" and proto == ICMPV6:
         dports: list[int | None] = [None]  # the kernel writes ICMPv6's checksum there
     else:

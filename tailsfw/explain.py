@@ -86,13 +86,21 @@ def rules_of(listing: Iterable[Json], text: str) -> dict[tuple[str, int], Rule]:
         kinds = {next(iter(e)) for e in r["expr"] if isinstance(e, dict)}
         redirect = next((e["redirect"].get("port") for e in r["expr"] if "redirect" in e), None)
         key = (r["family"], int(r["handle"]))
-        rules[key] = Rule(r["family"], r["chain"], words.get(key, ""), r.get("comment", ""),
-                          "reject" in kinds, "log" in kinds, redirect)  # fmt: skip
+        rules[key] = Rule(
+            r["family"],
+            r["chain"],
+            words.get(key, ""),
+            r.get("comment", ""),
+            "reject" in kinds,
+            "log" in kinds,
+            redirect,
+        )
     return rules
 
 
-def _hook_verdict(steps: Iterable[scratch.Step], rules: dict[tuple[str, int], Rule]) -> tuple[
-        str, scratch.Step | None]:  # fmt: skip
+def _hook_verdict(
+    steps: Iterable[scratch.Step], rules: dict[tuple[str, int], Rule]
+) -> tuple[str, scratch.Step | None]:
     """A hook's verdict: dropped by any chain, or accepted by all."""
     final: scratch.Step | None = None
     for step in steps:
@@ -135,7 +143,10 @@ def kernel_verdict(outcome: scratch.Outcome, rules: dict[tuple[str, int], Rule])
 def agrees(seen: Seen, decision: oracle.Decision) -> bool:
     """Does the kernel do what the specification says?"""
     same = (seen.verdict, seen.redirect, seen.logged) == (
-        decision.verdict, decision.redirect, decision.logged)  # fmt: skip
+        decision.verdict,
+        decision.redirect,
+        decision.logged,
+    )
     # Back in on lo: compared when the kernel brought the packet back.
     return same and (seen.inbound is None or seen.inbound == (decision.inbound or "dropped"))
 
@@ -162,7 +173,7 @@ def detail(packet: Packet, seen: Seen, decision: oracle.Decision | None) -> list
         lines += [
             f"spec:      {verdict_text(decision.verdict, decision.redirect, decision.inbound)}"
             f" by {decision.rule}",
-            f"           \"{decision.sentence}\"",
+            f'           "{decision.sentence}"',
         ]
     return lines
 
@@ -187,8 +198,12 @@ def ruleset_in_force(netns: str | None) -> Json:
         return as_document(Nft().list_ruleset())
     import json
 
-    done = subprocess.run(["ip", "netns", "exec", netns, "nft", "-j", "list", "ruleset"],
-                          capture_output=True, text=True, check=False)  # fmt: skip
+    done = subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", "-j", "list", "ruleset"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         raise NftError(f"cannot list the ruleset of namespace {netns}: {done.stderr.strip()}")
     return as_document(json.loads(done.stdout or '{"nftables": []}')["nftables"])

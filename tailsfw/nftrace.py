@@ -26,8 +26,15 @@ NETWORK_HEADER, TRANSPORT_HEADER, IIF, OIF, NFPROTO, POLICY, CT_STATE = 8, 9, 10
 NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN = 1, 2
 # enum nft_trace_types
 TRACE_TYPES = {1: "policy", 2: "return", 3: "rule"}
-VERDICTS = {0: "drop", 1: "accept", -1: "continue", -2: "break", -3: "jump", -4: "goto",
-            -5: "return"}  # fmt: skip
+VERDICTS = {
+    0: "drop",
+    1: "accept",
+    -1: "continue",
+    -2: "break",
+    -3: "jump",
+    -4: "goto",
+    -5: "return",
+}
 FAMILIES = {1: "inet", 2: "ip", 10: "ip6"}
 CT_STATES = {1: "invalid", 2: "established", 4: "related", 8: "new", 64: "untracked"}
 
@@ -112,8 +119,9 @@ def decode(data: bytes | memoryview) -> list[Event]:
 
 def open_socket(rcvbuf: int = 64 << 20) -> socket.socket:
     """A non-blocking socket subscribed to the traces of this network namespace."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
-                         NETLINK_NETFILTER)  # fmt: skip
+    sock = socket.socket(
+        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, NETLINK_NETFILTER
+    )
     try:
         sock.bind((0, 0))
         sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTRACE)

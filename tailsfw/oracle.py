@@ -25,7 +25,10 @@ RULE_2 = (
     "2. On `lo`: to 127.0.0.1, new TCP (SYN) [or] to 127.0.0.1 UDP 53 and 5353: "
     "the users the table names for the port."
 )
-RULE_2_OTHER = "2. On `lo`: [...] any other port: amnesia (so amnesia reaches 9050, 9040, 951, 631 and the random local ports of its own programs)."
+RULE_2_OTHER = (
+    "2. On `lo`: [...] any other port: amnesia (so amnesia reaches 9050, 9040, 951, 631 "
+    "and the random local ports of its own programs)."
+)
 RULE_3 = "3. User `clearnet`, any interface but `lo`: all TCP, and UDP to port 53. Never loopback."
 RULE_4 = "4. User `debian-tor`, any interface: new TCP (SYN), and UDP to port 53."
 RULE_5_REFUSED = (
@@ -33,7 +36,10 @@ RULE_5_REFUSED = (
     "and NetBIOS name service (UDP 137) are rejected, because a LAN resolver can learn "
     "the user's public IP"
 )
-RULE_5_ACCEPTED = "5. LAN (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16), every user: [...] everything else to the LAN is accepted."
+RULE_5_ACCEPTED = (
+    "5. LAN (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16), every user: [...] everything "
+    "else to the LAN is accepted."
+)
 RULE_6 = (
     "6. Everything else: reject, logged with the prefix `Dropped outbound packet: ` "
     "and the sender's UID and GID."
@@ -125,7 +131,9 @@ def decide(world: World, p: Packet) -> Decision:
     inbound = "accepted" if on_lo else None
 
     def decided(verdict: str, rule: str, sentence: str) -> Decision:
-        return Decision(verdict, rule, sentence, redirect, inbound if verdict == "accepted" else None)
+        return Decision(
+            verdict, rule, sentence, redirect, inbound if verdict == "accepted" else None
+        )
 
     new_tcp = p.proto == TCP and p.syn
     if on_lo and str(daddr) == "127.0.0.1" and (new_tcp or p.proto == UDP):
@@ -178,9 +186,9 @@ def _redirect(world: World, p: Packet, users: set[str]) -> int | None:
             return r.to_port
     dns = world.policy.dns
     direct = {rule.user for rule in world.policy.direct}
-    if dns.stray == "tor" and p.proto == UDP and p.dport == 53 and daddr not in LOOPBACK_NET:
-        if not users & direct:
-            return dns.tor_port
+    stray = p.proto == UDP and p.dport == 53 and daddr not in LOOPBACK_NET
+    if dns.stray == "tor" and stray and not users & direct:
+        return dns.tor_port
     return None
 
 
@@ -197,8 +205,12 @@ def _ipv6(world: World, p: Packet) -> Decision:
     local = p.oif == "lo" and p.daddr == "::1" and p.saddr in (None, "::1")
     inbound = None
     if local:  # input: "Only the accessibility daemon on lo (::1 to ::1, TCP 4101)"
-        ports = {port for e in world.policy.local if e.family == "ipv6" and e.protocol == "tcp"
-                 and e.allow for port in e.ports or ()}  # fmt: skip
+        ports = {
+            port
+            for e in world.policy.local
+            if e.family == "ipv6" and e.protocol == "tcp" and e.allow
+            for port in e.ports or ()
+        }
         inbound = "accepted" if p.proto == TCP and p.dport in ports else "dropped"
     if local and p.proto == TCP and p.syn:
         for number, entry in enumerate(world.policy.local, 1):

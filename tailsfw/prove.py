@@ -40,9 +40,11 @@ class Report:
 
     def summary(self) -> str:
         count = len(self.differences)
-        return (f"tailsfwctl: {self.classes} classes of packets checked in the kernel in "
-                f"{self.seconds:.1f} s: {count} difference{'s' * (count != 1)} "
-                "from the specification")  # fmt: skip
+        return (
+            f"tailsfwctl: {self.classes} classes of packets checked in the kernel in "
+            f"{self.seconds:.1f} s: {count} difference{'s' * (count != 1)} "
+            "from the specification"
+        )
 
 
 def objects(document: Json) -> list[Json]:
@@ -57,8 +59,9 @@ def objects(document: Json) -> list[Json]:
     return found
 
 
-def prove(document: Json, world: oracle.World,
-          select: Callable[[list[Packet]], Iterable[Packet]] = list) -> Report:  # fmt: skip
+def prove(
+    document: Json, world: oracle.World, select: Callable[[list[Packet]], Iterable[Packet]] = list
+) -> Report:
     """Send one packet of every class (or of those `select` keeps) and compare."""
     start = time.monotonic()
     packets = list(select(classes.derive(objects(document))))

@@ -21,23 +21,36 @@ DEFAULT_POLICY = Path("/etc/tailsfw/policy.toml")
 
 def add_commands(sub: Any) -> None:
     explain = sub.add_parser(
-        "explain", help="what the kernel does with one packet, and which rule says so")
+        "explain", help="what the kernel does with one packet, and which rule says so"
+    )
     who = explain.add_mutually_exclusive_group()
     who.add_argument("--user", metavar="NAME", help="the sender's account (default: yours)")
     who.add_argument("--uid", type=int, metavar="N", help="the sender's uid")
-    explain.add_argument("--netns", metavar="NAME",
-                         help="the ruleset in force in this network namespace (ip netns)")
+    explain.add_argument(
+        "--netns", metavar="NAME", help="the ruleset in force in this network namespace (ip netns)"
+    )
     explain.add_argument("destination", metavar="DEST", help="an IPv4 or IPv6 address")
-    explain.add_argument("protocol", metavar="PROTO[/PORT]", nargs="?", default="tcp/443",
-                         help="tcp, udp, icmp or a number, and a port (default: tcp/443)")
+    explain.add_argument(
+        "protocol",
+        metavar="PROTO[/PORT]",
+        nargs="?",
+        default="tcp/443",
+        help="tcp, udp, icmp or a number, and a port (default: tcp/443)",
+    )
     explain.set_defaults(func=cmd_explain)
-    prove = sub.add_parser("prove", help="check every class of packet in the kernel "
-                           "against the specification (exit 0 if none differs)")
+    prove = sub.add_parser(
+        "prove",
+        help="check every class of packet in the kernel "
+        "against the specification (exit 0 if none differs)",
+    )
     prove.set_defaults(func=cmd_prove)
     for s in (explain, prove):
-        s.add_argument("--policy", type=Path, metavar="FILE",
-                       help="check this policy's ruleset (default: the ruleset in force)")
-    # fmt: skip
+        s.add_argument(
+            "--policy",
+            type=Path,
+            metavar="FILE",
+            help="check this policy's ruleset (default: the ruleset in force)",
+        )
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

@@ -54,15 +54,34 @@ route add ::/0 dev eth0
 TRACE = [
     {"add": {"table": {"family": "inet", "name": TRACE_TABLE}}},
     *(
-        {"add": {"chain": {"family": "inet", "table": TRACE_TABLE, "name": hook, "type": "filter",
-                           "hook": hook, "prio": -400, "policy": "accept"}}}  # fmt: skip
+        {
+            "add": {
+                "chain": {
+                    "family": "inet",
+                    "table": TRACE_TABLE,
+                    "name": hook,
+                    "type": "filter",
+                    "hook": hook,
+                    "prio": -400,
+                    "policy": "accept",
+                }
+            }
+        }
         for hook in ("output", "prerouting")
     ),
     *(
-        {"add": {"rule": {"family": "inet", "table": TRACE_TABLE, "chain": hook,
-                          "expr": [{"mangle": {"key": {"meta": {"key": "nftrace"}}, "value": 1}}]}}}
+        {
+            "add": {
+                "rule": {
+                    "family": "inet",
+                    "table": TRACE_TABLE,
+                    "chain": hook,
+                    "expr": [{"mangle": {"key": {"meta": {"key": "nftrace"}}, "value": 1}}],
+                }
+            }
+        }
         for hook in ("output", "prerouting")
-    ),  # fmt: skip
+    ),
 ]
 
 
@@ -113,7 +132,7 @@ def run_in_scratch(job: Callable[[], T], timeout: float = 900.0) -> T:
             if _netns_inode() == home:
                 raise ScratchError("still in the caller's network namespace")
             result: Any = job()
-        except BaseException as e:  # noqa: BLE001 - carried to the parent whole
+        except BaseException as e:  # carried to the parent whole
             result, code = ScratchError(f"{type(e).__name__}: {e}"), 1
         with os.fdopen(writer, "wb") as out:
             pickle.dump(result, out)
@@ -148,8 +167,9 @@ class Scratch:
     def __init__(self, document: Json) -> None:
         self.tun = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
         fcntl.ioctl(self.tun, TUNSETIFF, struct.pack("16sH", b"eth0", IFF_TUN | IFF_NO_PI))
-        subprocess.run(["ip", "-batch", "-"], input=SETUP, text=True, check=True,
-                       capture_output=True)  # fmt: skip
+        subprocess.run(
+            ["ip", "-batch", "-"], input=SETUP, text=True, check=True, capture_output=True
+        )
         self.nft = Nft()
         self.nft.apply(document)
         self.nft.apply({"nftables": TRACE})
@@ -181,13 +201,21 @@ class Scratch:
             entered = event.kind == "rule" and not event.handle  # a chain's packet dump
             if key is not None and event.table != TRACE_TABLE and not entered:
                 steps.setdefault(key, []).append(
-                    Step(event.family, event.chain, event.kind, event.verdict, event.target,
-                         event.handle, event.ct_state)  # fmt: skip
+                    Step(
+                        event.family,
+                        event.chain,
+                        event.kind,
+                        event.verdict,
+                        event.target,
+                        event.handle,
+                        event.ct_state,
+                    )
                 )
         self._flush_conntrack()
         return [
-            Outcome(errors[i], tuple(steps.get((i, "output"), ())),
-                    tuple(steps.get((i, "input"), ())))  # fmt: skip
+            Outcome(
+                errors[i], tuple(steps.get((i, "output"), ())), tuple(steps.get((i, "input"), ()))
+            )
             for i in range(len(packets))
         ]
 
@@ -261,4 +289,3 @@ def _which(event: nftrace.Event, count: int, hook: str) -> tuple[int, str] | Non
 
 def _ipv6_next(header: bytes) -> int:
     return header[6] if len(header) > 6 else -1
-

@@ -1,0 +1,167 @@
+"""The pure parts of `prove`/`explain`: the oracle, the classes, the trace decoder."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from tailsfw import compiler, nftrace, oracle, policy
+from tailsfw.classes import TCP, UDP, Packet, derive
+from tailsfw.facts import Facts
+
+SHIPPED = Path(__file__).parents[2] / "etc" / "tailsfw" / "policy.toml"
+ACCOUNTS = {
+    "root": 0,
+    "amnesia": 1000,
+    "clearnet": 120,
+    "debian-tor": 121,
+    "_apt": 42,
+    "proxy": 13,
+    "nobody": 65534,
+    "htp": 122,
+    "Debian-gdm": 123,
+}
+
+
+@pytest.fixture(scope="module")
+def world() -> oracle.World:
+    pol = policy.load(SHIPPED)
+    return oracle.World(pol, oracle.user_uids(pol, ACCOUNTS))
+
+
+def v4(
+    uid: int, daddr: str, proto: int, port: int | None, syn: bool = True, oif: str = "eth0"
+) -> Packet:
+    return Packet("ipv4", uid, daddr, proto, port, syn, oif)
+
+
+@pytest.mark.parametrize(
+    ("packet", "verdict", "rule"),
+    [
+        (v4(1000, "127.0.0.1", TCP, 9050, oif="lo"), "accepted", "Tails rule 2"),
+        (v4(1000, "127.0.0.1", TCP, 9063, oif="lo"), "refused", "Tails rule 2"),
+        (v4(1000, "127.0.0.1", TCP, 9052, oif="lo"), "refused", "Tails rule 2"),
+        (v4(0, "127.0.0.1", TCP, 9052, oif="lo"), "accepted", "Tails rule 2"),
+        (v4(42, "127.0.0.1", UDP, 53, oif="lo"), "refused", "Tails rule 2"),
+        (v4(1000, "127.0.0.1", TCP, 9050, syn=False, oif="lo"), "refused", "Tails rule 6"),
+        (v4(120, "1.2.3.4", TCP, 443, syn=False), "accepted", "Tails rules 3, 4"),
+        (v4(120, "127.0.0.2", TCP, 443, oif="lo"), "refused", "Tails rule 6"),  # never loopback
+        (v4(121, "127.0.0.2", TCP, 443, oif="lo"), "accepted", "Tails rules 3, 4"),
+        (v4(121, "1.2.3.4", TCP, 443, syn=False), "refused", "Tails rule 6"),
+        (v4(121, "192.168.1.1", UDP, 53), "accepted", "Tails rules 3, 4"),  # Tor: LAN resolver
+        (v4(1000, "192.168.1.1", UDP, 53), "refused", "Tails rule 5"),
+        (v4(1000, "10.0.0.1", UDP, 137), "refused", "Tails rule 5"),
+        (v4(1000, "10.0.0.1", TCP, 137), "accepted", "Tails rule 5"),
+        (v4(1000, "172.16.0.1", 136, 53), "refused", "Tails rule 5"),  # UDP-Lite
+        (v4(1000, "172.32.0.1", TCP, 80), "refused", "Tails rule 6"),
+        (v4(1000, "1.2.3.4", 1, 0), "refused", "Tails rule 6"),
+        (v4(1001, "127.0.0.1", TCP, 631, oif="lo"), "refused", "Tails rule 6"),
+    ],
+)
+def test_the_oracle_follows_the_specification(
+    world: oracle.World, packet: Packet, verdict: str, rule: str
+) -> None:
+    decision = oracle.decide(world, packet)
+    assert (decision.verdict, decision.rule.split(" ([")[0].split(",")[0]) == (
+        verdict,
+        rule.split(",")[0],
+    )
+    assert decision.sentence
+
+
+def test_redirects_come_before_filtering(world: oracle.World) -> None:
+    onion = oracle.decide(world, v4(1000, "127.192.0.7", TCP, 80, oif="lo"))
+    assert (onion.redirect, onion.verdict) == (9040, "accepted")
+    assert oracle.decide(world, v4(1001, "127.192.0.7", TCP, 80, oif="lo")).verdict == "refused"
+    dns = oracle.decide(world, v4(42, "127.0.0.1", UDP, 53, oif="lo"))
+    assert (dns.redirect, dns.verdict) == (5353, "refused")
+
+
+def test_ipv6_only_the_accessibility_daemon(world: oracle.World) -> None:
+    ok = oracle.decide(world, Packet("ipv6", 123, "::1", TCP, 4101, True, "lo"))
+    assert (ok.verdict, ok.inbound) == ("accepted", "accepted")
+    assert (
+        oracle.decide(world, Packet("ipv6", 0, "::1", TCP, 4101, True, "lo")).verdict == "refused"
+    )
+    assert (
+        oracle.decide(world, Packet("ipv6", 123, "::1", TCP, 4102, True, "lo")).verdict == "refused"
+    )
+
+
+def test_a_missing_account_costs_only_its_own_rights() -> None:
+    pol = policy.load(SHIPPED)
+    uids = oracle.user_uids(pol, {"root": 0})
+    assert uids == {"root": 0, "amnesia": 1000}
+    # A fallback uid an existing account holds is not borrowed.
+    assert "amnesia" not in oracle.user_uids(pol, {"root": 0, "htp": 1000})
+
+
+def test_classes_cover_every_boundary_of_the_shipped_ruleset() -> None:
+    pol = policy.load(SHIPPED)
+    packets = derive(compiler.compile_policy(pol, Facts(uids=ACCOUNTS)).objects)
+    ipv4 = [p for p in packets if p.family == "ipv4"]
+    assert {p.uid for p in ipv4} == {*ACCOUNTS.values(), 1001}
+    ports = {p.dport for p in ipv4}
+    assert {52, 53, 54, 136, 137, 138, 9049, 9050, 9051, 9063, 9064, 0, 65535} <= ports
+    addresses = {p.daddr for p in ipv4}
+    assert {
+        "9.255.255.255",
+        "10.0.0.0",
+        "10.255.255.255",
+        "11.0.0.0",
+        "127.0.0.1",
+        "127.191.255.255",
+        "127.192.0.0",
+        "172.15.255.255",
+        "172.32.0.0",
+    } <= addresses
+    assert {p.proto for p in ipv4} >= {1, 6, 17, 33, 132, 136} and len({p.proto for p in ipv4}) > 6
+    assert {p.oif for p in ipv4 if p.daddr == "10.0.0.0"} == {"lo", "eth0"}
+    assert {p.oif for p in ipv4 if p.daddr == "127.0.0.1"} == {"lo"}
+    assert {p.syn for p in ipv4 if p.proto == TCP} == {True, False}
+    ipv6 = [p for p in packets if p.family == "ipv6"]
+    assert {p.daddr for p in ipv6} >= {"::1", "::2"}
+    assert {p.saddr for p in ipv6} == {"::1", "2001:db8::2"}
+
+
+def _attr(kind: int, value: bytes) -> bytes:
+    data = struct.pack("=HH", 4 + len(value), kind) + value
+    return data + b"\0" * (-len(data) % 4)
+
+
+def test_a_trace_message_decodes() -> None:
+    verdict = _attr(1, struct.pack("!i", -3)) + _attr(2, b"refuse\0")
+    body = b"\x02\x00\x00\x00" + b"".join(
+        [
+            _attr(nftrace.TABLE, b"tailsfw\0"),
+            _attr(nftrace.CHAIN, b"output\0"),
+            _attr(nftrace.ID, struct.pack("!I", 7)),
+            _attr(nftrace.TYPE, struct.pack("!I", 3)),
+            _attr(nftrace.RULE_HANDLE, struct.pack("!Q", 56)),
+            _attr(nftrace.VERDICT | 0x8000, verdict),
+            _attr(nftrace.NFPROTO, struct.pack("!I", 2)),
+            _attr(nftrace.CT_STATE, struct.pack("!I", 8)),
+        ]
+    )
+    message = struct.pack("=IHHII", 16 + len(body), nftrace.NFT_MSG_TRACE, 0, 0, 0) + body
+    (event,) = nftrace.decode(message)
+    assert (event.id, event.family, event.table, event.chain, event.kind) == (
+        7,
+        "ip",
+        "tailsfw",
+        "output",
+        "rule",
+    )
+    assert (event.verdict, event.target, event.handle, event.ct_state) == (
+        "jump",
+        "refuse",
+        56,
+        "new",
+    )
+    with pytest.raises(nftrace.TraceError):
+        overrun = body + struct.pack("=HH", 64, nftrace.CHAIN)  # says 64 bytes, holds none
+        nftrace.decode(
+            struct.pack("=IHHII", 16 + len(overrun), nftrace.NFT_MSG_TRACE, 0, 0, 0) + overrun
+        )
