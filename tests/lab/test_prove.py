@@ -163,3 +163,28 @@ def test_explain_says_verdict_path_rule_and_sentence() -> None:
     bad = tailsfwctl("explain", "--policy", str(SHIPPED), "--uid", "1000", "example.org")
     assert bad.returncode == 2
     assert "not an IP address" in bad.stderr
+
+
+def test_explain_reads_the_ruleset_in_force_in_a_named_namespace(
+    shipped: tuple[Json, oracle.World],
+) -> None:
+    """The namespace's own ruleset is read, never changed: listed the same after."""
+    import json
+    import os
+
+    name = f"tfwprove-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    try:
+        in_ns = ["ip", "netns", "exec", name, "nft"]
+        subprocess.run([*in_ns, "-j", "-f", "-"], input=json.dumps(shipped[0]), text=True,
+                       check=True, timeout=30)  # fmt: skip
+        before = subprocess.run([*in_ns, "list", "ruleset"], capture_output=True, text=True,
+                                check=True, timeout=30).stdout  # fmt: skip
+        done = tailsfwctl("explain", "--netns", name, "--uid", "121", "1.2.3.4", "tcp/443")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "path:      nat_output -> output -> direct_debian-tor" in done.stdout
+        after = subprocess.run([*in_ns, "list", "ruleset"], capture_output=True, text=True,
+                               check=True, timeout=30).stdout  # fmt: skip
+        assert after == before
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)
