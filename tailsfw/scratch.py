@@ -112,6 +112,10 @@ class Outcome:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+# The network namespace this process left for a scratch one (0: never left):
+# a Scratch is made only where it differs, so that no ruleset is ever loaded
+# into the caller's namespace by mistake.
+_left = 0
 
 
 def _netns_inode() -> int:
@@ -131,6 +135,8 @@ def run_in_scratch(job: Callable[[], T], timeout: float = 900.0) -> T:
                 raise ScratchError(f"unshare: {os.strerror(ctypes.get_errno())}")
             if _netns_inode() == home:
                 raise ScratchError("still in the caller's network namespace")
+            global _left
+            _left = home
             result: Any = job()
         except BaseException as e:  # carried to the parent whole
             result, code = ScratchError(f"{type(e).__name__}: {e}"), 1
@@ -144,12 +150,14 @@ def run_in_scratch(job: Callable[[], T], timeout: float = 900.0) -> T:
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([reader], [], [], left)[0]:
-                os.kill(pid, 9)
                 raise ScratchError(f"the scratch namespace's job took over {timeout:.0f} s")
             chunk = os.read(reader, 1 << 20)
             if not chunk:
                 break
             data += chunk
+    except BaseException:
+        os.kill(pid, 9)  # our own child, by its id: its namespace goes with it
+        raise
     finally:
         os.close(reader)
         os.waitpid(pid, 0)
@@ -165,6 +173,8 @@ class Scratch:
     """Inside the scratch namespace: the ruleset loaded and traced, packets sent."""
 
     def __init__(self, document: Json) -> None:
+        if not _left or _netns_inode() == _left:
+            raise ScratchError("a scratch namespace is made only by run_in_scratch")
         self.tun = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
         fcntl.ioctl(self.tun, TUNSETIFF, struct.pack("16sH", b"eth0", IFF_TUN | IFF_NO_PI))
         subprocess.run(

@@ -18,31 +18,18 @@ from typing import Any
 
 import pytest
 
-from tailsfw import compiler, oracle, policy, prove
+from tailsfw import oracle, prove
 from tailsfw.classes import Packet
-from tailsfw.facts import Facts
+from tests import prove_world
 from tests.lab.boot import REPO
+from tests.prove_world import ACCOUNTS, SHIPPED
 
 Json = dict[str, Any]
-# Fixed accounts, so that the test does not depend on this machine's.
-ACCOUNTS = {
-    "root": 0,
-    "amnesia": 1000,
-    "clearnet": 120,
-    "debian-tor": 121,
-    "_apt": 42,
-    "proxy": 13,
-    "nobody": 65534,
-    "htp": 122,
-}
-SHIPPED = REPO / "etc" / "tailsfw" / "policy.toml"
 
 
 @pytest.fixture(scope="module")
 def shipped() -> tuple[Json, oracle.World]:
-    pol = policy.load(SHIPPED)
-    document = compiler.compile_policy(pol, Facts(uids=ACCOUNTS)).document()
-    return document, oracle.World(pol, oracle.user_uids(pol, ACCOUNTS))
+    return prove_world.shipped()
 
 
 def rules(document: Json, chain: str) -> list[Json]:

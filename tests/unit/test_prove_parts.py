@@ -3,32 +3,18 @@
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 
 import pytest
 
-from tailsfw import compiler, nftrace, oracle, policy
+from tailsfw import nftrace, oracle, policy, prove, scratch
 from tailsfw.classes import TCP, UDP, Packet, derive
-from tailsfw.facts import Facts
-
-SHIPPED = Path(__file__).parents[2] / "etc" / "tailsfw" / "policy.toml"
-ACCOUNTS = {
-    "root": 0,
-    "amnesia": 1000,
-    "clearnet": 120,
-    "debian-tor": 121,
-    "_apt": 42,
-    "proxy": 13,
-    "nobody": 65534,
-    "htp": 122,
-    "Debian-gdm": 123,
-}
+from tests import prove_world
+from tests.prove_world import ACCOUNTS, SHIPPED
 
 
 @pytest.fixture(scope="module")
 def world() -> oracle.World:
-    pol = policy.load(SHIPPED)
-    return oracle.World(pol, oracle.user_uids(pol, ACCOUNTS))
+    return prove_world.shipped()[1]
 
 
 def v4(
@@ -99,8 +85,7 @@ def test_a_missing_account_costs_only_its_own_rights() -> None:
 
 
 def test_classes_cover_every_boundary_of_the_shipped_ruleset() -> None:
-    pol = policy.load(SHIPPED)
-    packets = derive(compiler.compile_policy(pol, Facts(uids=ACCOUNTS)).objects)
+    packets = derive(prove.objects(prove_world.shipped()[0]))
     ipv4 = [p for p in packets if p.family == "ipv4"]
     assert {p.uid for p in ipv4} == {*ACCOUNTS.values(), 1001}
     ports = {p.dport for p in ipv4}
@@ -165,3 +150,9 @@ def test_a_trace_message_decodes() -> None:
         nftrace.decode(
             struct.pack("=IHHII", 16 + len(overrun), nftrace.NFT_MSG_TRACE, 0, 0, 0) + overrun
         )
+
+
+def test_no_ruleset_is_loaded_outside_a_scratch_namespace() -> None:
+    """Made anywhere but in run_in_scratch's child, a Scratch refuses before anything."""
+    with pytest.raises(scratch.ScratchError, match="only by run_in_scratch"):
+        scratch.Scratch({"nftables": []})
