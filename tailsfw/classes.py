@@ -69,6 +69,8 @@ class Packet:
     syn: bool = True  # TCP: SYN alone of FIN, SYN, RST, ACK (a new connection); else ACK
     oif: str = "lo"  # the interface the route takes: "lo" or OTHER_INTERFACE
     saddr: str | None = None  # None: the kernel's choice
+    established: bool = False  # a flow conntrack has seen both ways
+    mark: int = 0  # the flow's ct mark (established only)
 
     def describe(self) -> str:
         proto = NAMES.get(self.proto, f"protocol {self.proto}")
@@ -76,7 +78,8 @@ class Packet:
             proto += " SYN" if self.syn else " ACK"
         where = self.daddr if self.dport is None else f"{self.daddr} port {self.dport}"
         source = f" from {self.saddr}" if self.saddr else ""
-        return f"uid {self.uid} {proto} to {where}{source} on {self.oif}"
+        flow = f", established (ct mark {self.mark})" if self.established else ""
+        return f"uid {self.uid} {proto} to {where}{source} on {self.oif}{flow}"
 
 
 @dataclass
@@ -85,6 +88,7 @@ class Fields:
 
     spans: dict[str, set[tuple[int, int]]] = field(default_factory=dict)
     syn: bool = False  # the ruleset reads TCP flags
+    state: bool = False  # the ruleset reads conntrack's state
     interfaces: bool = False  # the ruleset reads the output interface
 
     def add(self, name: str, low: int, high: int) -> None:
@@ -99,6 +103,8 @@ def _field(left: Any, family: str) -> str | None:
     """The field a match's left side reads, as this module names it."""
     if not isinstance(left, dict):
         return None
+    if "ct" in left:
+        return {"mark": "mark", "state": "state"}.get(left["ct"]["key"])
     if "meta" in left:
         key = left["meta"]["key"]
         return {
@@ -190,6 +196,8 @@ class _Reader:
         name = _field(left, family)
         if name == "oif":
             fields.interfaces = True
+        elif name == "state":
+            fields.state = True
         elif name is not None:
             span = _span(value, name)
             if span is not None:
@@ -291,6 +299,30 @@ def derive(objects: Iterable[Json]) -> list[Packet]:
                     if saddr == LOCAL[family][0] and not local:
                         continue  # the kernel sends from loopback only to loopback
                     found += _with_ports(family, uid, daddr, oif, saddr, proto, ports, fields.syn)
+        if fields.state:
+            found += _established(family, spans, daddrs, protos, ports)
+    return found
+
+
+def _established(family: str, spans: dict[str, set[tuple[int, int]]], daddrs: list[str],
+                 protos: list[int], ports: list[int]) -> list[Packet]:  # fmt: skip
+    """Packets of flows conntrack has seen both ways, for every uid and every
+    ct mark cell (0, each mark the ruleset names, one it does not), to every
+    address cell, over TCP, UDP and one protocol without ports, to one port.
+    Not the full product: see docs/proof.md."""
+    marks = _uids(spans.get("mark", set()) | {(0, 0)})
+    other = next(p for p in protos if p not in (TCP, UDP, ICMPV6, 1, 33, 132, 136))
+    found = []
+    for uid in _uids(spans.get("uid", set())):
+        for mark in marks:
+            for daddr in daddrs:
+                local = ipaddress.ip_address(daddr) in LOOPBACK[family]
+                oif = "lo" if local else OTHER_INTERFACE
+                saddr = LOCAL[family][0 if local else 1]
+                for proto in (TCP, UDP, other):
+                    port = None if proto == other else ports[len(ports) // 2]
+                    found.append(Packet(family, uid, daddr, proto, port, proto != TCP, oif,
+                                        saddr, established=True, mark=mark))  # fmt: skip
     return found
 
 

@@ -73,6 +73,11 @@ STRAY_TOR = (
     'docs/policy.md: dns.stray "tor": other users\' UDP port 53 datagrams to any address '
     "outside 127.0.0.0/8 are redirected to 127.0.0.1:tor_port."
 )
+# docs/how-it-works.md, "Riding another user's conntrack entry": stricter than Tails.
+OWNED_FLOW = (
+    "docs/how-it-works.md: Direct users' UDP flows now carry their owner's uid in the ct "
+    "mark, and only that user's packets may use them."
+)
 OTHER_PORTED = {33, 132, 136}  # DCCP, SCTP, UDP-Lite
 LOOPBACK_NET = ipaddress.ip_network("127.0.0.0/8")
 
@@ -117,7 +122,9 @@ def user_uids(policy: Policy, accounts: Mapping[str, int]) -> dict[str, int]:
 
 
 def decide(world: World, p: Packet) -> Decision:
-    """The specification's verdict for a new packet of this class."""
+    """The specification's verdict for a packet of this class."""
+    if p.established:
+        return _established(world, p)
     if p.family == "ipv6":
         return _ipv6(world, p)
     policy = world.policy
@@ -175,6 +182,20 @@ def decide(world: World, p: Packet) -> Decision:
             return decided("refused", "Tails rule 5", why)
         return decided("accepted", "Tails rule 5", RULE_5_ACCEPTED)
     return decided("refused", "Tails rule 6", RULE_6)
+
+
+def _established(world: World, p: Packet) -> Decision:
+    """Rule 1, and the owners of direct users' flows: a flow marked with a uid
+    is its owner's alone, and only a direct user with UDP ports owns flows."""
+    inbound = "accepted" if p.oif == "lo" else None
+    if p.family == "ipv6" or p.mark == 0:
+        return Decision("accepted", "Tails rule 1", RULE_1, inbound=inbound)
+    owners = {
+        world.uids[r.user] for r in world.policy.direct if r.udp_ports and r.user in world.uids
+    }
+    if p.mark == p.uid and p.uid in owners:
+        return Decision("accepted", "Tails rule 1, the flow's owner", OWNED_FLOW, inbound=inbound)
+    return Decision("refused", "Tails rule 1, another user's flow", OWNED_FLOW)
 
 
 def _redirect(world: World, p: Packet, users: set[str]) -> int | None:

@@ -250,6 +250,8 @@ class Scratch:
 
     def _send_one(self, index: int, p: Packet) -> str:
         sock = self._socket(p)
+        if p.established:
+            self._add_flow(index, p)
         # An ICMP error a reject sent to an earlier probe is pending on the
         # socket, and would be this send's answer (the packet unsent).
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -261,12 +263,71 @@ class Scratch:
                 return errno.errorcode.get(e.errno or 0, str(e))
         return ""
 
+    def _add_flow(self, index: int, p: Packet) -> None:
+        """A conntrack entry that has seen the probe's flow both ways, with its mark."""
+        code = self._conntrack_ask(flow_message(index, p, create=True))
+        if code == -errno.EEXIST:  # a protocol without ports: one flow per address pair
+            code = self._conntrack_ask(flow_message(index, p, create=False))
+        if code:
+            raise ScratchError(f"conntrack refused the flow of {p.describe()}: "
+                               f"{os.strerror(-code)}")  # fmt: skip
+
+    def _conntrack_ask(self, message: bytes) -> int:
+        """Send one request, return its answer's error code (0: done)."""
+        self.conntrack.send(message)
+        return int(struct.unpack_from("=i", self.conntrack.recv(4096), 16)[0])
+
     def _flush_conntrack(self) -> None:
         """Forget the flows the batch made: the next one starts new, and the
         table never fills (a full table drops packets before any chain)."""
         header = struct.pack("=IHHII", 20, (1 << 8) | 2, 0x1 | 0x4, 0, 0)
         self.conntrack.send(header + struct.pack("=BBH", 0, 0, 0))
         self.conntrack.recv(4096)
+
+
+def _nla(kind: int, value: bytes) -> bytes:
+    data = struct.pack("=HH", 4 + len(value), kind) + value
+    return data + b"\0" * (-len(data) % 4)
+
+
+def _tuple(p: Packet, sport: int, reply: bool) -> bytes:
+    """CTA_TUPLE_IP and CTA_TUPLE_PROTO (linux/netfilter/nfnetlink_conntrack.h)."""
+    af = socket.AF_INET6 if p.family == "ipv6" else socket.AF_INET
+    src, dst = socket.inet_pton(af, p.saddr or ""), socket.inet_pton(af, p.daddr)
+    if reply:
+        src, dst = dst, src
+    first = 3 if p.family == "ipv6" else 1  # CTA_IP_V6_SRC or CTA_IP_V4_SRC
+    ip = _nla(first, src) + _nla(first + 1, dst)
+    proto = _nla(1, bytes([p.proto]))
+    if p.proto in (TCP, UDP):
+        ports = (p.dport or 0, sport) if reply else (sport, p.dport or 0)
+        proto += _nla(2, struct.pack("!H", ports[0])) + _nla(3, struct.pack("!H", ports[1]))
+    return _nla(1 | NESTED, ip) + _nla(2 | NESTED, proto)
+
+
+NESTED = 0x8000
+
+
+def flow_message(index: int, p: Packet, create: bool) -> bytes:
+    """IPCTNL_MSG_CT_NEW: the probe's flow, seen both ways (TCP: established)."""
+    sport = 20000 + index % BATCH
+    attrs = (
+        _nla(1 | NESTED, _tuple(p, sport, False))  # CTA_TUPLE_ORIG
+        + _nla(2 | NESTED, _tuple(p, sport, True))  # CTA_TUPLE_REPLY
+        # CTA_STATUS: SEEN_REPLY and ASSURED; with the bits the kernel has
+        # set by then (CONFIRMED, SRC_ and DST_NAT_DONE), else it says EBUSY.
+        + _nla(3, struct.pack("!I", 0x2 | 0x4 | 0x8 | 0x80 | 0x100))
+        + _nla(7, struct.pack("!I", 600))  # CTA_TIMEOUT
+        + _nla(8, struct.pack("!I", p.mark))  # CTA_MARK
+    )
+    if p.proto == TCP:  # CTA_PROTOINFO_TCP: state ESTABLISHED, window checks off
+        liberal = struct.pack("BB", 0x08, 0x08)
+        tcp = _nla(1, bytes([3])) + _nla(4, liberal) + _nla(5, liberal)
+        attrs += _nla(4 | NESTED, _nla(1 | NESTED, tcp))
+    af = socket.AF_INET6 if p.family == "ipv6" else socket.AF_INET
+    body = struct.pack("=BBH", af, 0, 0) + attrs
+    flags = 0x1 | 0x4 | (0x400 | 0x200 if create else 0)  # REQUEST, ACK, CREATE, EXCL
+    return struct.pack("=IHHII", 16 + len(body), (1 << 8) | 0, flags, 0, 0) + body
 
 
 def probe_bytes(index: int, p: Packet) -> bytes:

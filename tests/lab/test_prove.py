@@ -175,3 +175,17 @@ def test_explain_reads_the_ruleset_in_force_in_a_named_namespace(
         assert after == before
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)
+
+
+def test_riding_another_users_flow_is_caught(shipped: tuple[Json, oracle.World]) -> None:
+    """The owner mark no longer asked: every established flow is anyone's."""
+    document, world = copy.deepcopy(shipped)
+    (first, *_) = rules(document, "conntracked")
+    first["expr"] = [e for e in first["expr"] if "mark" not in str(e.get("match", {}))]
+    report = prove.prove(document, world, select=only(lambda p: p.established))
+    found = described(report)
+    assert (
+        "uid 1000 udp to 1.0.0.0 port 5352 from 100.64.0.2 on eth0, established (ct mark 121)"
+        in found
+    )
+    assert all(d.packet.mark != 0 and d.seen.verdict == "accepted" for d in report.differences)

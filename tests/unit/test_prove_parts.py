@@ -156,3 +156,22 @@ def test_no_ruleset_is_loaded_outside_a_scratch_namespace() -> None:
     """Made anywhere but in run_in_scratch's child, a Scratch refuses before anything."""
     with pytest.raises(scratch.ScratchError, match="only by run_in_scratch"):
         scratch.Scratch({"nftables": []})
+
+
+def test_established_flows_are_their_owners(world: oracle.World) -> None:
+    def flow(uid: int, mark: int, family: str = "ipv4") -> str:
+        daddr = "1.2.3.4" if family == "ipv4" else "2001:db8::1"
+        packet = Packet(family, uid, daddr, UDP, 53, True, "eth0", None, True, mark)
+        return oracle.decide(world, packet).verdict
+
+    assert flow(1000, 0) == "accepted"  # rule 1
+    assert flow(121, 121) == "accepted"  # Tor's own DNS flow
+    assert flow(1000, 121) == "refused"  # riding Tor's flow
+    assert flow(1000, 1000) == "refused"  # amnesia owns no flows
+    assert flow(1000, 121, "ipv6") == "accepted"
+
+
+def test_established_classes_cover_every_mark() -> None:
+    packets = [p for p in derive(prove.objects(prove_world.shipped()[0])) if p.established]
+    assert {p.mark for p in packets if p.family == "ipv4"} == {0, 120, 121, 1001}
+    assert {p.uid for p in packets} >= {0, 1000, 120, 121, 1001}
