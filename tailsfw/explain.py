@@ -178,9 +178,8 @@ def detail(packet: Packet, seen: Seen, decision: oracle.Decision | None) -> list
     return lines
 
 
-def probe(document: Json, packets: list[Packet]) -> tuple[list[Seen], int]:
-    """The kernel's verdict on each packet, in a scratch namespace; and how
-    many classes the loaded ruleset's rules number (for the report)."""
+def probe(document: Json, packets: list[Packet]) -> list[Seen]:
+    """The kernel's verdict on each packet, in a scratch namespace."""
 
     def job() -> tuple[list[scratch.Outcome], list[Json], str]:
         lab = scratch.Scratch(document)
@@ -189,7 +188,7 @@ def probe(document: Json, packets: list[Packet]) -> tuple[list[Seen], int]:
 
     outcomes, listing, text = scratch.run_in_scratch(job)
     rules = rules_of(listing, text)
-    return [kernel_verdict(o, rules) for o in outcomes], len(rules)
+    return [kernel_verdict(o, rules) for o in outcomes]
 
 
 def ruleset_in_force(netns: str | None) -> Json:
@@ -237,7 +236,7 @@ def packet_of(args: argparse.Namespace, uid: int) -> Packet:
 def run(args: argparse.Namespace, world: oracle.World | None, document: Json) -> int:
     """Print the explanation; 0 if the packet is accepted, 1 if not."""
     packet = packet_of(args, args.uid)
-    (seen,), _ = probe(document, [packet])
+    (seen,) = probe(document, [packet])
     decision = oracle.decide(world, packet) if world is not None else None
     for line in detail(packet, seen, decision):
         print(line)

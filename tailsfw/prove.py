@@ -65,7 +65,7 @@ def prove(
     """Send one packet of every class (or of those `select` keeps) and compare."""
     start = time.monotonic()
     packets = list(select(classes.derive(objects(document))))
-    seen, _ = explain.probe(document, packets)
+    seen = explain.probe(document, packets)
     differences = tuple(
         Difference(packet, kernel, decision)
         for packet, kernel in zip(packets, seen, strict=True)
