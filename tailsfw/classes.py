@@ -71,6 +71,7 @@ class Packet:
     saddr: str | None = None  # None: the kernel's choice
     established: bool = False  # a flow conntrack has seen both ways
     mark: int = 0  # the flow's ct mark (established only)
+    inbound: bool = False  # arriving on OTHER_INTERFACE from saddr, to this host's daddr
 
     def describe(self) -> str:
         proto = NAMES.get(self.proto, f"protocol {self.proto}")
@@ -78,6 +79,8 @@ class Packet:
             proto += " SYN" if self.syn else " ACK"
         where = self.daddr if self.dport is None else f"{self.daddr} port {self.dport}"
         source = f" from {self.saddr}" if self.saddr else ""
+        if self.inbound:
+            return f"{proto} from {self.saddr} to {where} in on {self.oif}"
         flow = f", established (ct mark {self.mark})" if self.established else ""
         return f"uid {self.uid} {proto} to {where}{source} on {self.oif}{flow}"
 
@@ -301,7 +304,32 @@ def derive(objects: Iterable[Json]) -> list[Packet]:
                     found += _with_ports(family, uid, daddr, oif, saddr, proto, ports, fields.syn)
         if fields.state:
             found += _established(family, spans, daddrs, protos, ports)
+        found += _inbound(family, spans, protos, ports)
     return found
+
+
+def _inbound(family: str, spans: dict[str, set[tuple[int, int]]], protos: list[int],
+             ports: list[int]) -> list[Packet]:  # fmt: skip
+    """New packets arriving on the other interface, to this host's address,
+    from both ends of every source address cell."""
+    sources = [a for a in _addresses(family, spans.get(f"saddr_{family}", set()))
+               if ipaddress.ip_address(a) not in LOOPBACK[family]]  # fmt: skip
+    return [
+        Packet(
+            family,
+            0,
+            LOCAL[family][1],
+            p.proto,
+            p.dport,
+            p.syn,
+            OTHER_INTERFACE,
+            saddr,
+            inbound=True,
+        )
+        for saddr in sources
+        for proto in protos
+        for p in _with_ports(family, 0, "", "", None, proto, ports, True)
+    ]
 
 
 def _established(family: str, spans: dict[str, set[tuple[int, int]]], daddrs: list[str],

@@ -112,16 +112,21 @@ def _hook_verdict(
     return "accepted", final
 
 
-def kernel_verdict(outcome: scratch.Outcome, rules: dict[tuple[str, int], Rule]) -> Seen:
+def kernel_verdict(
+    outcome: scratch.Outcome, rules: dict[tuple[str, int], Rule], inbound: bool = False
+) -> Seen:
     if outcome.error:
         return Seen(f"not sent: {outcome.error}", None, False, None, (), "", "")
-    verdict, deciding = _hook_verdict(outcome.output, rules)
+    steps = outcome.input if inbound else outcome.output
+    if inbound and not steps:  # no chain saw it: the kernel never delivered it
+        return Seen("not received", None, False, None, (), "", "")
+    verdict, deciding = _hook_verdict(steps, rules)
     rule = rules.get((deciding.family, deciding.handle)) if deciding else None
     redirect = None
     logged = False
     comment = ""
     path: list[str] = []
-    for step in outcome.output:
+    for step in steps:
         met = rules.get((step.family, step.handle))
         if met and met.redirect is not None and step.verdict == "accept":
             redirect = met.redirect
@@ -130,14 +135,14 @@ def kernel_verdict(outcome: scratch.Outcome, rules: dict[tuple[str, int], Rule])
             comment = met.comment
         if not path or path[-1] != step.chain:
             path.append(step.chain)
-    inbound = _hook_verdict(outcome.input, rules)[0] if outcome.input else None
+    back = _hook_verdict(outcome.input, rules)[0] if outcome.input and not inbound else None
     if deciding is None:
         text = "no rule: no chain of ours saw it"
     elif deciding.kind == "policy":
         text = f"policy {deciding.verdict} of chain {deciding.chain}"
     else:
         text = rule.text if rule else f"rule handle {deciding.handle}"
-    return Seen(verdict, redirect, logged, inbound, tuple(path), text, comment)
+    return Seen(verdict, redirect, logged, back, tuple(path), text, comment)
 
 
 def agrees(seen: Seen, decision: oracle.Decision) -> bool:
@@ -188,7 +193,7 @@ def probe(document: Json, packets: list[Packet]) -> list[Seen]:
 
     outcomes, listing, text = scratch.run_in_scratch(job)
     rules = rules_of(listing, text)
-    return [kernel_verdict(o, rules) for o in outcomes]
+    return [kernel_verdict(o, rules, p.inbound) for o, p in zip(outcomes, packets, strict=True)]
 
 
 def ruleset_in_force(netns: str | None) -> Json:

@@ -123,6 +123,8 @@ def user_uids(policy: Policy, accounts: Mapping[str, int]) -> dict[str, int]:
 
 def decide(world: World, p: Packet) -> Decision:
     """The specification's verdict for a packet of this class."""
+    if p.inbound:  # from another interface: neither established nor on lo
+        return Decision("dropped", "Tails input", IPV6 if p.family == "ipv6" else INPUT_4)
     if p.established:
         return _established(world, p)
     if p.family == "ipv6":

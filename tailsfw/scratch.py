@@ -188,13 +188,23 @@ class Scratch:
         self.conntrack = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)
 
     def send(self, packets: list[Packet]) -> list[Outcome]:
-        outcomes: list[Outcome] = []
-        for start in range(0, len(packets), BATCH):
-            outcomes += self._batch(packets[start : start + BATCH])
-        return outcomes
+        """Each packet's outcome, in order.  New, established and inbound
+        packets go in batches of their own kind, conntrack flushed between:
+        one class's flow must not be another's (a protocol without ports has
+        one flow per pair of addresses, whatever the uid)."""
+        outcomes: dict[int, Outcome] = {}
+        for kind in ((False, False), (True, False), (False, True)):
+            indices = [i for i, p in enumerate(packets) if (p.established, p.inbound) == kind]
+            for start in range(0, len(indices), BATCH):
+                chunk = indices[start : start + BATCH]
+                done = self._batch([packets[i] for i in chunk])
+                outcomes.update(zip(chunk, done, strict=True))
+        return [outcomes[i] for i in range(len(packets))]
 
     def _batch(self, packets: list[Packet]) -> list[Outcome]:
         errors = [self._send_one(i, p) for i, p in enumerate(packets)]
+        if any(p.inbound for p in packets):
+            time.sleep(0.05)  # what the tun device received is processed in softirq
         steps: dict[tuple[int, str], list[Step]] = {}
         current: dict[int, tuple[int, str] | None] = {}
         seen: set[tuple[int, str]] = set()
@@ -249,6 +259,9 @@ class Scratch:
         return sock
 
     def _send_one(self, index: int, p: Packet) -> str:
+        if p.inbound:  # written to the tun device: the kernel receives it on eth0
+            os.write(self.tun, ip_header(p, probe_bytes(index, p)))
+            return ""
         sock = self._socket(p)
         if p.established:
             self._add_flow(index, p)
@@ -328,6 +341,20 @@ def flow_message(index: int, p: Packet, create: bool) -> bytes:
     body = struct.pack("=BBH", af, 0, 0) + attrs
     flags = 0x1 | 0x4 | (0x400 | 0x200 if create else 0)  # REQUEST, ACK, CREATE, EXCL
     return struct.pack("=IHHII", 16 + len(body), (1 << 8) | 0, flags, 0, 0) + body
+
+
+def ip_header(p: Packet, payload: bytes) -> bytes:
+    """An IP header from p.saddr to p.daddr around the payload (inbound probes)."""
+    if p.family == "ipv6":
+        src, dst = (socket.inet_pton(socket.AF_INET6, a) for a in (p.saddr or "", p.daddr))
+        return struct.pack("!IHBB", 6 << 28, len(payload), p.proto, 64) + src + dst + payload
+    src, dst = (socket.inet_aton(a) for a in (p.saddr or "", p.daddr))
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, p.proto, 0,
+                         src, dst)  # fmt: skip
+    total = sum(struct.unpack("!10H", header))
+    total = (total & 0xFFFF) + (total >> 16)
+    checksum = ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
+    return header[:10] + struct.pack("!H", checksum) + header[12:] + payload
 
 
 def probe_bytes(index: int, p: Packet) -> bytes:

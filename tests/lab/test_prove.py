@@ -189,3 +189,14 @@ def test_riding_another_users_flow_is_caught(shipped: tuple[Json, oracle.World])
         in found
     )
     assert all(d.packet.mark != 0 and d.seen.verdict == "accepted" for d in report.differences)
+
+
+def test_an_open_input_chain_is_caught(shipped: tuple[Json, oracle.World]) -> None:
+    """Input accepting what arrives from the network: every inbound class differs."""
+    document, world = copy.deepcopy(shipped)
+    (first, *_) = [r for r in rules(document, "input") if r["family"] == "ip"]
+    first["expr"] = [{"accept": None}]
+    report = prove.prove(document, world, select=only(lambda p: p.inbound))
+    assert "tcp SYN from 1.0.0.0 to 100.64.0.2 port 53 in on eth0" in described(report)
+    assert {d.packet.family for d in report.differences} == {"ipv4"}
+    assert len(report.differences) == len([p for p in report.differences if p.packet.inbound]) > 600

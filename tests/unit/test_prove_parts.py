@@ -86,7 +86,7 @@ def test_a_missing_account_costs_only_its_own_rights() -> None:
 
 def test_classes_cover_every_boundary_of_the_shipped_ruleset() -> None:
     packets = derive(prove.objects(prove_world.shipped()[0]))
-    ipv4 = [p for p in packets if p.family == "ipv4"]
+    ipv4 = [p for p in packets if p.family == "ipv4" and not p.inbound]
     assert {p.uid for p in ipv4} == {*ACCOUNTS.values(), 1001}
     ports = {p.dport for p in ipv4}
     assert {52, 53, 54, 136, 137, 138, 9049, 9050, 9051, 9063, 9064, 0, 65535} <= ports
@@ -106,7 +106,7 @@ def test_classes_cover_every_boundary_of_the_shipped_ruleset() -> None:
     assert {p.oif for p in ipv4 if p.daddr == "10.0.0.0"} == {"lo", "eth0"}
     assert {p.oif for p in ipv4 if p.daddr == "127.0.0.1"} == {"lo"}
     assert {p.syn for p in ipv4 if p.proto == TCP} == {True, False}
-    ipv6 = [p for p in packets if p.family == "ipv6"]
+    ipv6 = [p for p in packets if p.family == "ipv6" and not p.inbound]
     assert {p.daddr for p in ipv6} >= {"::1", "::2"}
     assert {p.saddr for p in ipv6} == {"::1", "2001:db8::2"}
 
@@ -175,3 +175,10 @@ def test_established_classes_cover_every_mark() -> None:
     packets = [p for p in derive(prove.objects(prove_world.shipped()[0])) if p.established]
     assert {p.mark for p in packets if p.family == "ipv4"} == {0, 120, 121, 1001}
     assert {p.uid for p in packets} >= {0, 1000, 120, 121, 1001}
+
+
+def test_inbound_classes_arrive_from_every_source_cell(world: oracle.World) -> None:
+    packets = [p for p in derive(prove.objects(prove_world.shipped()[0])) if p.inbound]
+    assert {p.saddr for p in packets if p.family == "ipv4"} == {"1.0.0.0", "223.255.255.255"}
+    assert {p.daddr for p in packets} == {"100.64.0.2", "2001:db8::2"}
+    assert {oracle.decide(world, p).verdict for p in packets} == {"dropped"}
