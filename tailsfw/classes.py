@@ -10,8 +10,10 @@ the kernel, shows what the ruleset does with every packet of that class.
 Representatives: the lowest and the highest value of each address and port
 cell (so both sides of every boundary are sent), one value of each uid and
 protocol cell (the ruleset compares them for equality: the uids it names and
-one it does not).  Only this module reads the ruleset's matches; it knows
-nothing of the compiler.
+one it does not).  Besides new outgoing packets: packets of established
+flows (every uid and ct mark cell, sampled over ports and protocols) and
+packets arriving from the network.  Only this module reads the ruleset's
+matches; it knows nothing of the compiler.
 """
 
 from __future__ import annotations
