@@ -281,9 +281,9 @@ def _uids(spans: set[tuple[int, int]]) -> list[int]:
 def derive(objects: Iterable[Json]) -> list[Packet]:
     """Every class of outgoing packet the ruleset tells apart, one representative each."""
     found: list[Packet] = []
+    # A family the ruleset says nothing of is still sent: an empty ruleset
+    # lets everything through, and that must show.
     for family, fields in _Reader(objects).read().items():
-        if not fields.spans:
-            continue
         spans = fields.spans
         daddrs = _addresses(family, spans.get(f"daddr_{family}", set()))
         saddr_spans = spans.get(f"saddr_{family}")

@@ -118,7 +118,7 @@ def kernel_verdict(
     if outcome.error:
         return Seen(f"not sent: {outcome.error}", None, False, None, (), "", "")
     steps = outcome.input if inbound else outcome.output
-    if inbound and not steps:  # no chain saw it: the kernel never delivered it
+    if inbound and not outcome.arrived:
         return Seen("not received", None, False, None, (), "", "")
     verdict, deciding = _hook_verdict(steps, rules)
     rule = rules.get((deciding.family, deciding.handle)) if deciding else None
@@ -135,7 +135,7 @@ def kernel_verdict(
             comment = met.comment
         if not path or path[-1] != step.chain:
             path.append(step.chain)
-    back = _hook_verdict(outcome.input, rules)[0] if outcome.input and not inbound else None
+    back = _hook_verdict(outcome.input, rules)[0] if outcome.arrived and not inbound else None
     if deciding is None:
         text = "no rule: no chain of ours saw it"
     elif deciding.kind == "policy":

@@ -109,6 +109,7 @@ class Outcome:
     error: str  # why it could not be sent ("" if sent; EPERM is a refusal, not an error)
     output: tuple[Step, ...]
     input: tuple[Step, ...]
+    arrived: bool = False  # it came in (from lo or the network), whatever chains it met
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -215,6 +216,7 @@ class Scratch:
                     current[event.id] = key if key not in seen else None
                     if key is not None:
                         seen.add(key)
+                        steps.setdefault(key, [])
                 if event.table == TRACE_TABLE:
                     continue
             key = current.get(event.id)
@@ -234,7 +236,10 @@ class Scratch:
         self._flush_conntrack()
         return [
             Outcome(
-                errors[i], tuple(steps.get((i, "output"), ())), tuple(steps.get((i, "input"), ()))
+                errors[i],
+                tuple(steps.get((i, "output"), ())),
+                tuple(steps.get((i, "input"), ())),
+                (i, "input") in steps,
             )
             for i in range(len(packets))
         ]

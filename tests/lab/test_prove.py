@@ -200,3 +200,10 @@ def test_an_open_input_chain_is_caught(shipped: tuple[Json, oracle.World]) -> No
     assert "tcp SYN from 1.0.0.0 to 100.64.0.2 port 53 in on eth0" in described(report)
     assert {d.packet.family for d in report.differences} == {"ipv4"}
     assert len(report.differences) == len([p for p in report.differences if p.packet.inbound]) > 600
+
+
+def test_no_ruleset_at_all_is_caught(shipped: tuple[Json, oracle.World]) -> None:
+    report = prove.prove({"nftables": []}, shipped[1])
+    assert "uid 1001 icmp to 1.0.0.0 port 0 on eth0" in described(report)
+    assert all(d.seen.verdict == "accepted" for d in report.differences)
+    assert len(report.differences) >= report.classes // 2

@@ -182,3 +182,11 @@ def test_inbound_classes_arrive_from_every_source_cell(world: oracle.World) -> N
     assert {p.saddr for p in packets if p.family == "ipv4"} == {"1.0.0.0", "223.255.255.255"}
     assert {p.daddr for p in packets} == {"100.64.0.2", "2001:db8::2"}
     assert {oracle.decide(world, p).verdict for p in packets} == {"dropped"}
+
+
+def test_an_empty_ruleset_still_has_classes() -> None:
+    """Nothing to cut the fields: one cell each, in both families, still sent."""
+    packets = derive([])
+    assert {p.family for p in packets} == {"ipv4", "ipv6"}
+    assert {p.daddr for p in packets if p.family == "ipv4" and not p.inbound} == {
+        "1.0.0.0", "223.255.255.255"}  # fmt: skip
