@@ -190,3 +190,41 @@ def test_an_empty_ruleset_still_has_classes() -> None:
     assert {p.family for p in packets} == {"ipv4", "ipv6"}
     assert {p.daddr for p in packets if p.family == "ipv4" and not p.inbound} == {
         "1.0.0.0", "223.255.255.255"}  # fmt: skip
+
+
+def test_explain_reads_its_arguments() -> None:
+    import argparse
+
+    from tailsfw import explain
+
+    def packet(destination: str, protocol: str) -> Packet:
+        return explain.packet_of(argparse.Namespace(destination=destination, protocol=protocol), 7)
+
+    assert packet("1.2.3.4", "udp/53") == Packet("ipv4", 7, "1.2.3.4", UDP, 53, True, "eth0")
+    assert packet("127.0.0.1", "TCP/9050").oif == "lo"
+    assert packet("::1", "icmpv6").dport is None
+    assert packet("1.2.3.4", "47").proto == 47
+    for destination, protocol, error in [
+        ("example.org", "tcp/1", "not an IP address"),
+        ("1.2.3.4", "tcp", "needs a port"),
+        ("1.2.3.4", "tcp/70000", "port '70000'"),
+        ("1.2.3.4", "quic/1", "protocol 'quic'"),
+        ("1.2.3.4", "256", "protocol '256'"),
+    ]:
+        with pytest.raises(explain.UsageError, match=error):
+            packet(destination, protocol)
+
+
+def test_rules_are_named_in_nfts_words() -> None:
+    from tailsfw import explain
+
+    listing = [{"rule": {"family": "ip", "table": "tailsfw", "chain": "refuse", "handle": 19,
+                         "comment": "Tails rule 6",
+                         "expr": [{"counter": {}}, {"log": {}}, {"reject": None}]}}]  # fmt: skip
+    text = (
+        "table ip tailsfw { # handle 3\n\tchain refuse { # handle 3\n"
+        '\t\tcounter packets 2 bytes 100 log group 0 reject comment "Tails rule 6" # handle 19\n'
+    )
+    rule = explain.rules_of(listing, text)[("ip", 19)]
+    assert rule.text == 'counter log group 0 reject comment "Tails rule 6"'
+    assert (rule.rejects, rule.logs, rule.comment) == (True, True, "Tails rule 6")
