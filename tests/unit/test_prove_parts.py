@@ -167,6 +167,7 @@ def test_established_flows_are_their_owners(world: oracle.World) -> None:
     assert flow(1000, 0) == "accepted"  # rule 1
     assert flow(121, 121) == "accepted"  # Tor's own DNS flow
     assert flow(1000, 121) == "refused"  # riding Tor's flow
+    assert flow(120, 121) == "refused"  # clearnet riding Tor's flow
     assert flow(1000, 1000) == "refused"  # amnesia owns no flows
     assert flow(1000, 121, "ipv6") == "accepted"
 
