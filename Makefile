@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 # (tor and dnsmasq would otherwise start in this machine's own namespace);
 # the lab starts its own, in its namespaces.
 
-.PHONY: venv test lint unit lab demo bench clean
+.PHONY: venv test lint unit lab demo bench prove clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,11 @@ demo: venv
 
 bench: venv
 	$(PY) -m bench.run
+
+# Every class of packet of the shipped policy, in the kernel, against the
+# specification (docs/proof.md); root, in a scratch network namespace.
+prove: venv
+	$(PY) -m tailsfw.cli prove --policy etc/tailsfw/policy.toml
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

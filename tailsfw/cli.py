@@ -199,6 +199,30 @@ def drops_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--directory", type=Path, help="read journal files from here")
 
 
+def explain_arguments(p: argparse.ArgumentParser) -> None:
+    from .provecli import explain_arguments
+
+    explain_arguments(p)
+
+
+def prove_arguments(p: argparse.ArgumentParser) -> None:
+    from .provecli import policy_argument
+
+    policy_argument(p)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .provecli import cmd_explain
+
+    return cmd_explain(args)
+
+
+def cmd_prove(args: argparse.Namespace) -> int:
+    from .provecli import cmd_prove
+
+    return cmd_prove(args)
+
+
 class Command:
     """A row of COMMANDS (a plain class: typing's are slow to import)."""
 
@@ -220,6 +244,17 @@ COMMANDS = {
     ),
     "reload": Command("ask tailsfwd to adopt its policy file again", bus_arguments, cmd_reload),
     "drops": Command("the refused packets, from the journal", drops_arguments, cmd_drops),
+    "explain": Command(
+        "what the kernel does with one packet, and which rule says so",
+        explain_arguments,
+        cmd_explain,
+    ),
+    "prove": Command(
+        "check every class of packet in the kernel against the specification (exit 0 if none"
+        " differs)",
+        prove_arguments,
+        cmd_prove,
+    ),
 }
 
 

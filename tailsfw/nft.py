@@ -79,3 +79,13 @@ async def list_in_child(nft: str = "nft") -> list[dict[str, Any]]:
         raise NftError(text or f"nft failed with code {child.returncode}")
     data: dict[str, Any] = json.loads(output) if output.strip() else {"nftables": []}
     return list(data["nftables"])
+
+
+def listing_text() -> str:
+    """The ruleset as nft's text, each rule followed by `# handle N`."""
+    nft = Nftables()
+    nft.set_handle_output(True)
+    rc, output, error = nft.cmd("list ruleset")
+    if rc != 0:
+        raise NftError(error_text(error, rc))
+    return str(output)
