@@ -105,11 +105,15 @@ install-files:
 	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/man/man5 $(MAN5)
 	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/doc/tailsfw $(DOCS)
 
-# The package's files, and the Python package with /bin/tailsfwd and
-# /bin/tailsfwctl under PREFIX, for $(PYTHON).
+# The package's files, and the Python package with bin/tailsfwd and
+# bin/tailsfwctl under PREFIX, for $(PYTHON) (dependencies: debian/control's
+# Depends, or pyproject.toml's).  DEB_PYTHON_INSTALL_LAYOUT: Debian's own
+# Python would otherwise add local/ to PREFIX; other Pythons ignore it.
 install: install-files
-	$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation --no-compile \
+	DEB_PYTHON_INSTALL_LAYOUT=deb_system $(PYTHON) -m pip install --quiet --no-deps \
+	    --no-build-isolation --no-compile --root-user-action=ignore \
 	    --root=$(or $(DESTDIR),/) --prefix=$(PREFIX) .
+	rm -rf build
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(DEBDIR)

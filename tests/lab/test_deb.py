@@ -253,3 +253,38 @@ def test_removal_leaves_the_ruleset_and_says_so_purge_leaves_no_file(
     assert unexplained == [], "\n".join(unexplained)
     assert {p.lstrip("/") for p in package_files} & left == set()
     assert any(p.startswith("/usr/lib/python3/dist-packages/tailsfw/") for p in package_files)
+
+
+def install(destdir: Path, *settings: str) -> set[str]:
+    """`make install` into `destdir`: the files it made, relative."""
+    done = subprocess.run(
+        ["make", "-s", "install", f"DESTDIR={destdir}", *settings], cwd=REPO,
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return {p for p in files(destdir) if not (destdir / p).is_dir()}
+
+
+# What the package has and `make install` has not (Debian's own), and what
+# pip adds (its own records).
+DEBIAN_ONLY = {"usr/share/doc/tailsfw/changelog", "usr/share/doc/tailsfw/copyright"}
+PIP_ONLY = {"INSTALLER", "REQUESTED", "direct_url.json"}
+
+
+def test_make_install_installs_the_files_of_the_package(deb: Path, tmp_path: Path) -> None:
+    listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True,
+                             check=True).stdout  # fmt: skip
+    packaged = {
+        line.split()[-1].removeprefix("./").removesuffix(".gz")
+        for line in listing.splitlines()
+        if not line.startswith("d")
+    }
+    made = install(tmp_path / "usr", "PREFIX=/usr", "UNITDIR=/lib/systemd/system")
+    assert {p for p in made if p.rsplit("/", 1)[-1] not in PIP_ONLY} == packaged - DEBIAN_ONLY
+    # Elsewhere, the unit runs what is installed under that prefix.
+    made = install(tmp_path / "opt", "PREFIX=/opt/tfw")
+    unit = (tmp_path / "opt/opt/tfw/lib/systemd/system/tailsfwd.service").read_text()
+    commands = [line.split("=", 1)[1].split()[0] for line in unit.splitlines()
+                if line.startswith(("ExecStart=", "ExecStartPre="))]  # fmt: skip
+    assert commands == ["/opt/tfw/libexec/tailsfw/fail-closed", "/opt/tfw/bin/tailsfwd"]
+    assert all(c.lstrip("/") in made for c in commands), made
