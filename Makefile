@@ -1,14 +1,15 @@
 # tailsfw: two commands for a new user, `make demo` and `make test`.
 VENV := .venv
 PY := $(VENV)/bin/python
-DEBS := nftables python3-nftables python3-venv python3-dev libsystemd-dev pkg-config gcc \
+# What `make deb` needs: dpkg-buildpackage, lintian and debian/control's
+# Build-Depends (with Debian's own runtime packages: the package's tests run
+# on them; dpkg-buildpackage names any that this list misses).
+DEB_BUILD_DEBS := dpkg-dev fakeroot lintian debhelper dh-python pybuild-plugin-pyproject \
+        python3-all python3-setuptools groff-base man-db python3-dbus-fast python3-hypothesis \
+        python3-nftables python3-pytest python3-systemd python3-tomli-w
+DEBS := $(sort nftables python3-nftables python3-venv python3-dev libsystemd-dev pkg-config gcc \
         iproute2 util-linux passwd procps dbus-daemon dbus-bin python3-dbusmock dnsmasq-base \
-        systemd systemd-container man-db groff-base curl dbus $(DEB_BUILD_DEBS)
-# What `make deb` needs: the build (debian/control's Build-Depends), lintian,
-# and Debian's own runtime packages (the package's tests run on them).
-DEB_BUILD_DEBS := dpkg-dev fakeroot debhelper dh-python pybuild-plugin-pyproject python3-all \
-        python3-setuptools python3-pytest python3-hypothesis python3-tomli-w python3-dbus-fast \
-        python3-systemd lintian
+        systemd systemd-container man-db groff-base curl dbus $(DEB_BUILD_DEBS))
 # Services the lab runs by hand, in its namespaces.  Installed only where no
 # systemd runs (a container, CI): on a machine run by systemd, installing
 # them would enable them there.  Without them, their tests skip, saying so.
