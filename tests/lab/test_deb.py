@@ -207,31 +207,32 @@ def test_the_man_page_and_the_unit_as_installed(installed: Installed) -> None:
     c.run("systemd-analyze", "verify", "/lib/systemd/system/tailsfwd.service")
 
 
+def restart_without_a_gap(c: Container, *command: str) -> None:
+    """`command` restarts tailsfwd, and the kernel's tables, listed all along,
+    never lack the policy's ruleset."""
+    old = main_pid(c)
+    watch = Watch(c)
+    c.run(*command, timeout=300)
+    c.wait(f"restarted by {command[0]}", lambda: restarted(c, old))
+    checks, gaps = watch.stop()
+    assert gaps == [] and checks > 10
+    assert status(c)[0] == summary.OK
+
+
 def test_reload_and_restart_keep_the_rules_in_force(installed: Installed) -> None:
     c = installed.container
     watch = Watch(c)
     c.run("systemctl", "reload", "tailsfwd.service")
     c.wait("reload counted", lambda: json.loads(c.run("cat", "/run/tailsfw/status.json").stdout)
            ["counters"]["reloads"] == 1)  # fmt: skip
-    old = main_pid(c)
-    c.run("systemctl", "restart", "tailsfwd.service")
-    c.wait("restarted", lambda: restarted(c, old))
-    checks, gaps = watch.stop()
-    assert gaps == [] and checks > 10
-    assert status(c)[0] == summary.OK
+    assert watch.stop()[1] == []
+    restart_without_a_gap(c, "systemctl", "restart", "tailsfwd.service")
 
 
 def test_an_upgrade_restarts_the_daemon_with_the_rules_in_force_throughout(
     installed: Installed,
 ) -> None:
-    c = installed.container
-    old = main_pid(c)
-    watch = Watch(c)
-    c.run("dpkg", "-i", DEB, timeout=300)
-    c.wait("restarted by the upgrade", lambda: restarted(c, old))
-    checks, gaps = watch.stop()
-    assert gaps == [] and checks > 10
-    assert status(c)[0] == summary.OK
+    restart_without_a_gap(installed.container, "dpkg", "-i", DEB)
 
 
 def test_removal_leaves_the_ruleset_and_says_so_purge_leaves_no_file(
