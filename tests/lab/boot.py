@@ -6,6 +6,10 @@ its own journald, and only what a target of the test pulls in.  Bound in:
 the unit directory (the project's units as installed here, and the test's),
 the repository and its venv at their own paths, and the policy.
 
+`boot()` is the part that starts and halts the container, for other roots
+too (test_deb.py boots an overlay over this machine's root with the Debian
+package installed).
+
 `installed_unit()` makes the installed tailsfwd.service from the shipped one,
 substituting only the paths (ExecStart runs this checkout with the venv's
 python), so that the units under test are the shipped ones.

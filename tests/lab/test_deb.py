@@ -9,6 +9,7 @@ The package is installed before the boot, as an image build would do it
 (postinst enables the unit; there is no systemd to start it), and the boot
 must then start it through that enablement alone: the test's target wants
 sysinit.target, not tailsfwd.service.  The tests run in order, on one boot.
+Last, `make install` is checked to install the package's very files.
 """
 
 from __future__ import annotations
