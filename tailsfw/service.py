@@ -16,14 +16,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dbus_fast import BusType, DBusError, NameFlag, PropertyAccess, RequestNameReply
 from dbus_fast.aio import MessageBus
-from dbus_fast.annotations import DBusBool, DBusSignature, DBusStr, DBusUInt32, DBusUInt64
-from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
+
+# `method` is dbus_method in dbus-fast >= 2, kept there as an alias: 1.84 has only `method`.
+from dbus_fast.service import ServiceInterface, dbus_property
+from dbus_fast.service import method as dbus_method
 
 from .status import Status
 
@@ -39,13 +41,21 @@ ERROR_RELOAD_REFUSED = f"{INTERFACE}.ReloadRefused"
 # How often keep_serving() tries again while there is no bus (early boot).
 RETRY_DELAY = 2.0
 
-Strings = Annotated[list[str], DBusSignature("as")]
-Counts = Annotated[dict[str, int], DBusSignature("a{st}")]
-Reasons = Annotated[dict[str, str], DBusSignature("a{ss}")]
-Names = Annotated[dict[int, str], DBusSignature("a{us}")]
-# name, wanted, actual, ok, note ("" for a value the kernel does not have)
-SysctlRows = Annotated[list[list[Any]], DBusSignature("a(sssbs)")]
 READ = PropertyAccess.READ
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def signature(dbus_type: str) -> Callable[[Method], Method]:
+    """Gives a method its D-Bus type as the return annotation every dbus-fast
+    reads: a string constant.  Debian 12's python3-dbus-fast (1.84) reads only
+    that (dbus_fast.annotations came with 2.x); the Python return type stays
+    for mypy.  Put it below @dbus_property/@dbus_method, which read it."""
+
+    def mark(method: Method) -> Method:
+        method.__annotations__["return"] = repr(dbus_type)
+        return method
+
+    return mark
 
 
 class ServiceError(RuntimeError):
@@ -115,7 +125,8 @@ class FirewallInterface(ServiceInterface):
             log.warning("D-Bus: cannot signal the change: %s", e)
 
     @dbus_method()
-    def Reload(self) -> DBusBool:
+    @signature("b")
+    def Reload(self) -> bool:
         """Adopt the policy file again; an error, naming why, if refused."""
         if self._control.reload():
             return True
@@ -127,87 +138,109 @@ class FirewallInterface(ServiceInterface):
 
     # Read-only properties, each the value of properties() under its name.
     @dbus_property(access=READ)
-    def State(self) -> DBusStr:
+    @signature("s")
+    def State(self) -> str:
         return str(self._get("State"))
 
     @dbus_property(access=READ)
-    def StatusLine(self) -> DBusStr:
+    @signature("s")
+    def StatusLine(self) -> str:
         return str(self._get("StatusLine"))
 
     @dbus_property(access=READ)
-    def Pid(self) -> DBusUInt32:
+    @signature("u")
+    def Pid(self) -> int:
         return int(self._get("Pid"))
 
     @dbus_property(access=READ)
-    def RunningSince(self) -> DBusUInt64:
+    @signature("t")
+    def RunningSince(self) -> int:
         return int(self._get("RunningSince"))
 
     @dbus_property(access=READ)
-    def PolicyPath(self) -> DBusStr:
+    @signature("s")
+    def PolicyPath(self) -> str:
         return str(self._get("PolicyPath"))
 
     @dbus_property(access=READ)
-    def RulesetDigest(self) -> DBusStr:
+    @signature("s")
+    def RulesetDigest(self) -> str:
         return str(self._get("RulesetDigest"))
 
     @dbus_property(access=READ)
-    def LanMode(self) -> DBusStr:
+    @signature("s")
+    def LanMode(self) -> str:
         return str(self._get("LanMode"))
 
     @dbus_property(access=READ)
-    def Connected(self) -> Strings:
+    @signature("as")
+    def Connected(self) -> list[str]:
         return list(self._get("Connected"))
 
     @dbus_property(access=READ)
-    def Interfaces(self) -> Names:
+    @signature("a{us}")
+    def Interfaces(self) -> dict[int, str]:
         return dict(self._get("Interfaces"))
 
     @dbus_property(access=READ)
-    def LastApply(self) -> DBusUInt64:
+    @signature("t")
+    def LastApply(self) -> int:
         return int(self._get("LastApply"))
 
     @dbus_property(access=READ)
-    def LastApplyCause(self) -> DBusStr:
+    @signature("s")
+    def LastApplyCause(self) -> str:
         return str(self._get("LastApplyCause"))
 
     @dbus_property(access=READ)
-    def LastError(self) -> DBusStr:
+    @signature("s")
+    def LastError(self) -> str:
         return str(self._get("LastError"))
 
     @dbus_property(access=READ)
-    def Warnings(self) -> Strings:
+    @signature("as")
+    def Warnings(self) -> list[str]:
         return list(self._get("Warnings"))
 
     @dbus_property(access=READ)
-    def ClearnetDns(self) -> Strings:
+    @signature("as")
+    def ClearnetDns(self) -> list[str]:
         return list(self._get("ClearnetDns"))
 
     @dbus_property(access=READ)
-    def DnsRefused(self) -> Strings:
+    @signature("as")
+    def DnsRefused(self) -> list[str]:
         return list(self._get("DnsRefused"))
 
     @dbus_property(access=READ)
-    def NetworkManager(self) -> DBusStr:
+    @signature("s")
+    def NetworkManager(self) -> str:
         return str(self._get("NetworkManager"))
 
     @dbus_property(access=READ)
-    def Sysctls(self) -> SysctlRows:
+    # name, wanted, actual, ok, note ("" for a value the kernel does not have)
+    @signature("a(sssbs)")
+    def Sysctls(self) -> list[list[Any]]:
         return list(self._get("Sysctls"))
 
     @dbus_property(access=READ)
-    def Counters(self) -> Counts:
+    @signature("a{st}")
+    def Counters(self) -> dict[str, int]:
         return dict(self._get("Counters"))
 
     @dbus_property(access=READ)
-    def DropsByUser(self) -> Counts:
+    @signature("a{st}")
+    def DropsByUser(self) -> dict[str, int]:
         return dict(self._get("DropsByUser"))
 
     @dbus_property(access=READ)
-    def DropsByReason(self) -> Counts:
+    @signature("a{st}")
+    def DropsByReason(self) -> dict[str, int]:
         return dict(self._get("DropsByReason"))
 
     @dbus_property(access=READ)
-    def Failing(self) -> Reasons:
+    @signature("a{ss}")
+    def Failing(self) -> dict[str, str]:
         return dict(self._get("Failing"))
 
 

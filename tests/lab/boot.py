@@ -6,6 +6,10 @@ its own journald, and only what a target of the test pulls in.  Bound in:
 the unit directory (the project's units as installed here, and the test's),
 the repository and its venv at their own paths, and the policy.
 
+`boot()` is the part that starts and halts the container, for other roots
+too (test_deb.py boots an overlay over this machine's root with the Debian
+package installed).
+
 `installed_unit()` makes the installed tailsfwd.service from the shipped one,
 substituting only the paths (ExecStart runs this checkout with the venv's
 python), so that the units under test are the shipped ones.
@@ -32,6 +36,34 @@ from tests.lab.wait import wait_for
 VENV = (REPO / ".venv").resolve()
 VENV_PYTHON = VENV / "bin" / "python"
 SHIPPED_UNITS = REPO / "systemd"
+PREFIX = "tfwboot-"
+PROBE_FILE = "/run/tfwboot/at-network-pre.json"
+# What a network service meets: a unit ordered only after network-pre.target
+# lists the ruleset the moment it starts.
+PROBE_UNIT = f"""[Unit]
+Description=a network service of the test
+DefaultDependencies=no
+After=network-pre.target
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'mkdir -p /run/tfwboot && nft -j list ruleset > {PROBE_FILE}'
+"""
+# Lists the chains every few ms until told to stop; a listing without the full
+# ruleset in both families (a chain only the policy's ruleset has) is a gap.
+WATCH = """
+n=0
+while [ ! -e /run/tfwboot/stop ]; do
+    chains=$(nft list chains)
+    case "$chains" in
+        *"table ip tailsfw"*conntracked*"table ip6 tailsfw"*conntracked*) ;;
+        *) echo "gap: $chains" ;;
+    esac
+    n=$((n+1))
+done
+echo "checks $n"
+"""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 # This checkout and its venv, as the container's units see them: at a fixed
 # path outside /tmp, which the unit's PrivateTmp= would hide (a checkout in
 # /tmp, as CI's may be, made the daemon fail at EXEC).
@@ -137,39 +169,77 @@ def booted(
     with tempfile.TemporaryDirectory(prefix=temp_prefix("boot")) as work:
         unit_dir = Path(work) / "units"
         write_units(unit_dir, units)
-        console = Path(work) / "console.log"
-        argv = [
-            "systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "-D", "/",
-            "--volatile=yes", "--private-network",
+        options = [
+            "-D", "/", "--volatile=yes",
             f"--bind-ro={unit_dir}:/etc/systemd/system",
             f"--bind-ro={REPO}", f"--bind-ro={VENV}",
             f"--bind-ro={REPO}:{INSTALLED}", f"--bind-ro={VENV}:{INSTALLED}/.venv",
             f"--bind-ro={REPO / 'etc' / 'tailsfw'}:/etc/tailsfw",
             *(f"--bind-ro={src}:{dst}" for src, dst in binds),
-            "--boot", "--", f"--unit={target}",
         ]  # fmt: skip
-        with console.open("wb") as out:
-            nspawn = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        try:
-            deadline = time.monotonic() + 10
-            while (init := container_init(nspawn.pid)) is None:
-                if nspawn.poll() is not None or time.monotonic() > deadline:
-                    raise BootError(f"systemd-nspawn did not start:\n{console.read_text()}")
-                time.sleep(0.01)
-            container = Container(nspawn, init, console)
-            container.wait(
-                "systemd answers",
-                lambda: (
-                    container.run("systemctl", "is-system-running", check=False).stdout.strip()
-                    not in ("", "offline", "initializing")
-                ),
-            )
+        with boot(options, target, Path(work) / "console.log") as container:
             yield container
-        finally:
-            halt(nspawn)
-            remove_empty_cgroups()
+
+
+@contextlib.contextmanager
+def boot(options: Sequence[str], target: str, console: Path) -> Iterator[Container]:
+    """systemd-nspawn with `options` (the root, binds) booted into `target`,
+    in its own network namespace; halted on exit."""
+    argv = [
+        "systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--private-network",
+        *options, "--boot", "--", f"--unit={target}",
+    ]  # fmt: skip
+    with console.open("wb") as out:
+        nspawn = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while (init := container_init(nspawn.pid)) is None:
+            if nspawn.poll() is not None or time.monotonic() > deadline:
+                raise BootError(f"systemd-nspawn did not start:\n{console.read_text()}")
+            time.sleep(0.01)
+        container = Container(nspawn, init, console)
+        container.wait(
+            "systemd answers",
+            lambda: (
+                container.run("systemctl", "is-system-running", check=False).stdout.strip()
+                not in ("", "offline", "initializing")
+            ),
+        )
+        yield container
+    finally:
+        halt(nspawn)
+        remove_empty_cgroups()
+
+
+def active(c: Container) -> bool:
+    return c.show("tailsfwd.service", "ActiveState") == "active"
+
+
+class Watch:
+    """The kernel's tables listed continuously inside the container."""
+
+    def __init__(self, c: Container) -> None:
+        self.container = c
+        c.run("rm", "-f", "/run/tfwboot/stop")
+        self.process = c.popen("sh", "-c", WATCH)
+
+    def stop(self) -> tuple[int, list[str]]:
+        """(how many listings, the gaps seen)."""
+        self.container.run("touch", "/run/tfwboot/stop")
+        out, _ = self.process.communicate(timeout=10)
+        lines = out.splitlines()
+        checks = int(lines[-1].split()[1])
+        return checks, [line for line in lines if line.startswith("gap")]
+
+
+def main_pid(c: Container) -> int:
+    return int(c.show("tailsfwd.service", "MainPID"))
+
+
+def restarted(c: Container, old_pid: int) -> bool:
+    return main_pid(c) not in (0, old_pid) and active(c)
 
 
 def halt(nspawn: subprocess.Popen[bytes]) -> None:

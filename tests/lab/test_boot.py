@@ -17,40 +17,27 @@ from typing import Any
 import pytest
 
 from tailsfw import summary, verify
-from tests.lab.boot import INSTALLED, Container, booted, installed_units
+from tests.lab.boot import (
+    INSTALLED,
+    PROBE_FILE,
+    PROBE_UNIT,
+    Container,
+    Watch,
+    active,
+    booted,
+    installed_units,
+    main_pid,
+    restarted,
+)
 
 TARGET = "tfwboot.target"
-PROBE_FILE = "/run/tfwboot/at-network-pre.json"
 TEST_UNITS = {
     TARGET: """[Unit]
 Description=tailsfw boot test
 Wants=systemd-journald.socket systemd-journald.service tailsfwd.service tfwboot-probe.service
 """,
-    # What a network service sees: ordered only after network-pre.target.
-    "tfwboot-probe.service": f"""[Unit]
-Description=a network service of the test
-DefaultDependencies=no
-After=network-pre.target
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart=/bin/sh -c 'mkdir -p /run/tfwboot && nft -j list ruleset > {PROBE_FILE}'
-""",
+    "tfwboot-probe.service": PROBE_UNIT,
 }
-# Lists the chains every few ms until told to stop; a listing without the full
-# ruleset in both families (a chain only the policy's ruleset has) is a gap.
-WATCH = """
-n=0
-while [ ! -e /run/tfwboot/stop ]; do
-    chains=$(nft list chains)
-    case "$chains" in
-        *"table ip tailsfw"*conntracked*"table ip6 tailsfw"*conntracked*) ;;
-        *) echo "gap: $chains" ;;
-    esac
-    n=$((n+1))
-done
-echo "checks $n"
-"""
 UNAVAILABLE = [tool for tool in ("systemd-nspawn", "nsenter") if shutil.which(tool) is None]
 pytestmark = pytest.mark.skipif(bool(UNAVAILABLE), reason=f"missing {UNAVAILABLE}")
 
@@ -64,10 +51,6 @@ def container() -> Iterator[Container]:
         yield running
 
 
-def active(c: Container) -> bool:
-    return c.show("tailsfwd.service", "ActiveState") == "active"
-
-
 def tailsfwctl_status(c: Container) -> tuple[int, dict[str, Any]]:
     done = c.run(
         "env", f"PYTHONPATH={INSTALLED}", f"{INSTALLED}/.venv/bin/python", "-m", "tailsfw.cli",
@@ -77,31 +60,6 @@ def tailsfwctl_status(c: Container) -> tuple[int, dict[str, Any]]:
     assert done.stderr == "", done.stderr
     data: dict[str, Any] = json.loads(done.stdout)
     return done.returncode, data
-
-
-class Watch:
-    """The kernel's tables listed continuously inside the container."""
-
-    def __init__(self, c: Container) -> None:
-        self.container = c
-        c.run("rm", "-f", "/run/tfwboot/stop")
-        self.process = c.popen("sh", "-c", WATCH)
-
-    def stop(self) -> tuple[int, list[str]]:
-        """(how many listings, the gaps seen)."""
-        self.container.run("touch", "/run/tfwboot/stop")
-        out, _ = self.process.communicate(timeout=10)
-        lines = out.splitlines()
-        checks = int(lines[-1].split()[1])
-        return checks, [line for line in lines if line.startswith("gap")]
-
-
-def main_pid(c: Container) -> int:
-    return int(c.show("tailsfwd.service", "MainPID"))
-
-
-def restarted(c: Container, old_pid: int) -> bool:
-    return main_pid(c) not in (0, old_pid) and active(c)
 
 
 def test_the_full_ruleset_is_in_force_when_network_pre_is_reached(container: Container) -> None:
