@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from datetime import datetime
 from pathlib import Path
 
 from . import compiler, dropquery, netlink, observe, policy, summary, users, verify
@@ -77,18 +76,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_drops(args: argparse.Namespace) -> int:
-    since = dropquery.parse_since(args.since, datetime.now()) if args.since else None
-    drops = dropquery.DropJournal(args.directory)
-    drops.since(since)
-    try:
-        for entry in drops.follow() if args.follow else drops.entries():
-            if args.user is None or entry.concerns(args.user):
-                print(json.dumps(entry.json()) if args.json else entry.line(), flush=args.follow)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        drops.close()
-    return 0
+    return dropquery.command(args)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -146,6 +134,14 @@ def parser() -> argparse.ArgumentParser:
     drops.add_argument("--follow", action="store_true", help="then wait for new ones")
     drops.add_argument("--json", action="store_true", help="one JSON object a line")
     drops.add_argument("--directory", type=Path, help="read journal files from here")
+    drops.add_argument(
+        "--summary", action="store_true", help="tailsfwd's own counters beside the journal's"
+    )
+    drops.add_argument("--bus", metavar="ADDRESS", help="D-Bus address, for --summary")
+    drops.add_argument(
+        "--state-file", type=Path, default=observe.DEFAULT_STATE_FILE,
+        help="the daemon's status.json, read for --summary when it is not on the bus",
+    )  # fmt: skip
     drops.set_defaults(func=cmd_drops)
     return p
 
@@ -160,8 +156,6 @@ def main(argv: list[str] | None = None) -> int:
         return fail(summary.BAD_POLICY, f"{e}; {unchanged}")
     except NeedsRoot as e:
         return fail(summary.NO_PERMISSION, f"{e}; {unchanged}")
-    except dropquery.QueryError as e:
-        return fail(summary.FAILED, str(e))
     except BrokenPipeError:  # `tailsfwctl drops | head`: quiet, also at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
