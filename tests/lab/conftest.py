@@ -33,7 +33,7 @@ LAB_ROLES = [
     "tails-iuk-get-target-file",
     "Debian-gdm",
 ]
-TOOLS = ("ip", "nft", "setpriv", "useradd", "userdel", "groupdel", "getent", "sysctl")
+TOOLS = ("ip", "nft", "setpriv", "useradd", "userdel", "groupmod", "groupdel", "getent", "sysctl")
 
 
 def unavailable() -> str | None:

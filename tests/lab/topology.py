@@ -33,6 +33,7 @@ account names are global and setup removes any leftover of a crashed run.
 from __future__ import annotations
 
 import fcntl
+import grp
 import json
 import os
 import pwd
@@ -54,6 +55,7 @@ from typing import IO
 
 LAB_PREFIX = "tfwlab"
 USER_PREFIX = "tfwt-"
+LAB_GIDS = 59100  # the test accounts' groups: far from any system uid
 SCRIPTS_PREFIX = f"{LAB_PREFIX}-scripts-"
 # For the temporary directories of the lab's parts (the Tor network's keys
 # and data): a crashed run's are removed with the rest of its leftovers.
@@ -260,7 +262,13 @@ def create_account(name: str) -> Account:
             name,
         ]
     )
+    # Never the uid as the gid (useradd gives equal numbers when it can): a uid/gid
+    # swap in the NFLOG decoder or the journal fields would pass unseen.
+    used = {g.gr_gid for g in grp.getgrall()}
+    gid = next(g for g in range(LAB_GIDS, LAB_GIDS + 1000) if g not in used)
+    run(["groupmod", "--gid", str(gid), name])  # also the account's primary group
     entry = pwd.getpwnam(name)
+    assert entry.pw_gid == gid != entry.pw_uid, entry
     return Account(name, entry.pw_uid, entry.pw_gid)
 
 
