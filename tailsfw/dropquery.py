@@ -288,7 +288,7 @@ def journal_files(directories: tuple[Path, ...]) -> list[Path]:
             raise QueryError(f"cannot read {e.filename}: {e.strerror}{HINT}") from None
     for path in found:
         if not os.access(path, os.R_OK):
-            raise QueryError(f"cannot read {path}: permission denied{HINT}")
+            raise QueryError(f"cannot read {path}: Permission denied{HINT}")
     return found
 
 

@@ -78,7 +78,8 @@ def reaches_back(daemon: Counted | None, oldest: datetime | None) -> bool | None
     """Does the journal still hold entries from the daemon's start? (None: cannot tell)"""
     if daemon is None or daemon.running_since is None:
         return None
-    return oldest is not None and oldest <= daemon.running_since + SLACK
+    # By timestamp: the journal's times are aware, a --since time local and naive.
+    return oldest is not None and oldest.timestamp() <= (daemon.running_since + SLACK).timestamp()
 
 
 def _when(t: datetime | None) -> str:
