@@ -264,35 +264,26 @@ def drop_entry(drop: Drop, user: str, indev: str, outdev: str) -> Fields:
 
 def summary_entry(summary: DropSummary, user_name: Callable[[int | None], str]) -> Fields:
     n, seconds = summary.suppressed, f"{summary.seconds:.1f}"
+    fields: Fields = {"TAILSFW_REASON": "overflow"}
     if summary.scope == OVERFLOW:
-        message = (
-            f"{n} more refused packets suppressed in {seconds} s"
-            " (too many users at once to log one by one)"
-        )
-        fields = _common(SUMMARY_MESSAGE_ID, "summary", message)
-        fields["TAILSFW_REASON"] = "overflow"
+        message = f"{n} more refused packets suppressed in {seconds} s (too many users at once"
     else:
-        uid = summary.user
-        user = user_name(uid)
+        user = user_name(summary.user)
+        fields["TAILSFW_USER"] = user
+        if summary.user is not None:
+            fields["TAILSFW_UID"] = str(summary.user)
         if summary.key is None:  # USER: beyond its share
             message = (
                 f"{n} more refused packets of {user} suppressed in {seconds} s"
-                " (too many destinations or reasons to log one by one)"
+                " (too many destinations or reasons"
             )
-            fields = _common(SUMMARY_MESSAGE_ID, "summary", message)
-            fields["TAILSFW_REASON"] = "overflow"
         else:
             dst, prefix = summary.key
-            message = (
-                f"{n} more like this suppressed in {seconds} s: {user} to {dst}, {reason(prefix)}"
-            )
-            fields = _common(SUMMARY_MESSAGE_ID, "summary", message)
+            message = f"{n} more like this suppressed in {seconds} s: {user} to {dst}, "
             fields |= {"TAILSFW_REASON": reason(prefix), "TAILSFW_DST": dst}
-        fields["TAILSFW_USER"] = user
-        if uid is not None:
-            fields["TAILSFW_UID"] = str(uid)
+    message += reason(summary.key[1]) if summary.key else " to log one by one)"
     fields |= {"TAILSFW_SUPPRESSED": str(n), "TAILSFW_SECONDS": seconds}
-    return fields
+    return _common(SUMMARY_MESSAGE_ID, "summary", message) | fields
 
 
 def loss_entry(lost: int, seconds: float | None = None) -> Fields:

@@ -209,7 +209,7 @@ class Entry:
         f = self.fields
         if self.kind == "lost" or ("USER" not in f and "UID" not in f):
             return True
-        return user in (f.get("USER"), str(f.get("UID")))
+        return user == f.get("USER") or ("UID" in f and user == str(f["UID"]))
 
 
 def _endpoint(address: str, port: object) -> str:
