@@ -328,10 +328,12 @@ class DropJournal:
                 self.ignored += 1
                 continue
             try:
-                yield entry(raw)
+                parsed = entry(raw)
             except BadEntry as e:
                 self.malformed += 1
                 self.last_malformed = str(e)
+                continue
+            yield parsed
 
     def follow(self) -> Iterator[Entry]:
         """The entries to the end, then each new one as it comes; never ends."""
