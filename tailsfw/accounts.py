@@ -61,6 +61,8 @@ def parse_passwd(data: bytes) -> dict[str, int]:
 
 def _uid(line: bytes, rest: bytes) -> int | None:
     fields = rest.split(b":", 5)  # passwd, uid, gid, gecos, home, shell (may hold ':')
+    # glibc cuts a line at a NUL, then uses what is left or skips the line for a
+    # later one (tests/local/test_passwd_nul.py): absent is never a uid it would not give.
     if b"\0" in line or len(fields) < 6:
         return None
     uid = fields[1]

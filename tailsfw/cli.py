@@ -103,23 +103,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_drops(args: argparse.Namespace) -> int:
-    import json
-    from datetime import datetime
-
     from . import dropquery
 
-    since = dropquery.parse_since(args.since, datetime.now()) if args.since else None
-    drops = dropquery.DropJournal(args.directory)
-    drops.since(since)
-    try:
-        for entry in drops.follow() if args.follow else drops.entries():
-            if args.user is None or entry.concerns(args.user):
-                print(json.dumps(entry.json()) if args.json else entry.line(), flush=args.follow)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        drops.close()
-    return 0
+    return dropquery.command(args)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -197,6 +183,10 @@ def drops_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--follow", action="store_true", help="then wait for new ones")
     p.add_argument("--json", action="store_true", help="one JSON object a line")
     p.add_argument("--directory", type=Path, help="read journal files from here")
+    p.add_argument(
+        "--summary", action="store_true", help="tailsfwd's own counters beside the journal's"
+    )
+    daemon_arguments(p)  # --bus and --state-file, read for --summary
 
 
 def explain_arguments(p: argparse.ArgumentParser) -> None:

@@ -36,6 +36,8 @@ from .droplog import (
     Budget,
     DropCounters,
     DropKey,
+    DropSummary,
+    DropUser,
     Fields,
     Limiter,
     Limits,
@@ -60,7 +62,7 @@ COUNTED_REASONS = 16
 NO_SOCKET = "(no socket)"
 OTHER_USERS = "(other users)"
 OTHER_REASONS = "(other reasons)"
-LOSS_LIMITS = Limits(burst=1, total=1, keys=1)
+LOSS_LIMITS = Limits(burst=1, share=1, users=1)
 
 
 def user_name(uid: int | None) -> str:
@@ -140,8 +142,8 @@ class DropAudit:
         self._wall_clock = wall_clock
         self._user_name = user_name
         self._interface_name = interface_name
-        self._limiter: Limiter[DropKey] = Limiter(limits)
-        self._losses: Limiter[str] = Limiter(LOSS_LIMITS)
+        self._limiter: Limiter[DropUser, DropKey] = Limiter(limits)
+        self._losses: Limiter[str, str] = Limiter(LOSS_LIMITS)
         self._budget = budget if budget is not None else Budget()
         self._open_socket = open_socket
         self._writer = JournalWriter(send)
@@ -230,7 +232,7 @@ class DropAudit:
             c.last_error = f"skipped a malformed NFLOG message: {batch.malformed[-1]}"
         if batch.lost:
             c.lost += batch.lost
-            if self._losses.offer("lost", now, batch.lost):
+            if self._losses.offer("lost", "lost", now, batch.lost):
                 self._write(partial(loss_entry, batch.lost))
         by_uid, by_reason = self._by_uid, c.by_reason
         for drop in batch.drops:
@@ -241,7 +243,7 @@ class DropAudit:
             if reason not in by_reason and len(by_reason) >= COUNTED_REASONS:
                 reason = OTHER_REASONS
             by_reason[reason] = by_reason.get(reason, 0) + 1
-            if self._limiter.offer((drop.uid, drop.dst, drop.prefix), now):
+            if self._limiter.offer(drop.uid, (drop.dst, drop.prefix), now):
                 if self._write(partial(self._drop_fields, drop)):
                     c.logged += 1
             else:
@@ -259,7 +261,7 @@ class DropAudit:
         names = self._interface_name
         return drop_entry(drop, self._user_name(drop.uid), names(drop.indev), names(drop.outdev))
 
-    def _summaries(self, drops: list[Summary[DropKey]], losses: list[Summary[str]]) -> None:
+    def _summaries(self, drops: list[DropSummary], losses: list[Summary[str, str]]) -> None:
         for summary in drops:
             if self._write(partial(summary_entry, summary, self._user_name)):
                 self._counters.summaries += 1

@@ -3,15 +3,19 @@
 Pure: no clock, no I/O.  `Limiter` decides from the times it is given; the
 `*_entry` functions turn a drop, a summary or a loss into journal fields.
 
-The rule: per (user, destination, reason), the first `burst` drops of a
-window are logged one by one; the rest are counted, and when the window
-ends one summary entry says how many ("N more like this suppressed in S s",
-the count in TAILSFW_SUPPRESSED).  All keys together log at most `total`
-entries a window, and at most `keys` keys are remembered at once: drops
-beyond either go to one overflow bucket, which is counted and summarised
-the same way.  So the journal gets a bounded number of entries whatever
-the traffic, memory stays bounded, and every drop is either an entry or
-part of a summary's count.
+The rule is fair across users: each user (uid) gets a window of its own,
+from its first drop.  Within it, per (destination, reason) the first `burst`
+drops are logged one by one, and the user logs at most `share` entries in
+all; the rest are counted, and when the user's window ends one summary per
+destination says how many ("N more like this suppressed in S s", the count
+in TAILSFW_SUPPRESSED) and one more summary counts the user's drops beyond
+its share.  So a user who floods many destinations spends only its own
+share: it never hides another user's drops.  At most `users` windows are
+open at once; drops of more users go to one overflow bucket, counted and
+summarised the same way.  So the journal gets a bounded number of entries
+whatever the traffic (at most users x share drop entries a window), memory
+stays bounded (a destination is remembered only once it logged), and every
+drop is either an entry or part of a summary's count.
 """
 
 from __future__ import annotations
@@ -31,35 +35,62 @@ MESSAGE_IDS = (DROP_MESSAGE_ID, SUMMARY_MESSAGE_ID, LOSS_MESSAGE_ID)
 PRIORITY = "5"  # notice
 IDENTIFIER = "tailsfwd"
 
+U = TypeVar("U", bound=Hashable)
 K = TypeVar("K", bound=Hashable)
 Fields = dict[str, str]
-DropKey = tuple[int | None, str, str]  # uid, destination, prefix
+DropUser = int | None  # uid; None: a packet without a socket
+DropKey = tuple[str, str]  # destination, prefix
+
+# What a summary counts: drops like one key, a user's drops beyond its share,
+# or the drops of users beyond the limit.
+KEY, USER, OVERFLOW = "key", "user", "overflow"
 
 
 @dataclass(frozen=True)
 class Limits:
-    burst: int = 5  # entries per key and window
+    burst: int = 5  # entries per user and key (destination, reason), and window
     window: float = 10.0  # seconds
-    total: int = 100  # entries per window, all keys together
-    keys: int = 256  # keys remembered at once
+    share: int = 20  # entries per user and window, all its keys together
+    users: int = 16  # users with a window open at once
+
+    @property
+    def total(self) -> int:
+        """Drop entries per window at most, all users together."""
+        return self.users * self.share
 
 
 DEFAULT_LIMITS = Limits()
-UNLIMITED = Limits(burst=2**62, total=2**62, keys=2**16)
+UNLIMITED = Limits(burst=2**62, share=2**62, users=2**16)
 
 
 @dataclass(slots=True)
-class _Window:
-    start: float
+class _Count:
     logged: int = 0
     suppressed: int = 0
     last: float = 0.0
 
+    def suppress(self, count: int, now: float) -> None:
+        self.suppressed += count
+        self.last = now
+
+
+@dataclass(slots=True)
+class _Window(Generic[K]):
+    """One user's window: its keys (only those that logged) and its overflow."""
+
+    start: float
+    logged: int = 0
+    keys: dict[K, _Count] = field(default_factory=dict)
+    beyond: _Count = field(default_factory=_Count)
+
 
 @dataclass(frozen=True)
-class Summary(Generic[K]):
-    """`suppressed` drops of `key` (None: the overflow bucket) between start and end."""
+class Summary(Generic[U, K]):
+    """`suppressed` drops between start and end: of `user` like `key` (scope KEY), of
+    `user` beyond its share (USER), or of users beyond the limit (OVERFLOW)."""
 
+    scope: str
+    user: U | None
     key: K | None
     suppressed: int
     start: float
@@ -70,88 +101,101 @@ class Summary(Generic[K]):
         return self.end - self.start
 
 
-class Limiter(Generic[K]):
+DropSummary = Summary[DropUser, DropKey]
+
+
+class Limiter(Generic[U, K]):
     """The rate limit, decided from the times passed in (monotonic seconds)."""
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self.limits = limits
         # Insertion order is start order: the oldest window is always first.
-        self._windows: OrderedDict[K, _Window] = OrderedDict()
-        self._overflow: _Window | None = None
-        self._closed: list[Summary[K]] = []
-        self._total_start = float("-inf")
-        self._total_logged = 0
+        self._users: OrderedDict[U, _Window[K]] = OrderedDict()
+        self._overflow: tuple[float, _Count] | None = None
+        self._closed: list[Summary[U, K]] = []
 
     def __len__(self) -> int:
-        return len(self._windows)
+        """Keys remembered (at most users x share)."""
+        return sum(len(w.keys) for w in self._users.values())
 
-    def offer(self, key: K, now: float, count: int = 1) -> bool:
-        """`count` drops of `key` at `now`: True to log them as one entry, False if
-        they were counted for a summary instead."""
+    def offer(self, user: U, key: K, now: float, count: int = 1) -> bool:
+        """`count` drops of `user` like `key` at `now`: True to log them as one entry,
+        False if they were counted for a summary instead."""
         limits = self.limits
-        if now - self._total_start >= limits.window:
-            self._total_start, self._total_logged = now, 0
-        window = self._windows.get(key)
-        if window is not None and now - window.start >= limits.window:
-            del self._windows[key]
-            self._close(key, window)
-            window = None
+        self._close_ended(now)
+        window = self._users.get(user)
         if window is None:
-            if self._total_logged >= limits.total or len(self._windows) >= limits.keys:
-                self._overflow = self._overflow or _Window(now)
-                self._suppress(self._overflow, now, count)
+            if len(self._users) >= limits.users:
+                if self._overflow is None:
+                    self._overflow = (now, _Count())
+                self._overflow[1].suppress(count, now)
                 return False
-            window = self._windows[key] = _Window(now)
-        if window.logged < limits.burst and self._total_logged < limits.total:
+            window = self._users[user] = _Window(now)
+        counted = window.keys.get(key)
+        if counted is None:
+            if window.logged >= limits.share:
+                window.beyond.suppress(count, now)
+                return False
+            counted = window.keys[key] = _Count()
+        if counted.logged < limits.burst and window.logged < limits.share:
+            counted.logged += 1
             window.logged += 1
-            self._total_logged += 1
             return True
-        self._suppress(window, now, count)
+        counted.suppress(count, now)
         return False
 
-    @staticmethod
-    def _suppress(window: _Window, now: float, count: int) -> None:
-        window.suppressed += count
-        window.last = now
-
-    def _close(self, key: K | None, window: _Window) -> None:
-        if window.suppressed:
-            self._closed.append(Summary(key, window.suppressed, window.start, window.last))
-
-    def due(self, now: float) -> list[Summary[K]]:
-        """The summaries of the windows that have ended by `now`."""
-        while self._windows:
-            key, window = next(iter(self._windows.items()))
+    def _close_ended(self, now: float) -> None:
+        while self._users:
+            user, window = next(iter(self._users.items()))
             if now - window.start < self.limits.window:
                 break
-            del self._windows[key]
-            self._close(key, window)
-        if self._overflow is not None and now - self._overflow.start >= self.limits.window:
-            self._close(None, self._overflow)
-            self._overflow = None
+            del self._users[user]
+            self._close(user, window)
+        if self._overflow is not None and now - self._overflow[0] >= self.limits.window:
+            self._close_overflow()
+
+    def _close(self, user: U, window: _Window[K]) -> None:
+        for key, counted in window.keys.items():
+            if counted.suppressed:
+                self._closed.append(
+                    Summary(KEY, user, key, counted.suppressed, window.start, counted.last)
+                )
+        if window.beyond.suppressed:
+            beyond = window.beyond
+            self._closed.append(Summary(USER, user, None, beyond.suppressed, window.start,
+                                        beyond.last))  # fmt: skip
+
+    def _close_overflow(self) -> None:
+        assert self._overflow is not None
+        start, counted = self._overflow
+        self._closed.append(Summary(OVERFLOW, None, None, counted.suppressed, start, counted.last))
+        self._overflow = None
+
+    def due(self, now: float) -> list[Summary[U, K]]:
+        """The summaries of the windows that have ended by `now`."""
+        self._close_ended(now)
         done, self._closed = self._closed, []
         return done
 
-    def flush(self) -> list[Summary[K]]:
+    def flush(self) -> list[Summary[U, K]]:
         """Every summary still open, ended now (on stop: no count is left unsaid)."""
-        for key, window in self._windows.items():
-            self._close(key, window)
-        self._windows.clear()
+        for user, window in self._users.items():
+            self._close(user, window)
+        self._users.clear()
         if self._overflow is not None:
-            self._close(None, self._overflow)
-            self._overflow = None
+            self._close_overflow()
         done, self._closed = self._closed, []
         return done
 
     def next_due(self) -> float | None:
         """When `due` next has something to say (None: nothing open)."""
-        times = [w.start + self.limits.window for w in (self._first(), self._overflow) if w]
         if self._closed:
-            times.append(float("-inf"))
-        return min(times, default=None)
-
-    def _first(self) -> _Window | None:
-        return next(iter(self._windows.values()), None)
+            return float("-inf")
+        oldest = next(iter(self._users.values()), None)
+        starts = [oldest.start] if oldest else []
+        if self._overflow is not None:
+            starts.append(self._overflow[0])
+        return min(starts) + self.limits.window if starts else None
 
 
 @dataclass
@@ -218,25 +262,28 @@ def drop_entry(drop: Drop, user: str, indev: str, outdev: str) -> Fields:
     return fields
 
 
-def summary_entry(summary: Summary[DropKey], user_name: Callable[[int | None], str]) -> Fields:
+def summary_entry(summary: DropSummary, user_name: Callable[[int | None], str]) -> Fields:
     n, seconds = summary.suppressed, f"{summary.seconds:.1f}"
-    if summary.key is None:
-        message = (
-            f"{n} more refused packets suppressed in {seconds} s"
-            " (too many users, destinations or entries to log one by one)"
-        )
-        fields = _common(SUMMARY_MESSAGE_ID, "summary", message)
-        fields["TAILSFW_REASON"] = "overflow"
+    fields: Fields = {"TAILSFW_REASON": "overflow"}
+    if summary.scope == OVERFLOW:
+        message = f"{n} more refused packets suppressed in {seconds} s (too many users at once"
     else:
-        uid, dst, prefix = summary.key
-        user = user_name(uid)
-        message = f"{n} more like this suppressed in {seconds} s: {user} to {dst}, {reason(prefix)}"
-        fields = _common(SUMMARY_MESSAGE_ID, "summary", message)
-        fields |= {"TAILSFW_REASON": reason(prefix), "TAILSFW_DST": dst, "TAILSFW_USER": user}
-        if uid is not None:
-            fields["TAILSFW_UID"] = str(uid)
+        user = user_name(summary.user)
+        fields["TAILSFW_USER"] = user
+        if summary.user is not None:
+            fields["TAILSFW_UID"] = str(summary.user)
+        if summary.key is None:  # USER: beyond its share
+            message = (
+                f"{n} more refused packets of {user} suppressed in {seconds} s"
+                " (too many destinations or reasons"
+            )
+        else:
+            dst, prefix = summary.key
+            message = f"{n} more like this suppressed in {seconds} s: {user} to {dst}, "
+            fields |= {"TAILSFW_REASON": reason(prefix), "TAILSFW_DST": dst}
+    message += reason(summary.key[1]) if summary.key else " to log one by one)"
     fields |= {"TAILSFW_SUPPRESSED": str(n), "TAILSFW_SECONDS": seconds}
-    return fields
+    return _common(SUMMARY_MESSAGE_ID, "summary", message) | fields
 
 
 def loss_entry(lost: int, seconds: float | None = None) -> Fields:

@@ -99,12 +99,17 @@ exec {JOURNALD}
                 self.process.kill()
                 self.process.wait()
 
-    def wrap(self, argv: Sequence[str]) -> list[str]:
-        """argv with this journald's socket directory on /run/systemd/journal."""
+    def wrap(self, argv: Sequence[str], files: bool = False) -> list[str]:
+        """argv with this journald's socket directory on /run/systemd/journal (and,
+        with `files`, its journal files on /run/log/journal: the system journal)."""
         script = (
             "set -e; mount -t tmpfs tmpfs /run; mkdir -p /run/systemd/journal;"
-            f' mount --bind {self.sockets} /run/systemd/journal; exec "$@"'
-        )
+            f" mount --bind {self.sockets} /run/systemd/journal;"
+            + (f" mkdir -p /run/log/journal; mount --bind {self.files} /run/log/journal;"
+               " if [ -d /var/log/journal ]; then mount -t tmpfs tmpfs /var/log/journal; fi;"
+               if files else "")
+            + ' exec "$@"'
+        )  # fmt: skip
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv]
 
     def entries(self, *matches: str) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tailsfw import summary, verify
+from tailsfw.droplog import DROP_MESSAGE_ID
 from tests.lab.boot import (
     INSTALLED,
     PROBE_FILE,
@@ -89,6 +90,30 @@ def test_the_daemons_log_lines_are_in_the_journal(container: Container) -> None:
     assert any("in force (/etc/tailsfw/policy.toml)" in m for m in messages), messages
     starts = container.journal("-u", "tailsfwd.service", "SYSLOG_IDENTIFIER=fail-closed")
     assert any("lockdown ruleset loaded" in e["MESSAGE"] for e in starts)
+
+
+def test_drops_believes_tailsfwds_entries_and_not_a_users(container: Container) -> None:
+    """Under a real systemd, journald sets _UID=0 and _SYSTEMD_UNIT=tailsfwd.service on
+    tailsfwd's entries (the match docs/drops.md gives); a user's forged drop entry has
+    neither, and `tailsfwctl drops` leaves it out and counts it."""
+    match = ("_UID=0", "_SYSTEMD_UNIT=tailsfwd.service", "SYSLOG_IDENTIFIER=tailsfwd")
+    own = container.journal(*match)
+    assert any("in force" in e["MESSAGE"] for e in own), own
+    forged = "\n".join([
+        "MESSAGE=forged", f"MESSAGE_ID={DROP_MESSAGE_ID}", "SYSLOG_IDENTIFIER=tailsfwd",
+        "TAILSFW_KIND=drop", "TAILSFW_REASON=Dropped outbound packet", "TAILSFW_FAMILY=ipv4",
+        "TAILSFW_SRC=10.0.0.1", "TAILSFW_DST=198.51.100.250", "TAILSFW_PROTO=UDP", "",
+    ])  # fmt: skip
+    user = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")  # no /etc/passwd there
+    container.run(*user, "logger", "--journald", input=forged)
+    container.wait("the forged entry", lambda: bool(container.journal("MESSAGE=forged")))
+    done = container.run(
+        "env", f"PYTHONPATH={INSTALLED}", f"{INSTALLED}/.venv/bin/python", "-m", "tailsfw.cli",
+        "drops", "--json", check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "198.51.100.250" not in done.stdout
+    assert "ignored 1 entry with tailsfwd's MESSAGE_IDs not written by tailsfwd" in done.stderr
 
 
 def test_systemctl_reload_reloads(container: Container) -> None:

@@ -33,6 +33,7 @@ account names are global and setup removes any leftover of a crashed run.
 from __future__ import annotations
 
 import fcntl
+import grp
 import json
 import os
 import pwd
@@ -55,10 +56,12 @@ from tests.lab.leftovers import remove_leftovers
 from tests.lab.names import LAB_NS, USER_PREFIX, owned_name, temp_prefix
 from tests.lab.netns import delete_namespace
 
+LAB_GIDS = 59100  # the test accounts' groups: far from any system uid
+
 OTHER_ROLE = "other"  # an account that no policy names
 LOCK_PATH = Path("/run/lock/tfwlab.lock")
 HERE = Path(__file__).resolve().parent
-TOOLS = ("ip", "nft", "setpriv", "useradd", "userdel", "groupdel", "getent", "sysctl")
+TOOLS = ("ip", "nft", "setpriv", "useradd", "userdel", "groupmod", "groupdel", "getent", "sysctl")
 
 HOST_IF = "eth0"
 PEER_IF = "lan0"
@@ -196,7 +199,13 @@ def create_account(name: str) -> Account:
             name,
         ]
     )
+    # Never the uid as the gid (useradd gives equal numbers when it can): a uid/gid
+    # swap in the NFLOG decoder or the journal fields would pass unseen.
+    used = {g.gr_gid for g in grp.getgrall()}
+    gid = next(g for g in range(LAB_GIDS, LAB_GIDS + 1000) if g not in used)
+    run(["groupmod", "--gid", str(gid), name])  # also the account's primary group
     entry = pwd.getpwnam(name)
+    assert entry.pw_gid == gid != entry.pw_uid, entry
     return Account(name, entry.pw_uid, entry.pw_gid)
 
 

@@ -51,7 +51,7 @@ def packet_message(
     family: int = socket.AF_INET,
     prefix: str | None = PREFIX,
     uid: int | None = 1000,
-    gid: int | None = 1000,
+    gid: int | None = 1001,  # never the uid: a uid/gid swap shows
     outdev: int | None = 2,
     seq: int | None = 0,
     timestamp: tuple[int, int] | None = None,

@@ -60,8 +60,9 @@ class Journal:
 
 
 def drop(uid: int | None = 1000, dst: str = "198.51.100.10", dport: int = 42) -> Drop:
+    gid = None if uid is None else uid + 7  # never equal: a uid/gid swap shows
     return Drop(4, 17, "192.168.77.2", dst, 29, "Dropped outbound packet: ", 0.0,
-                sport=40000, dport=dport, uid=uid, gid=uid, outdev=2)  # fmt: skip
+                sport=40000, dport=dport, uid=uid, gid=gid, outdev=2)  # fmt: skip
 
 
 @pytest.fixture
@@ -118,7 +119,8 @@ def test_counts_logs_a_burst_and_summarises_the_rest_on_stop(fake: FakeSocket) -
     asyncio.run(scenario())
     first = journal.of(DROP_MESSAGE_ID)[0]
     assert first["TAILSFW_USER"] == "user1000" and first["TAILSFW_OUTDEV"] == "if2"
-    assert "OUT=if2 " in first["MESSAGE"]
+    assert (first["TAILSFW_UID"], first["TAILSFW_GID"]) == ("1000", "1007")
+    assert "OUT=if2 " in first["MESSAGE"] and first["MESSAGE"].endswith(" UID=1000 GID=1007")
     assert [e["TAILSFW_LOST"] for e in journal.of(LOSS_MESSAGE_ID)] == ["7"]
     (summary,) = journal.of(SUMMARY_MESSAGE_ID)  # written on stop
     assert summary["TAILSFW_SUPPRESSED"] == "3" and summary["TAILSFW_USER"] == "user1000"

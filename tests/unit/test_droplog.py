@@ -7,8 +7,11 @@ from hypothesis import strategies as st
 
 from tailsfw.droplog import (
     DROP_MESSAGE_ID,
+    KEY,
     LOSS_MESSAGE_ID,
+    OVERFLOW,
     SUMMARY_MESSAGE_ID,
+    USER,
     Budget,
     Limiter,
     Limits,
@@ -21,93 +24,110 @@ from tailsfw.droplog import (
 )
 from tailsfw.nflog import Drop
 
-LIMITS = Limits(burst=3, window=10.0, total=100, keys=8)
+LIMITS = Limits(burst=3, window=10.0, share=100, users=8)
+Offer = Limiter[str, str]
 
 
 def test_a_burst_then_one_summary_when_the_window_ends() -> None:
-    limiter: Limiter[str] = Limiter(LIMITS)
-    decisions = [limiter.offer("k", t * 0.5) for t in range(10)]  # 0 .. 4.5 s
+    limiter: Offer = Limiter(LIMITS)
+    decisions = [limiter.offer("u", "k", t * 0.5) for t in range(10)]  # 0 .. 4.5 s
     assert decisions == [True] * 3 + [False] * 7
     assert limiter.due(9.9) == []
     assert limiter.next_due() == 10.0
-    assert limiter.due(10.0) == [Summary("k", 7, 0.0, 4.5)]
+    assert limiter.due(10.0) == [Summary(KEY, "u", "k", 7, 0.0, 4.5)]
     assert limiter.due(20.0) == []  # said once
-    assert limiter.offer("k", 20.0)  # a new window, a new burst
+    assert limiter.offer("u", "k", 20.0)  # a new window, a new burst
     assert len(limiter) == 1
 
 
 def test_a_window_that_only_logged_says_nothing_more() -> None:
-    limiter: Limiter[str] = Limiter(LIMITS)
-    assert limiter.offer("k", 0.0)
+    limiter: Offer = Limiter(LIMITS)
+    assert limiter.offer("u", "k", 0.0)
     assert limiter.due(11.0) == []
     assert len(limiter) == 0
     assert limiter.next_due() is None
 
 
 def test_keys_are_limited_apart() -> None:
-    limiter: Limiter[str] = Limiter(LIMITS)
+    limiter: Offer = Limiter(LIMITS)
     for key in "ab":
-        assert [limiter.offer(key, 1.0) for _ in range(4)] == [True, True, True, False]
+        assert [limiter.offer("u", key, 1.0) for _ in range(4)] == [True, True, True, False]
     assert sorted(s.key or "" for s in limiter.due(11.0)) == ["a", "b"]
 
 
 def test_an_ended_window_is_summarised_even_without_a_tick() -> None:
-    limiter: Limiter[str] = Limiter(LIMITS)
+    limiter: Offer = Limiter(LIMITS)
     for _ in range(5):
-        limiter.offer("k", 0.0)
-    assert limiter.offer("k", 12.0)  # a new window opens; the old one's summary waits
+        limiter.offer("u", "k", 0.0)
+    assert limiter.offer("u", "k", 12.0)  # a new window opens; the old one's summary waits
     assert limiter.next_due() == float("-inf")
-    assert limiter.due(12.0) == [Summary("k", 2, 0.0, 0.0)]
+    assert limiter.due(12.0) == [Summary(KEY, "u", "k", 2, 0.0, 0.0)]
 
 
-def test_too_many_keys_go_to_the_overflow_bucket() -> None:
-    limiter: Limiter[int] = Limiter(Limits(burst=1, window=10.0, total=100, keys=2))
-    assert [limiter.offer(k, 0.0) for k in range(5)] == [True, True, False, False, False]
-    assert len(limiter) == 2
-    summaries = limiter.due(10.0)
-    assert summaries == [Summary(None, 3, 0.0, 0.0)]
+def test_one_users_flood_never_hides_another_users_drops() -> None:
+    """Issue 18: one packet to each of 150 addresses used to fill the global
+    budget, and root's and amnesia's next drops went into a summary."""
+    limiter: Limiter[int, int] = Limiter()
+    flood = [limiter.offer(1001, address, 1.0) for address in range(150)]
+    assert sum(flood) == Limits().share
+    assert limiter.offer(0, 1, 1.5) and limiter.offer(1000, 1, 1.5)
+    assert [limiter.offer(1000, 1, 2.0) for _ in range(5)] == [True] * 4 + [False]
+    assert limiter.due(11.0) == [Summary(USER, 1001, None, 150 - Limits().share, 1.0, 1.0)]
+    assert limiter.due(11.5) == [Summary(KEY, 1000, 1, 1, 1.5, 2.0)]
 
 
-def test_the_total_caps_entries_of_all_keys_together() -> None:
-    limiter: Limiter[int] = Limiter(Limits(burst=5, window=10.0, total=4, keys=100))
-    assert sum(limiter.offer(k % 3, 1.0) for k in range(30)) == 4
-    assert limiter.offer(7, 11.0)  # the next window has room again
+def test_a_users_share_caps_its_entries_of_all_keys() -> None:
+    limiter: Offer = Limiter(Limits(burst=5, window=10.0, share=4, users=10))
+    assert sum(limiter.offer("u", str(k % 3), 1.0) for k in range(30)) == 4
+    assert limiter.offer("u", "7", 11.0)  # the next window has room again
+
+
+def test_too_many_users_go_to_the_overflow_bucket() -> None:
+    limiter: Limiter[int, str] = Limiter(Limits(burst=1, window=10.0, share=100, users=2))
+    assert [limiter.offer(u, "k", 0.0) for u in range(5)] == [True, True, False, False, False]
+    assert limiter.due(10.0) == [Summary(OVERFLOW, None, None, 3, 0.0, 0.0)]
 
 
 def test_flush_says_every_open_count() -> None:
-    limiter: Limiter[str] = Limiter(Limits(burst=1, window=10.0, total=100, keys=1))
-    for key in ("a", "a", "b"):
-        limiter.offer(key, 1.0)
-    assert limiter.flush() == [Summary("a", 1, 1.0, 1.0), Summary(None, 1, 1.0, 1.0)]
+    limiter: Offer = Limiter(Limits(burst=1, window=10.0, share=1, users=1))
+    for user, key in (("a", "k"), ("a", "k"), ("a", "l"), ("b", "k")):
+        limiter.offer(user, key, 1.0)
+    assert limiter.flush() == [
+        Summary(KEY, "a", "k", 1, 1.0, 1.0),
+        Summary(USER, "a", None, 1, 1.0, 1.0),
+        Summary(OVERFLOW, None, None, 1, 1.0, 1.0),
+    ]
     assert limiter.flush() == [] and len(limiter) == 0
 
 
 offers = st.lists(
-    st.tuples(st.integers(0, 20), st.floats(0, 5, allow_nan=False)), max_size=300
-)  # (key, time step)
+    st.tuples(st.integers(0, 4), st.integers(0, 20), st.floats(0, 5, allow_nan=False)),
+    max_size=300,
+)  # (user, key, time step)
 
 
 @given(offers, st.sampled_from([LIMITS, Limits(2, 1.0, 5, 3), Limits(1, 30.0, 1, 1)]))
 def test_every_drop_is_logged_or_summarised_and_memory_is_bounded(
-    steps: list[tuple[int, float]], limits: Limits
+    steps: list[tuple[int, int, float]], limits: Limits
 ) -> None:
-    limiter: Limiter[int] = Limiter(limits)
+    limiter: Limiter[int, int] = Limiter(limits)
     now = logged = summarised = 0.0
-    entries_at: list[float] = []
-    for key, step in steps:
+    entries_at: dict[int, list[float]] = {}
+    for user, key, step in steps:
         now += step
-        if limiter.offer(key, now):
+        if limiter.offer(user, key, now):
             logged += 1
-            entries_at.append(now)
+            entries_at.setdefault(user, []).append(now)
         summarised += sum(s.suppressed for s in limiter.due(now))
-        assert len(limiter) <= limits.keys
+        assert len(limiter) <= limits.total
     summarised += sum(s.suppressed for s in limiter.flush())
     assert logged + summarised == len(steps)
-    # No span of one window holds more than twice the total (windows restart
-    # at the first entry after the last one ended).
-    for i, start in enumerate(entries_at):
-        within = [t for t in entries_at[i:] if t < start + limits.window]
-        assert len(within) <= 2 * limits.total
+    # No span of one window holds more than twice a user's share of its entries
+    # (windows restart at the first drop after the last one ended).
+    for times in entries_at.values():
+        for i, start in enumerate(times):
+            within = [t for t in times[i:] if t < start + limits.window]
+            assert len(within) <= 2 * limits.share
 
 
 def test_budget_pauses_reading_past_its_share() -> None:
@@ -159,16 +179,20 @@ def test_drop_entry_fields() -> None:
 
 
 def test_summary_and_loss_entries() -> None:
-    key = (1000, "198.51.100.10", "Dropped outbound packet: ")
-    summary = summary_entry(Summary(key, 1234, 1.0, 9.5), lambda uid: f"user{uid}")
+    key = ("198.51.100.10", "Dropped outbound packet: ")
+    summary = summary_entry(Summary(KEY, 1000, key, 1234, 1.0, 9.5), lambda uid: f"user{uid}")
     assert summary["MESSAGE_ID"] == SUMMARY_MESSAGE_ID
     assert summary["MESSAGE"] == (
         "1234 more like this suppressed in 8.5 s: user1000 to 198.51.100.10,"
         " Dropped outbound packet"
     )
     assert (summary["TAILSFW_SUPPRESSED"], summary["TAILSFW_UID"]) == ("1234", "1000")
-    overflow = summary_entry(Summary(None, 5, 0.0, 1.0), lambda uid: "?")
+    overflow = summary_entry(Summary(OVERFLOW, None, None, 5, 0.0, 1.0), lambda uid: "?")
     assert overflow["TAILSFW_REASON"] == "overflow" and overflow["TAILSFW_SUPPRESSED"] == "5"
+    assert "TAILSFW_USER" not in overflow
+    beyond = summary_entry(Summary(USER, 1000, None, 7, 0.0, 2.0), lambda uid: f"user{uid}")
+    assert beyond["MESSAGE"].startswith("7 more refused packets of user1000 suppressed in 2.0 s")
+    assert (beyond["TAILSFW_USER"], beyond["TAILSFW_UID"]) == ("user1000", "1000")
     loss = loss_entry(12)
     assert (loss["MESSAGE_ID"], loss["TAILSFW_LOST"]) == (LOSS_MESSAGE_ID, "12")
     assert loss_entry(7, 3.0)["MESSAGE"].startswith("7 more in 3.0 s refused packets")

@@ -27,7 +27,7 @@ def test_ipv4_tcp() -> None:
     drop = one(packet_message(ipv4(6, "192.168.77.2", "198.51.100.10", ports(40000, 42))))
     assert drop == Drop(
         family=4, protocol=6, src="192.168.77.2", dst="198.51.100.10", length=40,
-        prefix=PREFIX, timestamp=NOW, sport=40000, dport=42, uid=1000, gid=1000, outdev=2, seq=0,
+        prefix=PREFIX, timestamp=NOW, sport=40000, dport=42, uid=1000, gid=1001, outdev=2, seq=0,
     )  # fmt: skip
     assert drop.protocol_name == "TCP"
 
@@ -70,6 +70,19 @@ def test_ipv6_extension_headers_are_walked() -> None:
     later = bytes([17, 0, 0x05, 0x00]) + b"\0" * 4  # offset 160: no transport header here
     drop = one(packet_message(ipv6(44, "::1", "::2", later + b"\0" * 8)))
     assert (drop.protocol, drop.sport) == (17, None)
+
+
+@pytest.mark.parametrize("icv", [12, 16])  # HMAC-SHA1-96, HMAC-SHA256-128
+def test_ipv6_authentication_header_is_sized_in_4_octet_units(icv: int) -> None:
+    """AH (next header 51) gives its length in 4-octet units minus 2 (RFC 4302),
+    unlike the other extension headers (8-octet units minus 1)."""
+    ah = bytes([17, (12 + icv) // 4 - 2, 0, 0]) + b"\1" * 8 + b"\xee" * icv  # next: UDP
+    drop = one(packet_message(ipv6(51, "::1", "::2", ah + ports(5353, 42)),
+                              family=socket.AF_INET6))  # fmt: skip
+    assert (drop.protocol_name, drop.sport, drop.dport) == ("UDP", 5353, 42)
+    hop_by_hop = bytes([51, 0]) + b"\0" * 6  # AH after another extension header
+    drop = one(packet_message(ipv6(0, "::1", "::2", hop_by_hop + ah + ports(40000, 443))))
+    assert (drop.protocol_name, drop.sport, drop.dport) == ("UDP", 40000, 443)
 
 
 def test_transport_cut_by_the_copy_range_is_not_malformed() -> None:
