@@ -103,6 +103,10 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_drops(args: argparse.Namespace) -> int:
+    if args.summary:
+        from . import dropsummary
+
+        return dropsummary.command(args)
     from . import dropquery
 
     return dropquery.command(args)

@@ -377,20 +377,25 @@ class DropJournal:
 # -- the command ----------------------------------------------------------------
 
 
+def opened(args: argparse.Namespace) -> tuple[DropJournal, datetime | None]:
+    """The journal and the --since time the arguments ask for (QueryError if wrong)."""
+    since = parse_since(args.since, datetime.now()) if args.since is not None else None
+    return DropJournal(args.directory), since
+
+
+def failed(e: QueryError) -> int:
+    print(f"tailsfwctl: {e}", file=sys.stderr)
+    return e.code
+
+
 def command(args: argparse.Namespace) -> int:
     """`tailsfwctl drops`: entries on stdout, what was left out on stderr; every
     failure is one line on stderr, exit 1 (the journal) or 2 (an argument)."""
     try:
-        if args.summary and (args.follow or args.user is not None):
-            raise QueryError("--summary counts every user once: without --follow and --user", USAGE)
-        since = parse_since(args.since, datetime.now()) if args.since is not None else None
-        drops = DropJournal(args.directory)
+        drops, since = opened(args)
     except QueryError as e:
-        print(f"tailsfwctl: {e}", file=sys.stderr)
-        return e.code
+        return failed(e)
     try:
-        if args.summary:
-            return _summary(args, drops, since)
         drops.since(since)
         try:
             for entry in drops.follow() if args.follow else drops.entries():
@@ -404,21 +409,3 @@ def command(args: argparse.Namespace) -> int:
         return 0
     finally:
         drops.close()
-
-
-def _summary(args: argparse.Namespace, drops: DropJournal, since: datetime | None) -> int:
-    # Only --summary asks the daemon: D-Bus and the status file are imported here.
-    from . import dropsummary, observe, summary
-
-    properties, source = observe.daemon(args.bus, args.state_file)
-    daemon = dropsummary.counted(properties, source)
-    start = since or (daemon.running_since if daemon else None)
-    oldest = drops.oldest()
-    drops.since(start)
-    journal_tally = dropsummary.tally(drops.entries())
-    shown_args = (daemon, source, journal_tally, start, oldest, drops.notes())
-    if args.json:
-        print(json.dumps(dropsummary.to_json(*shown_args), sort_keys=True))
-    else:
-        print(dropsummary.render(*shown_args), end="")
-    return summary.OK if daemon else summary.NO_DAEMON

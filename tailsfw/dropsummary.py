@@ -10,13 +10,15 @@ that drops happened even when their entries are gone.
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from .droplog import reason
-from .dropquery import Entry, shown
+from .dropquery import USAGE, Entry, QueryError, failed, opened, shown
 
 BEYOND = "(users beyond the limit)"  # overflow summaries name no user
 SLACK = timedelta(seconds=1)  # the journal's first entry may follow the start a little
@@ -142,3 +144,31 @@ def to_json(
                     "summaries": journal.summaries, "lost": journal.lost, "notes": notes},
         "reaches_back": reaches_back(daemon, oldest),
     }  # fmt: skip
+
+
+def command(args: argparse.Namespace) -> int:
+    """`tailsfwctl drops --summary`: tailsfwd's counters beside the journal's."""
+    # Only --summary asks the daemon: D-Bus and the status file are imported here.
+    from . import observe, summary
+
+    try:
+        if args.follow or args.user is not None:
+            raise QueryError("--summary counts every user once: without --follow and --user", USAGE)
+        drops, since = opened(args)
+    except QueryError as e:
+        return failed(e)
+    try:
+        properties, source = observe.daemon(args.bus, args.state_file)
+        daemon = counted(properties, source)
+        start = since or (daemon.running_since if daemon else None)
+        oldest = drops.oldest()
+        drops.since(start)
+        journal_tally = tally(drops.entries())
+        shown_args = (daemon, source, journal_tally, start, oldest, drops.notes())
+        if args.json:
+            print(json.dumps(to_json(*shown_args), sort_keys=True))
+        else:
+            print(render(*shown_args), end="")
+        return summary.OK if daemon else summary.NO_DAEMON
+    finally:
+        drops.close()
