@@ -31,8 +31,11 @@ class NftGenerations:
     """Receives a timestamp for each nftables transaction committed in a namespace."""
 
     def __init__(self, namespace: str) -> None:
+        # Every commit's notices carry the whole ruleset: room for a storm's
+        # worth of them between two drains (a full buffer lost them: ENOBUFS).
         self.sock = in_netns(namespace, lambda: nlsock.open_socket(
-            NETLINK_NETFILTER, memberships=(NFNLGRP_NFTABLES,), blocking=True))  # fmt: skip
+            NETLINK_NETFILTER, rcvbuf=1 << 25, memberships=(NFNLGRP_NFTABLES,),
+            blocking=True))  # fmt: skip
 
     def close(self) -> None:
         self.sock.close()
