@@ -221,3 +221,30 @@ def run_daemon(
         yield daemon
     finally:
         daemon.close()
+
+
+@contextlib.contextmanager
+def unit_cgroup() -> Iterator[Callable[[int], None]]:
+    """A cgroup named as systemd names tailsfwd's (…/tailsfwd.service, in
+    systemd's hierarchy or the unified one), and a function that moves a
+    process into it: only root can, which is what status trusts.  (Moved from
+    here: `ip netns exec` gives the daemon a /sys without the cgroup mounts.)"""
+    base = Path("/sys/fs/cgroup/systemd")
+    base = base if base.is_dir() else Path("/sys/fs/cgroup")
+    slice_ = base / f"tfwlab-{os.getpid()}.slice"
+    unit = slice_ / "tailsfwd.service"
+    unit.mkdir(parents=True)
+
+    def into_unit(pid: int) -> None:
+        (unit / "cgroup.procs").write_text(f"{pid}\n")
+
+    try:
+        yield into_unit
+    finally:
+        for _ in range(50):  # the daemon was killed: its cgroup empties at once, or nearly
+            try:
+                unit.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+        slice_.rmdir()

@@ -28,7 +28,7 @@ from tailsfw.droplog import (
 )
 from tests.lab import policies
 from tests.lab.command import PYTHON, REPO, VENV_PYTHON, netns_exec
-from tests.lab.daemon_process import run_daemon
+from tests.lab.daemon_process import run_daemon, unit_cgroup
 from tests.lab.journald import AuditProcess, Journald, run_audit, run_journald
 from tests.lab.kernel import lab_host_put_back, reset_host
 from tests.lab.topology import INTERNET_V4, INTERNET_V6, Lab
@@ -144,10 +144,13 @@ def test_tailsfwd_logs_the_tails_cases(
     """The same, with the audit inside tailsfwd, logging to the test's journald."""
     with (
         lab_host_put_back(lab),
+        unit_cgroup() as into_unit,
         run_daemon(lab.host_ns, enforced, tmp_path / "d", wrap=journald.wrap) as daemon,
     ):
         daemon.wait_ready()
         daemon.wait_status(lambda s: s["drops"]["bound"])
+        # As systemd runs it, so that its status file is believed (--summary below).
+        into_unit(json.loads((daemon.state_dir / "status.json").read_text())["pid"])
         check_tails_cases(lab, journald, daemon.process.pid)
         user = lab.account("amnesia").name
         daemon.wait_status(lambda s: s["drops"]["by_user"].get(user, 0) >= 2)

@@ -13,8 +13,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from tailsfw.status import HEARTBEAT
 from tests.lab import policies
 from tests.lab.bus import private_system_bus
 from tests.lab.command import REPO, VENV_PYTHON, netns_exec
-from tests.lab.daemon_process import run_daemon
+from tests.lab.daemon_process import run_daemon, unit_cgroup
 from tests.lab.kernel import remove_tailsfw_tables, tailsfw_tables
 from tests.lab.topology import INTERNET_V4, Lab
 
@@ -88,33 +87,6 @@ def test_another_policy_is_3(lab: Lab, policy: Path, tmp_path: Path) -> None:
     assert tailsfwctl(lab, "apply", "--policy", str(other)).returncode == 0
     code, data = status(lab, policy, tmp_path / "none.json")
     assert (code, data["kernel"]["holds"]) == (summary.NOT_IN_FORCE, "other")
-
-
-@contextmanager
-def unit_cgroup() -> Iterator[Callable[[int], None]]:
-    """A cgroup named as systemd names tailsfwd's (…/tailsfwd.service, in
-    systemd's hierarchy or the unified one), and a function that moves a
-    process into it: only root can, which is what status trusts.  (Moved from
-    here: `ip netns exec` gives the daemon a /sys without the cgroup mounts.)"""
-    base = Path("/sys/fs/cgroup/systemd")
-    base = base if base.is_dir() else Path("/sys/fs/cgroup")
-    slice_ = base / f"tfwlab-{os.getpid()}.slice"
-    unit = slice_ / "tailsfwd.service"
-    unit.mkdir(parents=True)
-
-    def into_unit(pid: int) -> None:
-        (unit / "cgroup.procs").write_text(f"{pid}\n")
-
-    try:
-        yield into_unit
-    finally:
-        for _ in range(50):  # the daemon was killed: its cgroup empties at once, or nearly
-            try:
-                unit.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
-        slice_.rmdir()
 
 
 @pytest.fixture
