@@ -16,9 +16,12 @@ import re
 import stat
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+from . import nspolicy
+from .nspolicy import Namespace, Transparent
 
 Family = Literal["ipv4", "ipv6"]
 Protocol = Literal["tcp", "udp"]
@@ -135,6 +138,8 @@ class Policy:
     lan: Lan
     redirects: tuple[Redirect, ...]
     dns: Dns = field(default_factory=Dns)
+    namespaces: tuple[Namespace, ...] = ()
+    transparent: Transparent = field(default_factory=Transparent)
 
 
 def load(path: str | Path) -> Policy:
@@ -308,8 +313,11 @@ class _Parser:
 
     def policy(self, data: Mapping[str, Any]) -> Policy:
         top = self.table(
-            data, "top level", ("log", "users", "local", "direct", "lan", "redirect", "dns")
-        )
+            data,
+            "top level",
+            ("log", "users", "local", "direct", "lan", "redirect", "dns", "namespace",
+             "transparent"),
+        )  # fmt: skip
         users = self.users(self.required(top, "users", "top level"))
         known = {u.key for u in users}
         policy = Policy(
@@ -327,9 +335,17 @@ class _Parser:
                 for i, v in enumerate(self.array(top.get("redirect", []), "redirect"))
             ),
             dns=self.dns(top.get("dns", {})),
+            namespaces=nspolicy.namespaces(self, top.get("namespace", [])),
         )
         self.check_local_reachable(policy.local)
-        return policy
+        transparent = nspolicy.transparent(
+            self,
+            top.get("transparent", {}),
+            known,
+            [d.user for d in policy.direct],
+            policy.local,
+        )
+        return replace(policy, transparent=transparent)
 
     def array(self, value: Any, where: str) -> list[Any]:
         if not isinstance(value, list):
