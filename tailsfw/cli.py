@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import compiler, dropquery, netlink, observe, policy, summary, users, verify
 from .facts import Facts
-from .nft import Nft, NftError
+from .nft import Nft, NftError, scratch_namespace
 
 DEFAULT_POLICY = Path("/etc/tailsfw/policy.toml")
 CANNOT_TELL = 2  # verify: the kernel could not be compared (1 is "it differs")
@@ -39,7 +39,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     # namespace (never this one) and list it back.
     script = "nft -j -f - && nft list ruleset"
     done = subprocess.run(
-        ["unshare", "--map-root-user", "--net", "sh", "-c", script],
+        [*scratch_namespace(), "sh", "-c", script],
         input=ruleset.to_json(),
         text=True,
         capture_output=True,

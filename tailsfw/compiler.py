@@ -27,6 +27,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 
+from . import nsrules
 from .facts import Facts
 from .nftjson import (
     ACCEPT,
@@ -211,14 +212,19 @@ class _Compiler(Builder):
             self.rule(REFUSE, l4proto("tcp"), {"reject": {"type": "tcp reset"}})
             self.rule(REFUSE, {"reject": {"type": "icmpv6", "expr": "port-unreachable"}})
 
-    def related_chain(self, name: str, direction: str, *final: Json) -> None:
-        """RELATED is only accepted on lo, for the errors our own rejects send."""
+    def related_chain(
+        self, name: str, direction: str, *final: Json, also: list[Json] | None = None
+    ) -> None:
+        """RELATED is only accepted on lo, for the errors our own rejects send
+        (and `also`: the namespaces' veths, for the rejects of their packets)."""
         lo = match(meta(direction), "lo")
         self.chain(name)
         icmp = "icmp" if self.family == "ip" else "ipv6-icmp"
         self.rule(name, lo, l4proto(icmp), ACCEPT)
         if self.family == "ip6":
             self.rule(name, lo, flags("rst", "rst"), ACCEPT)
+        if also is not None:
+            self.rule(name, *also)
         self.rule(name, *final)
 
     def local_chain(self, family: Family) -> bool:
@@ -274,6 +280,12 @@ class _Compiler(Builder):
                         anyport.setdefault((proto, uid), verdict)
                     for port in rule.ports or ():
                         exact.setdefault((proto, port, uid), verdict)
+        if rules and rules[0].family == "ipv4":
+            # Transparent proxying's accept at the TransPort, after what the
+            # [[local]] entries decide (the loader refuses a reject there).
+            transparent = self.policy.transparent
+            for uid in self._uids(transparent.users):
+                exact.setdefault((PROTO["tcp"], transparent.to_port, uid), ACCEPT)
         return exact, anyport
 
     def _uids(self, users: Iterable[str]) -> list[int]:
@@ -394,11 +406,14 @@ class _Compiler(Builder):
         self.chain("input", "input")
         self.rule("input", match(CT_STATE, "established"), ACCEPT)
         self.rule("input", match(meta("iif"), "lo"), ACCEPT)
+        namespaces = self.policy.namespaces
+        nsrules.host_input(self, namespaces)
         self.rule("input", COUNTER, {"drop": None})
         self.chain("forward", "forward")
+        nsrules.host_forward(self, namespaces)
         self.rule("forward", COUNTER, {"drop": None})
         self.reject_chain()
-        self.related_chain("out_related", "oif", jump(REFUSE))
+        self.related_chain("out_related", "oif", jump(REFUSE), also=nsrules.related_out(namespaces))
         direct = [(self.uids[r.user], r) for r in self.policy.direct if r.user in self.uids]
         self.conntracked_chain(sorted(uid for uid, r in direct if r.udp_ports))
         has_local = self.local_chain("ipv4")
@@ -439,6 +454,8 @@ class _Compiler(Builder):
             self.rule("output", dispatch, comment="Tails rules 3, 4")
         self.rule("output", jump(REFUSE))
         self.nat_chain([uid for uid, _ in direct])
+        nsrules.transparent_nat(self, self.policy.transparent, self.uids)
+        nsrules.host_nat(self, namespaces)
 
     def ipv6(self) -> None:
         self.family = "ip6"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 from typing import Any
 
@@ -17,6 +18,15 @@ from nftables import Nftables
 
 class NftError(RuntimeError):
     """libnftables refused a command; the message carries nft's own text."""
+
+
+def scratch_namespace() -> list[str]:
+    """The command prefix that runs in a throw-away network namespace (never
+    this one).  Root gets a plain one: in a user namespace the kernel refuses
+    some statements (rewriting `ip ttl`, as the clearnet forward does)."""
+    if os.geteuid() == 0:
+        return ["unshare", "--net"]
+    return ["unshare", "--map-root-user", "--net"]
 
 
 # "internal:0:0-0: " and the like: where in the (one-line JSON) input.

@@ -142,12 +142,22 @@ class Builder:
     def table(self) -> None:
         self.objects.append({"table": {"family": self.family, "name": TABLE}})
 
-    def chain(self, name: str, hook: str | None = None, kind: str = "filter") -> None:
+    def chain(
+        self,
+        name: str,
+        hook: str | None = None,
+        kind: str = "filter",
+        policy: str | None = None,
+    ) -> None:
         chain: Json = {**self._base(), "name": name}
         if hook is not None:
-            # Base chains drop what no rule accepts; nat only rewrites.
-            policy, prio = ("accept", -100) if kind == "nat" else ("drop", 0)
-            chain.update(type=kind, hook=hook, prio=prio, policy=policy)
+            # Base chains drop what no rule accepts; nat only rewrites, at
+            # its hook's usual priority (dstnat -100, srcnat 100).
+            if kind == "nat":
+                policy, prio = "accept", (100 if hook == "postrouting" else -100)
+            else:
+                prio = 200 if hook == "postrouting" else 0  # postrouting: after srcnat
+            chain.update(type=kind, hook=hook, prio=prio, policy=policy or "drop")
         self.objects.append({"chain": chain})
 
     def rule(self, chain: str, *expr: Json, comment: str | None = None) -> None:

@@ -29,7 +29,7 @@ from . import compiler, policy, summary, users
 from .droplog import DropCounters
 from .facts import Facts
 from .netlink import NetlinkSource, Snapshot
-from .nft import Nft, NftError
+from .nft import Nft, NftError, scratch_namespace
 from .service import BUS_NAME, INTERFACE, OBJECT_PATH, properties
 from .status import Counters, Status
 from .sysctl import SysctlState
@@ -209,7 +209,7 @@ def ours(listing: list[dict[str, Any]]) -> list[Any]:
 def scratch_listing(ruleset: compiler.Ruleset) -> list[Any]:
     """The listing nft gives back for `ruleset`, loaded in a throw-away network namespace."""
     done = subprocess.run(
-        ["unshare", "--map-root-user", "--net", "sh", "-c", "nft -j -f - && nft -j list ruleset"],
+        [*scratch_namespace(), "sh", "-c", "nft -j -f - && nft -j list ruleset"],
         input=ruleset.to_json(), capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     if done.returncode != 0:

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 from tailsfw import compiler, observe
+from tailsfw.nft import scratch_namespace
 from tests.lab.boot import REPO, VENV, installed_units, write_units
 
 FAIL_CLOSED = REPO / "libexec" / "fail-closed"
@@ -33,7 +34,7 @@ def test_systemd_analyze_verify_passes_for_every_shipped_unit(tmp_path: Path) ->
 
 def in_scratch_namespace(script: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["unshare", "--map-root-user", "--net", "sh", "-c", script],
+        [*scratch_namespace(), "sh", "-c", script],
         input=stdin, capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
 
