@@ -47,9 +47,13 @@ def lab_policy(lab: Lab, path: Path, edit: Edit | None = None) -> Path:
 
 def apply(lab: Lab, policy: Path) -> subprocess.CompletedProcess[str]:
     """`tailsfwctl apply` in the lab host; never raises (callers check)."""
+    # `python -m` from this checkout: the venv's tailsfwctl script imports
+    # whichever checkout the shared venv was installed from.
+    python = str(Path(TAILSFWCTL).with_name("python"))
     return subprocess.run(
-        ["ip", "netns", "exec", lab.host_ns, TAILSFWCTL, "apply", "--policy", str(policy)],
-        capture_output=True, text=True, timeout=60, check=False,
+        ["ip", "netns", "exec", lab.host_ns, python, "-m", "tailsfw.cli", "apply",
+         "--policy", str(policy)],
+        capture_output=True, text=True, timeout=60, check=False, cwd=REPO,
     )  # fmt: skip
 
 
