@@ -55,6 +55,23 @@ def _names(values: Iterable[str]) -> object:
     return ordered[0] if len(ordered) == 1 else {"set": ordered}
 
 
+def _spans(nets: Iterable[ipaddress.IPv4Network]) -> list[object]:
+    """Networks as the fewest contiguous spans, each written as nft lists it
+    back (a prefix, or a range: nft merges adjacent set elements, so a set
+    of /30s would read back as something else than what was loaded)."""
+    merged: list[list[ipaddress.IPv4Address]] = []
+    for net in ipaddress.collapse_addresses(nets):
+        if merged and int(net.network_address) == int(merged[-1][1]) + 1:
+            merged[-1][1] = net.broadcast_address
+        else:
+            merged.append([net.network_address, net.broadcast_address])
+    spans: list[object] = []
+    for low, high in merged:
+        (*cidrs,) = ipaddress.summarize_address_range(low, high)
+        spans.append(network(cidrs[0]) if len(cidrs) == 1 else {"range": [str(low), str(high)]})
+    return spans
+
+
 def host_input(b: Builder, namespaces: Sequence[Namespace]) -> None:
     """The input chain's rules for the namespaces (before its final drop)."""
     if not namespaces:
@@ -81,9 +98,9 @@ def host_forward(b: Builder, namespaces: Sequence[Namespace]) -> None:
     if not clearnet:
         return
     iif = match(meta("iifname"), _names(ns.veth for ns in clearnet))
-    nets = [network(net) for net in ipaddress.collapse_addresses(ns.network for ns in namespaces)]
-    b.rule("forward", iif, match(payload("ip", "daddr"), {"set": nets}), COUNTER, REJECT,
-           comment="clearnet: never to a namespace")  # fmt: skip
+    for span in _spans(ns.network for ns in namespaces):
+        b.rule("forward", iif, match(payload("ip", "daddr"), span), COUNTER, REJECT,
+               comment="clearnet: never to a namespace")  # fmt: skip
     b.rule("forward", iif, match(meta("oifname"), _names(ns.veth for ns in namespaces)),
            COUNTER, REJECT)  # fmt: skip
     ttl = {"mangle": {"key": payload("ip", "ttl"), "value": FORWARDED_TTL}}

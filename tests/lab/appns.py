@@ -16,6 +16,7 @@ reach).
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -41,6 +42,16 @@ from tests.lab.topology import (
 # that no namespace is given (the raw ControlPort, another SocksPort).
 HOST_PORTS = (951, 9050, 9052, 9062)
 GUEST_PORT = 7000
+SEEN_TABLE = "tfwseen"
+SEEN_RULESET = f"""
+table netdev {SEEN_TABLE} {{
+    counter seen {{ }}
+    chain ingress {{
+        type filter hook ingress device "{GUEST_VETH}" priority 0; policy accept;
+        meta protocol ip counter name "seen"
+    }}
+}}
+"""
 
 
 @dataclass
@@ -87,6 +98,8 @@ class AppNamespaces:
             f"link set {GUEST_VETH} up",
             *([f"route add default via {ns.host}"] if ns.clearnet else []),
         ])  # fmt: skip
+        # What arrives inside, counted (not ARP): see guest_packets.
+        self.run_in(ns, ["nft", "-f", "-"], input=SEEN_RULESET)
         # Lets probe.py use ICMP echo sockets inside.
         self.run_in(ns, ["sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"])
 
@@ -123,6 +136,12 @@ class AppNamespaces:
         present = {ns.veth for ns in self.namespaces}
         for parts, value in nsrules.host_sysctls(self.namespaces, present):
             self.lab.host(["sysctl", "-q", "-w", f"{sysctl_name(parts)}={value}"])
+
+    def guest_packets(self, ns: Namespace) -> int:
+        """IPv4 packets that arrived inside the namespace so far."""
+        listing = self.run_in(ns, ["nft", "-j", "list", "counter", "netdev", SEEN_TABLE, "seen"])
+        (counter,) = [o["counter"] for o in json.loads(listing)["nftables"] if "counter" in o]
+        return int(counter["packets"])
 
     def probe(
         self, ns: Namespace, proto: str, dst: str, port: int | None = None, timeout: float = 1.0

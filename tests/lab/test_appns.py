@@ -8,12 +8,16 @@ guests' rulesets and both sides' settings are put in force by the test
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
+from types import MappingProxyType
 
 import pytest
 
-from tailsfw import policy
+from tailsfw import compiler, nsrules, observe, policy, verify
+from tailsfw.facts import Facts
+from tailsfw.nspolicy import Transparent
 from tests.lab import policies
 from tests.lab.appns import GUEST_PORT, AppNamespaces
 from tests.lab.daemon_fixtures import remove_tailsfw_tables
@@ -133,6 +137,8 @@ def test_the_clearnet_namespace_reaches_no_namespace_and_no_host_service(
     lab: Lab, apps: AppNamespaces
 ) -> None:
     ns = apps.named("clearnet")
+    others = [other for other in apps.namespaces if other != ns]
+    before = [apps.guest_packets(other) for other in others]
     problems = []
     targets = [("10.200.1.1", 9050), ("10.200.1.1", 951), ("10.200.1.13", 9050),
                ("10.200.1.17", 9050), ("10.200.1.17", HOST_INBOUND_PORT),
@@ -144,6 +150,8 @@ def test_the_clearnet_namespace_reaches_no_namespace_and_no_host_service(
             if reached(got):
                 problems.append(f"{proto} {address}:{port}: {got}")
     assert not problems, "\n".join(problems)
+    # Not one packet got into another namespace (a datagram needs no answer).
+    assert [apps.guest_packets(other) for other in others] == before
 
 
 def test_the_lan_reaches_no_namespace(lab: Lab, apps: AppNamespaces) -> None:
@@ -151,8 +159,9 @@ def test_the_lan_reaches_no_namespace(lab: Lab, apps: AppNamespaces) -> None:
     for ns in apps.namespaces:
         for proto in ("tcp", "udp", "icmp"):
             port = None if proto == "icmp" else GUEST_PORT
+            seen = apps.guest_packets(ns)
             got = lab.probe_from_peer(proto, 4, str(ns.guest), port)
-            if got.result == "open":
+            if got.result == "open" or apps.guest_packets(ns) != seen:
                 problems.append(f"{proto} {ns.guest}:{port}: {got}")
     assert not problems, "\n".join(problems)
 
@@ -168,3 +177,17 @@ def test_ip_forward_is_on_with_a_clearnet_veth_and_forwarding_only_on_it(
     assert read("net.ipv4.conf.veth-tbb.forwarding") == "0"
     tbb = apps.named("tbb")
     assert apps.run_in(tbb, ["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]).strip() == "1"
+
+
+@pytest.mark.parametrize("transparent", [(), ("amnesia",)])
+def test_the_kernel_lists_back_exactly_what_was_compiled(transparent: tuple[str, ...]) -> None:
+    """verify (the daemon's tamper check) compares the kernel's listing with
+    the compiled ruleset: any difference would read as tampering forever."""
+    shipped = policy.load(policies.DEFAULT_POLICY)
+    pol = dataclasses.replace(shipped, transparent=Transparent(users=transparent))
+    uids = MappingProxyType({"amnesia": 1000, "root": 0, "clearnet": 110, "debian-tor": 107})
+    rulesets = [compiler.compile_policy(pol, Facts(uids=uids))]
+    rulesets += [nsrules.guest_ruleset(ns) for ns in pol.namespaces]
+    for ruleset in rulesets:
+        listing = observe.scratch_listing(ruleset)
+        assert verify.differences(listing, ruleset) == []

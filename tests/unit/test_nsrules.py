@@ -63,8 +63,8 @@ def test_input_from_each_veth_is_exactly_its_guest_to_its_host_and_ports(
 def test_forward_is_clearnet_out_with_ttl_64_and_its_replies_only(pol: policy.Policy) -> None:
     iif = m("iifname", "veth-clearnet")
     got = rules(build(pol), "ip", "forward")
-    namespaces = {"set": [{"prefix": {"addr": "10.200.1.0", "len": 28}},
-                          {"prefix": {"addr": "10.200.1.16", "len": 30}}]}  # fmt: skip
+    # The five /30s, as nft lists them back (verify compares the listing).
+    namespaces = {"range": ["10.200.1.0", "10.200.1.19"]}
     assert got == [
         [iif, m(("ip", "daddr"), namespaces), COUNTER, REJECT],
         [iif, m("oifname", VETHS), COUNTER, REJECT],
@@ -97,6 +97,15 @@ def test_no_namespace_no_rule(pol: policy.Policy) -> None:
     rs = build(dataclasses.replace(pol, namespaces=()))
     text = str(rs.objects)
     assert "veth" not in text and "masquerade" not in text and "ttl" not in text
+
+
+def test_forward_rejects_follow_the_namespaces_spans(pol: policy.Policy) -> None:
+    two = (namespace(pol, "tbb"), namespace(pol, "clearnet"))
+    got = rules(build(dataclasses.replace(pol, namespaces=two)), "ip", "forward")
+    assert [r[1] for r in got[:2]] == [
+        m(("ip", "daddr"), {"prefix": {"addr": "10.200.1.0", "len": 30}}),
+        m(("ip", "daddr"), {"prefix": {"addr": "10.200.1.16", "len": 30}}),
+    ]
 
 
 def test_without_clearnet_nothing_is_forwarded_or_masqueraded(pol: policy.Policy) -> None:
