@@ -19,6 +19,9 @@ REFUSE_CHAIN = "refuse"  # tailsfw.compiler.REFUSE: counts, logs, rejects
 REPO = Path(__file__).parents[2]
 DEFAULT_POLICY = REPO / "etc" / "tailsfw" / "policy.toml"
 TAILSFWCTL = str(REPO / ".venv" / "bin" / "tailsfwctl")
+# tailsfwctl as this checkout's code: the venv's script imports whichever
+# checkout the shared venv was installed from (run from the repository root).
+CTL = [str(REPO / ".venv" / "bin" / "python"), "-m", "tailsfw.cli"]
 
 Edit = Callable[[dict[str, Any]], None]
 
@@ -47,12 +50,8 @@ def lab_policy(lab: Lab, path: Path, edit: Edit | None = None) -> Path:
 
 def apply(lab: Lab, policy: Path) -> subprocess.CompletedProcess[str]:
     """`tailsfwctl apply` in the lab host; never raises (callers check)."""
-    # `python -m` from this checkout: the venv's tailsfwctl script imports
-    # whichever checkout the shared venv was installed from.
-    python = str(Path(TAILSFWCTL).with_name("python"))
     return subprocess.run(
-        ["ip", "netns", "exec", lab.host_ns, python, "-m", "tailsfw.cli", "apply",
-         "--policy", str(policy)],
+        ["ip", "netns", "exec", lab.host_ns, *CTL, "apply", "--policy", str(policy)],
         capture_output=True, text=True, timeout=60, check=False, cwd=REPO,
     )  # fmt: skip
 

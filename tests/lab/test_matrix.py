@@ -16,7 +16,7 @@ import pytest
 from tailsfw import compiler, policy
 from tailsfw.facts import Facts
 from tests.lab import matrix, policies
-from tests.lab.policies import DEFAULT_POLICY, TAILSFWCTL, apply
+from tests.lab.policies import CTL, DEFAULT_POLICY, TAILSFWCTL, apply
 from tests.lab.topology import (
     HOST_IF,
     HOST_INBOUND_PORT,
@@ -200,7 +200,7 @@ def test_no_user_rides_a_direct_users_udp_flow(
 def test_render_nft_is_text_that_nft_loads_back(lab: Lab, tmp_path: Path) -> None:
     path = lab_policy(lab, tmp_path / "p.toml")
     done = subprocess.run(
-        [TAILSFWCTL, "render", "--format", "nft", "--policy", str(path)],
+        [*CTL, "render", "--format", "nft", "--policy", str(path)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "table ip tailsfw {" in done.stdout and "table ip6 tailsfw {" in done.stdout
