@@ -57,7 +57,7 @@ from .nm import NetworkManagerSource
 from .notify import Notifier, watchdog_interval
 from .policy import Policy, PolicyError
 from .policy import load as load_policy
-from .resolv import ResolvFiles, ResolvWatch
+from .resolv import NotRight, ResolvFiles, ResolvWatch
 from .service import keep_serving
 from .status import Counters, Status, write_status
 from .sysctl import DEFAULT_ROOT, Sysctl
@@ -198,6 +198,7 @@ class _Report:
     last_apply_cause: str = ""
     dns_refused: tuple[str, ...] = ()
     networkmanager: str = "unknown"
+    files_wrong: str = ""  # why the resolv files are not right ("" when they are)
     running_since: float = field(default_factory=time.time)
 
 
@@ -222,6 +223,7 @@ class Daemon:
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._timer: asyncio.TimerHandle | None = None
         self._retry: asyncio.TimerHandle | None = None
+        self._files_retry: asyncio.TimerHandle | None = None
         self._audit: tuple[AuditApi, asyncio.Task[None]] | None = None
         self._kernel: tuple[float, list[str]] | None = None  # when asked, what differed
         self._kernel_cost = 0.0  # how long the last asking took
@@ -236,6 +238,8 @@ class Daemon:
         warnings = list(ruleset.warnings if ruleset is not None else ()) + [
             f"sysctl {s.name}: {s.note}" for s in self.parts.sysctl.states if not s.ok
         ]
+        if self.report.files_wrong:
+            warnings.append(f"resolv files not right: {self.report.files_wrong}")
         counters = replace(self.counters, **vars(self.ruleset.counters))
         kernel = self._kernel_truth()
         return Status(
@@ -417,19 +421,40 @@ class Daemon:
             if not state.ok:
                 log.warning("sysctl %s: %s", state.name, state.note)
 
-    def _converge_files(self) -> None:
+    def _converge_files(self, touched: bool = False) -> None:
+        """The resolv files right; `touched`: another process (or we) changed one."""
         files = self.parts.files
         if files is None:
             return
+        if self._files_retry is not None:
+            self._files_retry.cancel()
+            self._files_retry = None
         try:
             rewritten = files.converge(desired_clearnet_dns(self.facts))
-        except (OSError, ValueError) as e:  # ValueError: a server refused by the render
+        except NotRight as e:
+            # No event may come when what stopped us is undone (a lease
+            # released, chattr -i): try again on a timer until they are right.
             self.counters.files_refused += 1
-            log.error("cannot write the resolv files: %s", e)
+            log.error("cannot make the resolv files right: %s; trying again in %s s",
+                      e, RETRY_DELAY)  # fmt: skip
+            if str(e) != self.report.files_wrong:
+                self.report.files_wrong = str(e)
+                self.publish_soon()
+            self._files_retry = asyncio.get_running_loop().call_later(
+                RETRY_DELAY, self._converge_files
+            )
             return
+        if self.report.files_wrong:
+            self.report.files_wrong = ""
+            self.publish_soon()
         for path in rewritten:
+            # Only a file that differed is rewritten: the events of our own
+            # writes find nothing, and are never reported as another's.
             self.counters.files_rewritten += 1
-            log.info("rewrote %s", path)
+            if touched:
+                log.warning("%s was changed by another process: rewrote it", path)
+            else:
+                log.info("rewrote %s", path)
 
     # -- start --------------------------------------------------------------
 
@@ -482,11 +507,17 @@ class Daemon:
         """Fold an event into the facts; returns the facts before it."""
         before = self.facts
         if isinstance(event, DnsServers):
-            self.report.networkmanager = "available" if event.available else "absent"
-            if event.refused != self.report.dns_refused:
-                for why in event.refused:
-                    log.warning("NetworkManager: DNS server refused: %s", why)
-                self.report.dns_refused = event.refused
+            networkmanager = "available" if event.available else "absent"
+            # Available again with the same servers, or a value refused
+            # beside the same servers: the facts stay, the status changes.
+            reported = (networkmanager, event.refused)
+            if reported != (self.report.networkmanager, self.report.dns_refused):
+                if event.refused != self.report.dns_refused:
+                    for why in event.refused:
+                        log.warning("NetworkManager: DNS server refused: %s", why)
+                self.report.networkmanager, self.report.dns_refused = reported
+                if self.started:
+                    self.publish_soon()
         self.facts = updated(self.facts, event)
         return before
 
@@ -496,10 +527,9 @@ class Daemon:
             self._touched(event)
             return
         if isinstance(event, FileChanged):
-            log.warning("%s was changed by another process: checking it", event.path)
             if self.parts.files is not None:
                 self.parts.files.forget()
-            self._converge_files()
+            self._converge_files(touched=True)
             return
         if isinstance(event, LinksChanged) and self.parts.netlink.reads != self._reads:
             self._reads = self.parts.netlink.reads
@@ -659,8 +689,9 @@ class Daemon:
                 {stop, *tasks, *pumps}, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
-            if self._publish_timer is not None:
-                self._publish_timer.cancel()
+            for timer in (self._publish_timer, self._files_retry):
+                if timer is not None:
+                    timer.cancel()
             side = [t for t in (serving, self._stop_audit(), self._checking) if t is not None]
             for task in (*tasks, *side):
                 task.cancel()

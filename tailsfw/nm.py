@@ -35,6 +35,7 @@ from typing import Any
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from .dnsserver import Refused, check_address, show
 from .events import DnsServers
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,8 @@ DBUS_PATH = "/org/freedesktop/DBus"
 MAX_SERVERS = 32  # kept; more are refused (glibc reads 3, NetworkManager writes them all)
 MAX_REFUSED = 16  # reasons kept in one DnsServers; the rest are counted in one line
 MAX_OBJECTS = 64  # active connections / devices read; more are refused
-MAX_TEXT = 64  # longer than any IP address text, even IPv6 with a scope
-MAX_SHOWN = 48  # characters of a refused value quoted in its reason
 # NetworkManager's default ipv4.dns-priority (0 on D-Bus means "the default").
 DEFAULT_PRIORITY = 100
-THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
-BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 # The properties whose change can change the servers, per interface.
 RELEVANT: Mapping[str, frozenset[str]] = {
@@ -78,43 +75,6 @@ PROPERTIES_RULE = (
 
 
 # -- pure: the validator and NetworkManager's order ---------------------------
-
-
-class Refused(ValueError):
-    """A value that is not a usable DNS server; the message says why."""
-
-
-def show(value: object) -> str:
-    """A value quoted for a one-line message: escaped, and cut if long."""
-    text = repr(value)
-    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
-
-
-def check_address(value: object) -> ipaddress.IPv4Address:
-    """The value as a DNS server's IPv4 address, or Refused naming why not."""
-    if not isinstance(value, str):
-        raise Refused(f"{show(value)}: not a string")
-    if len(value) > MAX_TEXT or any(not c.isprintable() or c.isspace() for c in value):
-        raise Refused(f"{show(value)}: not an IPv4 address (spaces, control characters or long)")
-    try:
-        address = ipaddress.IPv4Address(value)
-    except ValueError:
-        try:
-            ipaddress.IPv6Address(value)
-        except ValueError:
-            raise Refused(f"{show(value)}: not an IPv4 address") from None
-        raise Refused(f"{show(value)}: IPv6 (only IPv4 servers are used)") from None
-    if address in THIS_NETWORK:
-        raise Refused(f"{show(value)}: unspecified (0.0.0.0/8)")
-    if address.is_loopback:
-        raise Refused(f"{show(value)}: loopback")
-    if address.is_multicast:
-        raise Refused(f"{show(value)}: multicast")
-    if address == BROADCAST:
-        raise Refused(f"{show(value)}: broadcast")
-    if address.is_reserved:
-        raise Refused(f"{show(value)}: reserved (240.0.0.0/4)")
-    return address
 
 
 def mistyped(value: Variant, what: str, signature: str) -> Refused | None:

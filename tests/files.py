@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
-from tailsfw.resolv import TOR_RESOLV_TEXT, ResolvFiles, ResolvWatch, render_clearnet
+from tailsfw.resolv import TOR_RESOLV_TEXT, NotRight, ResolvFiles, ResolvWatch, render_clearnet
 
 SERVERS = (ipaddress.IPv4Address("192.168.77.1"), ipaddress.IPv4Address("10.0.0.53"))
 POLL = 0.0001  # seconds between two looks at the file
@@ -33,7 +33,7 @@ class RestoreLoop:
         self.files = files
         self.servers = servers
         self.rewrites: list[str] = []
-        self.errors: list[Exception] = []
+        self.errors: list[NotRight] = []
         self.events = 0
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -49,7 +49,7 @@ class RestoreLoop:
                 self.events += 1
                 try:
                     self.rewrites += self.files.converge(self.servers)
-                except (OSError, ValueError) as e:
+                except NotRight as e:
                     self.errors.append(e)
                 self._ready.set()
 

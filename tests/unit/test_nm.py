@@ -13,6 +13,7 @@ from dbus_fast import Message, MessageType, Variant
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tailsfw.dnsserver import Refused, check_address
 from tailsfw.events import DnsServers
 from tailsfw.nm import (
     IP4,
@@ -22,8 +23,6 @@ from tailsfw.nm import (
     PROPERTIES,
     Config,
     NetworkManagerSource,
-    Refused,
-    check_address,
     dns_servers,
     nameserver_values,
     ordered,
