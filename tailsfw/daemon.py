@@ -516,7 +516,7 @@ class Daemon:
                     for why in event.refused:
                         log.warning("NetworkManager: DNS server refused: %s", why)
                 self.report.networkmanager, self.report.dns_refused = reported
-                if self.started:
+                if self.report.state != "starting":  # the start publishes its own
                     self.publish_soon()
         self.facts = updated(self.facts, event)
         return before

@@ -238,12 +238,11 @@ def ensure_directory(path: Path, mode: int) -> None:
         os.mkdir(path, 0o700)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except NotADirectoryError:
-        raise Refused(errno.ENOTDIR, "not a directory", str(path)) from None
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise Refused(errno.ELOOP, "a symlink, not a directory", str(path)) from None
-        raise
+        if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        what = kind(os.lstat(path).st_mode)
+        raise Refused(errno.ENOTDIR, f"{what}, not a directory", str(path)) from None
     try:
         _set_mode_and_owner(fd, os.fstat(fd), mode)
     finally:

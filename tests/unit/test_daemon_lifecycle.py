@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tailsfw import compiler
-from tailsfw.daemon import KERNEL_CHECK, MAX_DELAY, stderr_is_journal
+from tailsfw.daemon import KERNEL_CHECK, MAX_DELAY, RETRY_DELAY, stderr_is_journal
 from tailsfw.desired import desired
 from tailsfw.events import AccountsChanged, DnsServers, Event, FileChanged, RulesetTouched
 from tailsfw.notify import Notifier
@@ -371,3 +371,47 @@ def test_journal_only_when_stderr_is_the_journal(monkeypatch: pytest.MonkeyPatch
     assert not stderr_is_journal()
     monkeypatch.delenv("JOURNAL_STREAM")
     assert not stderr_is_journal()
+
+
+def test_files_that_cannot_be_made_right_are_retried_and_reported(tmp_path: Path) -> None:
+    """Undoing what stopped the write (here a directory in the way; a lease,
+    chattr -i) brings no event for the file: a timer must try again."""
+    resolv, clearnet = tmp_path / "resolv.conf", tmp_path / "resolv-over-clearnet.conf"
+    resolv.mkdir()
+    r = rig(tmp_path, links("192.168.1.2/24"), files=ResolvFiles(resolv, clearnet))
+    seen: list[list[str]] = []
+
+    def look() -> None:
+        seen.append(r.daemon.status().warnings)
+
+    code = run(
+        r.daemon,
+        (0.2, look),
+        (0.3, resolv.rmdir),
+        (0.3 + 1.5 * RETRY_DELAY, look),
+        (0.4 + 1.5 * RETRY_DELAY, signal_self(signal.SIGTERM)),
+    )
+    assert code == 0
+    assert any("resolv files not right" in w and "resolv.conf" in w for w in seen[0]), seen
+    assert resolv.read_text() == "nameserver 127.0.0.1\n"
+    assert not any("resolv files" in w for w in seen[1]), seen
+
+
+def test_the_published_status_follows_networkmanager_with_the_same_servers(
+    tmp_path: Path,
+) -> None:
+    r = rig(tmp_path, links("192.168.1.2/24"))
+    start(r)
+    published = r.daemon.options.state_dir / "status.json"
+    servers = (ipaddress.IPv4Address("192.168.1.1"),)
+
+    def after(event: DnsServers) -> tuple[str, list[str]]:
+        step(r, event)
+        status = json.loads(published.read_text())
+        return status["networkmanager"], status["dns_refused"]
+
+    assert after(DnsServers(servers)) == ("available", [])
+    assert after(DnsServers(servers, available=False)) == ("absent", [])
+    assert after(DnsServers(servers)) == ("available", [])  # back, same servers
+    refused = ("eth0: '::1': IPv6 (only IPv4 servers are used)",)
+    assert after(DnsServers(servers, refused)) == ("available", list(refused))
