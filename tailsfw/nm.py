@@ -52,8 +52,11 @@ DBUS_PATH = "/org/freedesktop/DBus"
 MAX_SERVERS = 32  # kept; more are refused (glibc reads 3, NetworkManager writes them all)
 MAX_REFUSED = 16  # reasons kept in one DnsServers; the rest are counted in one line
 MAX_OBJECTS = 64  # active connections / devices read; more are refused
-# NetworkManager's default ipv4.dns-priority (0 on D-Bus means "the default").
+MAX_ENTRIES = 64  # nameserver entries looked at per configuration; more are counted
+# NetworkManager's default ipv4.dns-priority (0 on D-Bus means "the default"):
+# 100, and 50 for a VPN.
 DEFAULT_PRIORITY = 100
+DEFAULT_VPN_PRIORITY = 50
 
 # The properties whose change can change the servers, per interface.
 RELEVANT: Mapping[str, frozenset[str]] = {
@@ -91,57 +94,68 @@ def nameserver_values(props: Mapping[str, Variant]) -> Iterator[object]:
     `NameserverData` (aa{sv}, each with an "address" string) is used when
     present; old versions only have `Nameservers` (au, each an address in
     network byte order, which as NetworkManager runs on this host is its
-    native order).
+    native order).  At most MAX_ENTRIES are looked at, the rest counted in
+    one refusal: a configuration of 4,000 entries costs what 64 do.
     """
     data = props.get("NameserverData")
     if isinstance(data, Variant):
         if wrong := mistyped(data, "NameserverData", "aa{sv}"):
             yield wrong
             return
-        for entry in data.value:
+        for entry in data.value[:MAX_ENTRIES]:
             address = entry.get("address")
             if not isinstance(address, Variant):
                 yield Refused("a NameserverData entry without an address")
             else:
                 yield mistyped(address, "an address", "s") or address.value
+        yield from _beyond(len(data.value))
         return
     legacy = props.get("Nameservers")
     if isinstance(legacy, Variant):
         if wrong := mistyped(legacy, "Nameservers", "au"):
             yield wrong
             return
-        for number in legacy.value:
+        for number in legacy.value[:MAX_ENTRIES]:
             yield str(ipaddress.IPv4Address(struct.pack("=I", number)))
+        yield from _beyond(len(legacy.value))
 
 
-def dns_priority(props: Mapping[str, Variant]) -> int:
-    """ipv4.dns-priority as NetworkManager uses it (0 or absent: the default)."""
-    priority = props.get("DnsPriority")
-    if isinstance(priority, Variant) and priority.signature == "i" and priority.value:
-        return int(priority.value)
-    return DEFAULT_PRIORITY
+def _beyond(entries: int) -> Iterator[Refused]:
+    if entries > MAX_ENTRIES:
+        yield Refused(f"{entries - MAX_ENTRIES} entries over {MAX_ENTRIES} ignored")
 
 
 @dataclass(frozen=True)
 class Config:
-    """One device's IPv4 configuration, as read from NetworkManager."""
+    """One IPv4 configuration (a device's, or a VPN's), as read from NetworkManager."""
 
-    interface: str
+    interface: str  # the device's interface, or "vpn " and the VPN connection's name
     default: bool  # its active connection holds the default IPv4 route
     props: Mapping[str, Variant]  # the IP4Config's properties
+    vpn: bool = False
+
+
+def dns_priority(config: Config) -> int:
+    """ipv4.dns-priority as NetworkManager uses it (0 or absent: the default)."""
+    priority = config.props.get("DnsPriority")
+    if isinstance(priority, Variant) and priority.signature == "i" and priority.value:
+        return int(priority.value)
+    return DEFAULT_VPN_PRIORITY if config.vpn else DEFAULT_PRIORITY
 
 
 def ordered(configs: Sequence[Config]) -> list[Config]:
     """Configurations in the order NetworkManager writes their servers.
 
-    As its DNS manager does: lower `DnsPriority` first; at equal priority the
-    one holding the default route first; then in the order given (active
-    connections in `ActiveConnections` order).  If the first has a negative
-    priority, only configurations of that same priority are used.
+    As its DNS manager does: lower `DnsPriority` first (a VPN's default is
+    50, anything else's 100: a VPN's servers come first unless a priority
+    says otherwise); at equal priority a VPN first, then the one holding the
+    default route; then in the order given (active connections in
+    `ActiveConnections` order).  If the first has a negative priority, only
+    configurations of that same priority are used.
     """
-    result = sorted(configs, key=lambda c: (dns_priority(c.props), not c.default))
-    if result and (first := dns_priority(result[0].props)) < 0:
-        result = [c for c in result if dns_priority(c.props) == first]
+    result = sorted(configs, key=lambda c: (dns_priority(c), not c.vpn, not c.default))
+    if result and (first := dns_priority(result[0])) < 0:
+        result = [c for c in result if dns_priority(c) == first]
     return result
 
 
@@ -149,30 +163,47 @@ def dns_servers(configs: Sequence[Config], available: bool = True) -> DnsServers
     """The checked servers of these configurations, in NetworkManager's order,
     without repeats and at most MAX_SERVERS; every refusal with its reason."""
     servers: list[ipaddress.IPv4Address] = []
-    refused: list[str] = []
+    refused = Refusals()
     for config in ordered(configs):
+        name = show(config.interface)
         for value in nameserver_values(config.props):
+            if len(servers) == MAX_SERVERS:  # full: the rest is only counted
+                refused.add(name, f"over {MAX_SERVERS} servers")
+                continue
             try:
                 if isinstance(value, Refused):
                     raise value
                 address = check_address(value)
             except Refused as e:
-                refused.append(f"{show(config.interface)}: {e}")
+                refused.add(name, e)
                 continue
-            if address in servers:
-                continue
-            if len(servers) == MAX_SERVERS:
-                refused.append(f"{show(config.interface)}: {address}: over {MAX_SERVERS} servers")
-                continue
-            servers.append(address)
-    return DnsServers(tuple(servers), bounded(refused), available)
+            if address not in servers:
+                servers.append(address)
+    return DnsServers(tuple(servers), refused.reasons(), available)
 
 
-def bounded(reasons: Sequence[str]) -> tuple[str, ...]:
-    if len(reasons) <= MAX_REFUSED:
-        return tuple(reasons)
-    kept = MAX_REFUSED - 1
-    return (*reasons[:kept], f"and {len(reasons) - kept} more values refused")
+class Refusals:
+    """The reasons of one read: the first few as text, the rest only counted
+    (a text is built only for what is reported)."""
+
+    def __init__(self, reasons: Iterable[str] = ()) -> None:
+        self.kept: list[str] = []
+        self.more = 0
+        for reason in reasons:
+            self.add(reason)
+
+    def add(self, *parts: object) -> None:
+        """One reason, the parts joined by ": " (only if it is kept as text)."""
+        if len(self.kept) < MAX_REFUSED:
+            self.kept.append(": ".join(map(str, parts)))
+        else:
+            self.more += 1
+
+    def reasons(self) -> tuple[str, ...]:
+        if not self.more:
+            return tuple(self.kept)
+        kept = MAX_REFUSED - 1
+        return (*self.kept[:kept], f"and {len(self.kept) - kept + self.more} more values refused")
 
 
 def relevant(interface: str, names: Iterable[str]) -> bool:
@@ -196,6 +227,10 @@ def signal_is_relevant(msg: Message) -> bool:
 
 class ReadFailed(Exception):
     """NetworkManager answered a call with an error, or not in time."""
+
+
+class ObjectFailed(ReadFailed):
+    """One object answered with an error (it went away, or never was)."""
 
 
 @dataclass
@@ -369,43 +404,50 @@ class NetworkManagerSource:
         return str(reply[0])
 
     async def _read(self, bus: MessageBus) -> DnsServers:
-        """Reads the whole state once: the servers in NetworkManager's order."""
+        """Reads the whole state once: the servers in NetworkManager's order.
+
+        An object that answers with an error (a path pointing nowhere) is
+        skipped and named in the refusals; the others are used.  No answer
+        in time fails the whole read (ReadFailed).
+        """
         refused: list[str] = []
         try:
             async with asyncio.timeout(self.call_timeout):
                 manager = {
                     "ActiveConnections": await self._get(bus, NM_PATH, NM, "ActiveConnections")
                 }
-                paths = typed(manager, "ActiveConnections", "ao", refused) or []
-                active = await self._get_all_of(
-                    bus, limit(paths, "active connections", refused), ACTIVE
-                )
+                paths = limit(typed(manager, "ActiveConnections", "ao", refused) or [],
+                              "active connections", refused)  # fmt: skip
+                active = await self._get_all_of(bus, paths, ACTIVE, refused)
                 # Device -> whether its active connection holds the default
-                # route.  A VPN lists its parent device, which has its own.
+                # route.  A VPN lists its parent device, which has its own
+                # active connection: the VPN's servers are in its own IP4Config.
                 devices: dict[str, bool] = {}
-                for props in active:
-                    if typed(props, "Vpn", "b", refused):
-                        continue
+                found: list[tuple[str, bool, bool, str]] = []  # name, default, vpn, IP4Config
+                for path, props in active:
                     default = bool(typed(props, "Default", "b", refused))
+                    if typed(props, "Vpn", "b", refused):
+                        config = typed(props, "Ip4Config", "o", refused)
+                        name = f"vpn {typed(props, 'Id', 's', refused) or path}"
+                        if config and config != "/":
+                            found.append((name, default, True, config))
+                        continue
                     for device in typed(props, "Devices", "ao", refused) or []:
                         devices.setdefault(device, default)
                 device_paths = limit(list(devices), "devices", refused)
-                device_props = await self._get_all_of(bus, device_paths, DEVICE)
-                found: list[tuple[str, bool, str]] = []
-                for path, props in zip(device_paths, device_props, strict=True):
+                for path, props in await self._get_all_of(bus, device_paths, DEVICE, refused):
                     config = typed(props, "Ip4Config", "o", refused)
                     interface = typed(props, "Interface", "s", refused) or path
                     if config and config != "/":
-                        found.append((interface, devices[path], config))
-                ip4 = await self._get_all_of(bus, [c for _, _, c in found], IP4)
+                        found.append((interface, devices[path], False, config))
+                configs = list(dict.fromkeys(c for *_, c in found))
+                ip4 = dict(await self._get_all_of(bus, configs, IP4, refused))
         except TimeoutError:
             raise ReadFailed(f"no full read within {self.call_timeout} s") from None
-        configs = [
-            Config(interface, default, props)
-            for (interface, default, _), props in zip(found, ip4, strict=True)
-        ]
-        servers = dns_servers(configs)
-        return DnsServers(servers.servers, bounded([*refused, *servers.refused]))
+        servers = dns_servers(
+            [Config(name, default, ip4[c], vpn) for name, default, vpn, c in found if c in ip4]
+        )
+        return DnsServers(servers.servers, Refusals([*refused, *servers.refused]).reasons())
 
     async def _get(self, bus: MessageBus, path: str, interface: str, name: str) -> Variant:
         reply = await self._call(bus, NM, path, PROPERTIES, "Get", "ss", [interface, name])
@@ -415,13 +457,24 @@ class NetworkManagerSource:
         return value
 
     async def _get_all_of(
-        self, bus: MessageBus, paths: Sequence[str], interface: str
-    ) -> list[dict[str, Variant]]:
-        """GetAll of each object, pipelined on the connection."""
+        self, bus: MessageBus, paths: Sequence[str], interface: str, refused: list[str]
+    ) -> list[tuple[str, dict[str, Variant]]]:
+        """(path, properties) of each object that answers GetAll, pipelined on
+        the connection; an object that answers with an error is left out, and
+        named in `refused`."""
         replies = await asyncio.gather(
-            *(self._call(bus, NM, p, PROPERTIES, "GetAll", "s", [interface]) for p in paths)
+            *(self._call(bus, NM, p, PROPERTIES, "GetAll", "s", [interface]) for p in paths),
+            return_exceptions=True,
         )
-        return [dict(r[0]) if isinstance(r[0], dict) else {} for r in replies]
+        got = []
+        for path, reply in zip(paths, replies, strict=True):
+            if isinstance(reply, ObjectFailed):
+                refused.append(f"{show(path)}: skipped: {reply}")
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                got.append((path, dict(reply[0]) if isinstance(reply[0], dict) else {}))
+        return got
 
     async def _call(
         self,
@@ -447,7 +500,7 @@ class NetworkManagerSource:
             raise ReadFailed(f"{path} {interface}.{member}: no answer in time") from None
         if reply.message_type is MessageType.ERROR:
             detail = reply.body[0] if reply.body else ""
-            raise ReadFailed(f"{path} {interface}.{member}: {reply.error_name}: {show(detail)}")
+            raise ObjectFailed(f"{path} {interface}.{member}: {reply.error_name}: {show(detail)}")
         return list(reply.body)
 
 
