@@ -260,3 +260,44 @@ def test_a_hung_networkmanager_delays_nothing(bus: PrivateBus, nm: MockNetworkMa
             log.wait(has("192.0.2.1"), timeout=5)
     finally:
         nm.process.send_signal(signal.SIGCONT)
+
+
+def test_a_dangling_object_is_skipped_and_the_rest_used(
+    bus: PrivateBus, nm: MockNetworkManager
+) -> None:
+    """A device whose Ip4Config, or an ActiveConnections entry, points nowhere
+    used to fail every read: the other device's new server was never applied."""
+    nm.start()
+    config = nm.serve("eth0", "192.0.2.1")
+    nowhere = "/org/freedesktop/NetworkManager/IP4Config/4242"
+    nm.active.append(nm.add_active([nm.add_device("eth1", nowhere)]))
+    nm.active.append("/org/freedesktop/NetworkManager/ActiveConnection/4242")
+    nm.set_active(nm.active)
+    with EventLog(source(bus)) as log:
+        event = log.wait(has("192.0.2.1"))
+        skipped = [r for r in event.refused if "skipped" in r]
+        assert len(skipped) == 2 and all("4242" in r for r in skipped), event.refused
+        nm.update(config, IP4, NameserverData=nameserver_data("192.0.2.2"))
+        log.wait(has("192.0.2.2"))
+
+
+@pytest.mark.parametrize("vpn_default", [True, False])
+def test_a_vpns_servers_come_first(
+    bus: PrivateBus, nm: MockNetworkManager, vpn_default: bool
+) -> None:
+    """As NetworkManager's DNS manager orders them: a VPN's default priority
+    is 50 (others 100), and at equal priority a VPN comes first."""
+    import dbus
+
+    nm.start()
+    device = nm.add_device("eth0", nm.add_config(nameserver_data("192.0.2.1")))
+    nm.active.append(nm.add_active([device], default=not vpn_default))
+    # DnsPriority 0: "the default", which for a VPN is 50.
+    tunnel = nm.add_config(nameserver_data("10.8.0.1", "192.0.2.1"), DnsPriority=dbus.Int32(0))
+    nm.active.append(nm.add_active([device], default=vpn_default, vpn=True, config=tunnel))
+    nm.set_active(nm.active)
+    with EventLog(source(bus)) as log:
+        log.wait(has("10.8.0.1", "192.0.2.1"))
+        # An explicit priority is NetworkManager's word: the VPN after eth0.
+        nm.update(tunnel, IP4, DnsPriority=dbus.Int32(200))
+        log.wait(has("192.0.2.1", "10.8.0.1"))
