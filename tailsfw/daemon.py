@@ -50,6 +50,7 @@ from .droplog import DropCounters
 from .enforce import FailState, NftApi, Outcome, RulesetEffect, fail_closed
 from .events import DnsServers, Event, FileChanged, LinksChanged, RulesetTouched, Source
 from .facts import Facts, updated
+from .logflood import RateLimit
 from .netlink import RCVBUF, NetlinkSource
 from .nft import Nft, NftError, list_in_child
 from .nftmonitor import NftMonitor
@@ -788,6 +789,8 @@ def setup_logging() -> None:
         else:
             handler = JournalHandler(SYSLOG_IDENTIFIER="tailsfwd")
             handler.setFormatter(logging.Formatter("%(message)s"))  # PRIORITY says the level
+    # Whatever another program makes us repeat is summarized, not repeated.
+    handler.addFilter(RateLimit())
     debug = bool(os.environ.get("TAILSFWD_DEBUG"))
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO, handlers=[handler], force=True
