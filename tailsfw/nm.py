@@ -35,6 +35,7 @@ from typing import Any
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from .buswrite import patient
 from .dnsserver import Refused, check_address, show
 from .events import DnsServers
 
@@ -316,6 +317,7 @@ class NetworkManagerSource:
                     auth_timeout=self.call_timeout,
                 )
                 await asyncio.wait_for(bus.connect(), self.call_timeout)
+                patient(bus)  # a stalled bus must not drop us (tailsfw/buswrite.py)
                 self.connects += 1
                 delay = self.retry[0]
                 await self._session(bus)

@@ -25,6 +25,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusBool, DBusSignature, DBusStr, DBusUInt32, DBusUInt64
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
+from .buswrite import patient
 from .control import Control
 from .status import Status
 
@@ -238,6 +239,7 @@ async def serve(interface: FirewallInterface, address: str | None = None) -> Ser
         await bus.connect()
     except Exception as e:  # the socket is missing, refused, or auth failed
         raise ServiceError(f"cannot connect to {describe_address(address)}: {e}") from e
+    patient(bus)  # a stalled bus must not drop us (tailsfw/buswrite.py)
     try:
         bus.export(OBJECT_PATH, interface)
         try:
