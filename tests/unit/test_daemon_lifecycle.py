@@ -415,3 +415,18 @@ def test_the_published_status_follows_networkmanager_with_the_same_servers(
     assert after(DnsServers(servers)) == ("available", [])  # back, same servers
     refused = ("eth0: '::1': IPv6 (only IPv4 servers are used)",)
     assert after(DnsServers(servers, refused)) == ("available", list(refused))
+
+
+def test_our_own_writes_are_never_reported_as_anothers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The watch sees our own writes too: only a file that differed is news."""
+    resolv, clearnet = tmp_path / "resolv.conf", tmp_path / "resolv-over-clearnet.conf"
+    r = rig(tmp_path, links("192.168.1.2/24"), files=ResolvFiles(resolv, clearnet))
+    start(r)
+    with caplog.at_level("INFO"):
+        step(r, FileChanged(resolv))  # the event of our own write at start
+        assert not [m for m in caplog.messages if "resolv.conf" in m]
+        resolv.write_text("nameserver 8.8.8.8\n")
+        step(r, FileChanged(resolv))
+    assert caplog.messages[-1] == f"{resolv} was changed by another process: rewrote it"
