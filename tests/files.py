@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import ipaddress
+import multiprocessing
 import os
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 from types import TracebackType
 
@@ -24,6 +27,7 @@ from tailsfw.resolv import TOR_RESOLV_TEXT, NotRight, ResolvFiles, ResolvWatch, 
 
 SERVERS = (ipaddress.IPv4Address("192.168.77.1"), ipaddress.IPv4Address("10.0.0.53"))
 POLL = 0.0001  # seconds between two looks at the file
+F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 
 
 class RestoreLoop:
@@ -149,3 +153,36 @@ def restore_loop(etc: Path) -> Iterator[RestoreLoop]:
     files = ResolvFiles(*kept(etc))
     with RestoreLoop(files, SERVERS) as loop:
         yield loop
+
+
+def hold_lease(path: Path, ready: Connection, release: Connection) -> None:
+    """A process holding a read lease on `path` until told to let it go."""
+    import signal
+
+    signal.signal(signal.SIGIO, lambda *_: None)  # the break notice: noted, not obeyed
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
+    ready.send("held")
+    release.recv()
+    fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def leased(path: Path) -> Iterator[Connection]:
+    """`path` under a read lease held by a child; send anything to release it."""
+    context = multiprocessing.get_context("fork")
+    ready_in, ready_out = context.Pipe()
+    release_in, release_out = context.Pipe()
+    child = context.Process(target=hold_lease, args=(path, ready_out, release_in), daemon=True)
+    child.start()
+    try:
+        assert ready_in.poll(5) and ready_in.recv() == "held"
+        yield release_out
+    finally:
+        if child.is_alive():
+            release_out.send("go")
+        child.join(5)
+        if child.is_alive():
+            child.kill()
+            child.join()

@@ -8,15 +8,11 @@ devices where a file is read.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import multiprocessing
 import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
-from multiprocessing.connection import Connection
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,10 +23,9 @@ from tailsfw.policy import PolicyError
 from tailsfw.policy import read as read_policy
 from tailsfw.resolv import TOR_RESOLV_TEXT, NotRight, ResolvFiles, write_in_place
 from tailsfw.status import write_status
-from tests.files import SERVERS, holds
+from tests.files import SERVERS, holds, leased
 from tests.unit.test_status_view import STATUS
 
-F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 DECOY_TEXT = "root:*:19000:0:99999:7:::\n"
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="chown to another owner needs root")
@@ -101,39 +96,6 @@ def test_a_right_file_is_kept_in_place(tmp_path: Path) -> None:
     assert safefile.keep(path, TOR_RESOLV_TEXT.encode(), 0o644) == safefile.REWRITTEN
     assert path.stat().st_ino == inode and holds(path, TOR_RESOLV_TEXT)
     assert safefile.keep(path, TOR_RESOLV_TEXT.encode(), 0o644) == safefile.UNCHANGED
-
-
-def hold_lease(path: Path, ready: Connection, release: Connection) -> None:
-    """A process holding a read lease on `path` until told to let it go."""
-    import signal
-
-    signal.signal(signal.SIGIO, lambda *_: None)  # the break notice: noted, not obeyed
-    fd = os.open(path, os.O_RDONLY)
-    fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
-    ready.send("held")
-    release.recv()
-    fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
-    os.close(fd)
-
-
-@contextlib.contextmanager
-def leased(path: Path) -> Iterator[Connection]:
-    """`path` under a read lease held by a child; send anything to release it."""
-    context = multiprocessing.get_context("fork")
-    ready_in, ready_out = context.Pipe()
-    release_in, release_out = context.Pipe()
-    child = context.Process(target=hold_lease, args=(path, ready_out, release_in), daemon=True)
-    child.start()
-    try:
-        assert ready_in.poll(5) and ready_in.recv() == "held"
-        yield release_out
-    finally:
-        if child.is_alive():
-            release_out.send("go")
-        child.join(5)
-        if child.is_alive():
-            child.kill()
-            child.join()
 
 
 def test_a_lease_fails_at_once_and_the_next_try_succeeds(tmp_path: Path) -> None:
