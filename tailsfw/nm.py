@@ -53,6 +53,7 @@ DBUS_PATH = "/org/freedesktop/DBus"
 MAX_SERVERS = 32  # kept; more are refused (glibc reads 3, NetworkManager writes them all)
 MAX_REFUSED = 16  # reasons kept in one DnsServers; the rest are counted in one line
 MAX_OBJECTS = 64  # active connections / devices read; more are refused
+MAX_PATH_SHOWN = 80  # characters of an object path quoted in a refusal
 MAX_ENTRIES = 64  # nameserver entries looked at per configuration; more are counted
 # NetworkManager's default ipv4.dns-priority (0 on D-Bus means "the default"):
 # 100, and 50 for a VPN.
@@ -232,6 +233,10 @@ class ReadFailed(Exception):
 
 class ObjectFailed(ReadFailed):
     """One object answered with an error (it went away, or never was)."""
+
+    def __init__(self, message: str, error_name: str) -> None:
+        super().__init__(message)
+        self.error_name = error_name
 
 
 @dataclass
@@ -471,7 +476,7 @@ class NetworkManagerSource:
         got = []
         for path, reply in zip(paths, replies, strict=True):
             if isinstance(reply, ObjectFailed):
-                refused.append(f"{show(path)}: skipped: {reply}")
+                refused.append(f"{show_path(path)}: skipped ({reply.error_name})")
             elif isinstance(reply, BaseException):
                 raise reply
             else:
@@ -502,7 +507,10 @@ class NetworkManagerSource:
             raise ReadFailed(f"{path} {interface}.{member}: no answer in time") from None
         if reply.message_type is MessageType.ERROR:
             detail = reply.body[0] if reply.body else ""
-            raise ObjectFailed(f"{path} {interface}.{member}: {reply.error_name}: {show(detail)}")
+            raise ObjectFailed(
+                f"{path} {interface}.{member}: {reply.error_name}: {show(detail)}",
+                show(reply.error_name),
+            )
         return list(reply.body)
 
 
@@ -522,6 +530,13 @@ def limit(paths: Sequence[str], what: str, refused: list[str]) -> list[str]:
     if len(paths) > MAX_OBJECTS:
         refused.append(f"{len(paths) - MAX_OBJECTS} {what} over {MAX_OBJECTS} ignored")
     return list(paths[:MAX_OBJECTS])
+
+
+def show_path(path: str) -> str:
+    """An object path for a message: quoted, and if long its end (where the
+    object's own name is) kept."""
+    text = repr(path)
+    return text if len(text) <= MAX_PATH_SHOWN else "..." + text[3 - MAX_PATH_SHOWN :]
 
 
 def describe(e: BaseException) -> str:
