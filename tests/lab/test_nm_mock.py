@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
 import signal
 import struct
 import tempfile
@@ -15,13 +14,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from dbus_fast import BusType, Message
+from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
 from tailsfw.buswrite import patient
 from tailsfw.events import DnsServers
 from tailsfw.nm import MAX_SERVERS, NetworkManagerSource
-from tests.lab.bus import PrivateBus
+from tests.lab.bus import PrivateBus, stall
 from tests.lab.dbus_fixtures import (
     DEVICE,
     IP4,
@@ -309,53 +308,18 @@ def test_a_vpns_servers_come_first(
 
 
 # -- a stalled bus: dbus-fast alone drops the connection on the first EAGAIN
-# (see tailsfw/buswrite.py); a real dbus-daemon stopped with SIGSTOP stands
-# for the stalled bus.
-
-FLOOD_SIGNALS = 3000
-FLOOD_PAYLOAD = "x" * 1024  # 3 MB in all: far more than the socket buffers hold
+# (see tailsfw/buswrite.py; tests/lab/bus.py `stall`).
 
 
 def test_a_full_socket_waits_for_the_bus(bus: PrivateBus) -> None:
-    outcome = asyncio.run(stall(bus, wait_on_full=True))
-    assert outcome == (True, "answered")
+    async def main() -> tuple[bool, str]:
+        connection = await MessageBus(bus_address=bus.address, bus_type=BusType.SYSTEM).connect()
+        # Without patient(): (False, "dropped") (seen; not a test of its own:
+        # the dropped connection's errors upset the interpreter's state for
+        # the rest of the run).
+        try:
+            return await stall(bus, patient(connection))
+        finally:
+            connection.disconnect()
 
-
-async def stall(bus: PrivateBus, wait_on_full: bool) -> tuple[bool, str]:
-    # wait_on_full=False is dbus-fast on its own: it gives (False, "dropped")
-    # (seen; not a test of its own: the dropped connection's errors upset
-    # the interpreter's state for the rest of the run).
-    """Whether the connection lived through a stall, and whether the bus
-    answered on it afterwards."""
-    connection = await MessageBus(bus_address=bus.address, bus_type=BusType.SYSTEM).connect()
-    if wait_on_full:
-        patient(connection)
-    os.kill(bus.pid, signal.SIGSTOP)
-    try:
-        for _ in range(FLOOD_SIGNALS):
-            flood = Message.new_signal("/org/tailsfw/Test", "org.tailsfw.Test", "Flood", "s",
-                                       [FLOOD_PAYLOAD])  # fmt: skip
-            try:
-                connection.send(flood)
-            except Exception:  # the connection was dropped under us (its fd is gone)
-                return False, "dropped"
-            await asyncio.sleep(0)
-        await asyncio.sleep(1.0)  # the writer meets the full socket meanwhile
-    finally:
-        os.kill(bus.pid, signal.SIGCONT)
-    if not connection.connected:
-        return False, "dropped"
-    reply = await asyncio.wait_for(
-        connection.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="GetId",
-            )
-        ),
-        10,
-    )
-    alive = connection.connected
-    connection.disconnect()
-    return alive, "answered" if reply.body else "no answer"
+    assert asyncio.run(main()) == (True, "answered")
