@@ -27,6 +27,7 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,19 +59,29 @@ def kind(mode: int) -> str:
     return next((name for test, name in kinds if test(mode)), "not a file")
 
 
-def read_regular(path: Path | str, limit: int) -> bytes:
-    """The bytes of the regular file at `path` (symlinks followed), at most `limit`.
+def read_regular(
+    path: Path | str,
+    limit: int,
+    follow: bool = True,
+    refusal: Callable[[os.stat_result], str | None] = lambda _: None,
+) -> bytes:
+    """The bytes of the regular file at `path`, at most `limit`.
 
     Raises FileNotFoundError if there is none, Refused if it is not a
-    regular file, TooLarge beyond `limit` bytes (also when it grows while
-    read), BlockingIOError if another process holds a lease that the open
-    would have to wait for, another OSError if it cannot be read.
+    regular file (or `refusal` of its fstat says why not), TooLarge beyond
+    `limit` bytes (also when it grows while read), BlockingIOError if
+    another process holds a lease that the open would have to wait for,
+    another OSError if it cannot be read (ELOOP: a symlink, when not
+    `follow`).
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    nofollow = 0 if follow else os.O_NOFOLLOW
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | nofollow)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise Refused(errno.EINVAL, f"not a regular file ({kind(info.st_mode)})", str(path))
+        if (why := refusal(info)) is not None:
+            raise Refused(errno.EPERM, why, str(path))
         if info.st_size > limit:
             raise TooLarge(errno.EFBIG, f"{info.st_size} bytes, over {limit}", str(path))
         chunks = []
