@@ -18,12 +18,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from . import nspolicy
+from . import nspolicy, safefile
 from .nspolicy import Namespace, Transparent
 from .policyread import RFC1918, Reader, one_line, show
 from .policyread import PolicyError as PolicyError  # the loader's one error
-
-from . import safefile
 
 Family = Literal["ipv4", "ipv6"]
 Protocol = Literal["tcp", "udp"]
