@@ -16,12 +16,11 @@ source injectable (a passwd in a temp directory) and the parser pure.
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
+from . import safefile
 from .events import AccountsChanged
 
 TYPE_CHECKING = False
@@ -77,20 +76,12 @@ def read_passwd(path: Path) -> bytes:
     """The file's bytes; b"" if it does not exist (then no account exists).
 
     Opened without blocking (a FIFO put there does not hang the daemon),
-    and only a regular file of bounded size is read.
+    and only a regular file of bounded size is read (safefile.read_regular).
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        return safefile.read_regular(path, MAX_BYTES)
     except FileNotFoundError:
         return b""
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(f"{path}: not a regular file")
-        data = f.read(MAX_BYTES + 1)
-    if len(data) > MAX_BYTES:
-        raise OSError(f"{path}: larger than {MAX_BYTES} bytes")
-    return data
 
 
 def read_uids(passwd: Path = PASSWD) -> Mapping[str, int]:

@@ -28,6 +28,7 @@ from .nft import NftError
 from .policy import Policy, PolicyError
 from .policy import load as load_policy
 from .report import Reporter
+from .resolv import NotRight
 from .status import Counters, Status
 
 log = logging.getLogger("tailsfwd")
@@ -100,11 +101,17 @@ class Control:
         """Fold an event into the facts; returns the facts before it."""
         before = self.facts
         if isinstance(event, DnsServers):
-            self.report.networkmanager = "available" if event.available else "absent"
-            if event.refused != self.report.dns_refused:
-                for why in event.refused:
-                    log.warning("NetworkManager: DNS server refused: %s", why)
-                self.report.dns_refused = event.refused
+            networkmanager = "available" if event.available else "absent"
+            # Available again with the same servers, or a value refused
+            # beside the same servers: the facts stay, the status changes.
+            reported = (networkmanager, event.refused)
+            if reported != (self.report.networkmanager, self.report.dns_refused):
+                if event.refused != self.report.dns_refused:
+                    for why in event.refused:
+                        log.warning("NetworkManager: DNS server refused: %s", why)
+                self.report.networkmanager, self.report.dns_refused = reported
+                if self.started:  # the start publishes its own
+                    self.reporter.publish_soon()
         self.facts = updated(self.facts, event)
         return before
 
@@ -243,7 +250,7 @@ class Control:
 
 
 def describe(error: BaseException) -> str:
-    if isinstance(error, PolicyError):
+    if isinstance(error, (PolicyError, NotRight)):  # they name the file and why
         return str(error)
     if isinstance(error, NftError):
         return f"nft refused the ruleset: {error}"

@@ -226,7 +226,7 @@ class Daemon:
                 c.converge([ruleset], "tampering")
             c.reporter.publish_soon()  # what the kernel holds changed
         elif isinstance(event, FileChanged):
-            log.warning("%s was changed by another process: checking it", event.path)
+            # Our own writes are seen too: only what differs is news (resolv.py).
             if files is not None:
                 files.forget()
                 c.converge([files], "files")

@@ -35,6 +35,8 @@ from typing import Any
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from .buswrite import patient
+from .dnsserver import Refused, check_address, show
 from .events import DnsServers
 
 log = logging.getLogger(__name__)
@@ -51,12 +53,12 @@ DBUS_PATH = "/org/freedesktop/DBus"
 MAX_SERVERS = 32  # kept; more are refused (glibc reads 3, NetworkManager writes them all)
 MAX_REFUSED = 16  # reasons kept in one DnsServers; the rest are counted in one line
 MAX_OBJECTS = 64  # active connections / devices read; more are refused
-MAX_TEXT = 64  # longer than any IP address text, even IPv6 with a scope
-MAX_SHOWN = 48  # characters of a refused value quoted in its reason
-# NetworkManager's default ipv4.dns-priority (0 on D-Bus means "the default").
+MAX_PATH_SHOWN = 80  # characters of an object path quoted in a refusal
+MAX_ENTRIES = 64  # nameserver entries looked at per configuration; more are counted
+# NetworkManager's default ipv4.dns-priority (0 on D-Bus means "the default"):
+# 100, and 50 for a VPN.
 DEFAULT_PRIORITY = 100
-THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
-BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+DEFAULT_VPN_PRIORITY = 50
 
 # The properties whose change can change the servers, per interface.
 RELEVANT: Mapping[str, frozenset[str]] = {
@@ -80,43 +82,6 @@ PROPERTIES_RULE = (
 # -- pure: the validator and NetworkManager's order ---------------------------
 
 
-class Refused(ValueError):
-    """A value that is not a usable DNS server; the message says why."""
-
-
-def show(value: object) -> str:
-    """A value quoted for a one-line message: escaped, and cut if long."""
-    text = repr(value)
-    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
-
-
-def check_address(value: object) -> ipaddress.IPv4Address:
-    """The value as a DNS server's IPv4 address, or Refused naming why not."""
-    if not isinstance(value, str):
-        raise Refused(f"{show(value)}: not a string")
-    if len(value) > MAX_TEXT or any(not c.isprintable() or c.isspace() for c in value):
-        raise Refused(f"{show(value)}: not an IPv4 address (spaces, control characters or long)")
-    try:
-        address = ipaddress.IPv4Address(value)
-    except ValueError:
-        try:
-            ipaddress.IPv6Address(value)
-        except ValueError:
-            raise Refused(f"{show(value)}: not an IPv4 address") from None
-        raise Refused(f"{show(value)}: IPv6 (only IPv4 servers are used)") from None
-    if address in THIS_NETWORK:
-        raise Refused(f"{show(value)}: unspecified (0.0.0.0/8)")
-    if address.is_loopback:
-        raise Refused(f"{show(value)}: loopback")
-    if address.is_multicast:
-        raise Refused(f"{show(value)}: multicast")
-    if address == BROADCAST:
-        raise Refused(f"{show(value)}: broadcast")
-    if address.is_reserved:
-        raise Refused(f"{show(value)}: reserved (240.0.0.0/4)")
-    return address
-
-
 def mistyped(value: Variant, what: str, signature: str) -> Refused | None:
     """A refusal if the value does not have the documented D-Bus type."""
     if value.signature == signature:
@@ -131,57 +96,68 @@ def nameserver_values(props: Mapping[str, Variant]) -> Iterator[object]:
     `NameserverData` (aa{sv}, each with an "address" string) is used when
     present; old versions only have `Nameservers` (au, each an address in
     network byte order, which as NetworkManager runs on this host is its
-    native order).
+    native order).  At most MAX_ENTRIES are looked at, the rest counted in
+    one refusal: a configuration of 4,000 entries costs what 64 do.
     """
     data = props.get("NameserverData")
     if isinstance(data, Variant):
         if wrong := mistyped(data, "NameserverData", "aa{sv}"):
             yield wrong
             return
-        for entry in data.value:
+        for entry in data.value[:MAX_ENTRIES]:
             address = entry.get("address")
             if not isinstance(address, Variant):
                 yield Refused("a NameserverData entry without an address")
             else:
                 yield mistyped(address, "an address", "s") or address.value
+        yield from _beyond(len(data.value))
         return
     legacy = props.get("Nameservers")
     if isinstance(legacy, Variant):
         if wrong := mistyped(legacy, "Nameservers", "au"):
             yield wrong
             return
-        for number in legacy.value:
+        for number in legacy.value[:MAX_ENTRIES]:
             yield str(ipaddress.IPv4Address(struct.pack("=I", number)))
+        yield from _beyond(len(legacy.value))
 
 
-def dns_priority(props: Mapping[str, Variant]) -> int:
-    """ipv4.dns-priority as NetworkManager uses it (0 or absent: the default)."""
-    priority = props.get("DnsPriority")
-    if isinstance(priority, Variant) and priority.signature == "i" and priority.value:
-        return int(priority.value)
-    return DEFAULT_PRIORITY
+def _beyond(entries: int) -> Iterator[Refused]:
+    if entries > MAX_ENTRIES:
+        yield Refused(f"{entries - MAX_ENTRIES} entries over {MAX_ENTRIES} ignored")
 
 
 @dataclass(frozen=True)
 class Config:
-    """One device's IPv4 configuration, as read from NetworkManager."""
+    """One IPv4 configuration (a device's, or a VPN's), as read from NetworkManager."""
 
-    interface: str
+    interface: str  # the device's interface, or "vpn " and the VPN connection's name
     default: bool  # its active connection holds the default IPv4 route
     props: Mapping[str, Variant]  # the IP4Config's properties
+    vpn: bool = False
+
+
+def dns_priority(config: Config) -> int:
+    """ipv4.dns-priority as NetworkManager uses it (0 or absent: the default)."""
+    priority = config.props.get("DnsPriority")
+    if isinstance(priority, Variant) and priority.signature == "i" and priority.value:
+        return int(priority.value)
+    return DEFAULT_VPN_PRIORITY if config.vpn else DEFAULT_PRIORITY
 
 
 def ordered(configs: Sequence[Config]) -> list[Config]:
     """Configurations in the order NetworkManager writes their servers.
 
-    As its DNS manager does: lower `DnsPriority` first; at equal priority the
-    one holding the default route first; then in the order given (active
-    connections in `ActiveConnections` order).  If the first has a negative
-    priority, only configurations of that same priority are used.
+    As its DNS manager does: lower `DnsPriority` first (a VPN's default is
+    50, anything else's 100: a VPN's servers come first unless a priority
+    says otherwise); at equal priority a VPN first, then the one holding the
+    default route; then in the order given (active connections in
+    `ActiveConnections` order).  If the first has a negative priority, only
+    configurations of that same priority are used.
     """
-    result = sorted(configs, key=lambda c: (dns_priority(c.props), not c.default))
-    if result and (first := dns_priority(result[0].props)) < 0:
-        result = [c for c in result if dns_priority(c.props) == first]
+    result = sorted(configs, key=lambda c: (dns_priority(c), not c.vpn, not c.default))
+    if result and (first := dns_priority(result[0])) < 0:
+        result = [c for c in result if dns_priority(c) == first]
     return result
 
 
@@ -189,30 +165,47 @@ def dns_servers(configs: Sequence[Config], available: bool = True) -> DnsServers
     """The checked servers of these configurations, in NetworkManager's order,
     without repeats and at most MAX_SERVERS; every refusal with its reason."""
     servers: list[ipaddress.IPv4Address] = []
-    refused: list[str] = []
+    refused = Refusals()
     for config in ordered(configs):
+        name = show(config.interface)
         for value in nameserver_values(config.props):
+            if len(servers) == MAX_SERVERS:  # full: the rest is only counted
+                refused.add(name, f"over {MAX_SERVERS} servers")
+                continue
             try:
                 if isinstance(value, Refused):
                     raise value
                 address = check_address(value)
             except Refused as e:
-                refused.append(f"{show(config.interface)}: {e}")
+                refused.add(name, e)
                 continue
-            if address in servers:
-                continue
-            if len(servers) == MAX_SERVERS:
-                refused.append(f"{show(config.interface)}: {address}: over {MAX_SERVERS} servers")
-                continue
-            servers.append(address)
-    return DnsServers(tuple(servers), bounded(refused), available)
+            if address not in servers:
+                servers.append(address)
+    return DnsServers(tuple(servers), refused.reasons(), available)
 
 
-def bounded(reasons: Sequence[str]) -> tuple[str, ...]:
-    if len(reasons) <= MAX_REFUSED:
-        return tuple(reasons)
-    kept = MAX_REFUSED - 1
-    return (*reasons[:kept], f"and {len(reasons) - kept} more values refused")
+class Refusals:
+    """The reasons of one read: the first few as text, the rest only counted
+    (a text is built only for what is reported)."""
+
+    def __init__(self, reasons: Iterable[str] = ()) -> None:
+        self.kept: list[str] = []
+        self.more = 0
+        for reason in reasons:
+            self.add(reason)
+
+    def add(self, *parts: object) -> None:
+        """One reason, the parts joined by ": " (only if it is kept as text)."""
+        if len(self.kept) < MAX_REFUSED:
+            self.kept.append(": ".join(map(str, parts)))
+        else:
+            self.more += 1
+
+    def reasons(self) -> tuple[str, ...]:
+        if not self.more:
+            return tuple(self.kept)
+        kept = MAX_REFUSED - 1
+        return (*self.kept[:kept], f"and {len(self.kept) - kept + self.more} more values refused")
 
 
 def relevant(interface: str, names: Iterable[str]) -> bool:
@@ -238,12 +231,45 @@ class ReadFailed(Exception):
     """NetworkManager answered a call with an error, or not in time."""
 
 
+class ObjectFailed(ReadFailed):
+    """One object answered with an error (it went away, or never was)."""
+
+    def __init__(self, message: str, error_name: str) -> None:
+        super().__init__(message)
+        self.error_name = error_name
+
+
 @dataclass
 class Session:
     """What one bus connection has learnt from the signals."""
 
     owner: str | None = None  # NetworkManager's unique name, None if absent
     owner_changes: int = 0
+
+
+Found = tuple[str, bool, bool, str]  # name, default, vpn, IP4Config path
+
+
+def connections(
+    active: Sequence[tuple[str, dict[str, Variant]]], refused: list[str]
+) -> tuple[dict[str, bool], list[Found]]:
+    """From the active connections' properties: device -> whether its
+    connection holds the default route, and the VPNs' configurations.  A VPN
+    lists its parent device, which has its own active connection: the VPN's
+    servers are in its own IP4Config."""
+    devices: dict[str, bool] = {}
+    found: list[Found] = []
+    for path, props in active:
+        default = bool(typed(props, "Default", "b", refused))
+        if typed(props, "Vpn", "b", refused):
+            config = typed(props, "Ip4Config", "o", refused)
+            name = f"vpn {typed(props, 'Id', 's', refused) or path}"
+            if config and config != "/":
+                found.append((name, default, True, config))
+            continue
+        for device in typed(props, "Devices", "ao", refused) or []:
+            devices.setdefault(device, default)
+    return devices, found
 
 
 class NetworkManagerSource:
@@ -321,6 +347,7 @@ class NetworkManagerSource:
                     auth_timeout=self.call_timeout,
                 )
                 await asyncio.wait_for(bus.connect(), self.call_timeout)
+                patient(bus)  # a stalled bus must not drop us (tailsfw/buswrite.py)
                 self.connects += 1
                 delay = self.retry[0]
                 await self._session(bus)
@@ -409,43 +436,34 @@ class NetworkManagerSource:
         return str(reply[0])
 
     async def _read(self, bus: MessageBus) -> DnsServers:
-        """Reads the whole state once: the servers in NetworkManager's order."""
+        """Reads the whole state once: the servers in NetworkManager's order.
+
+        An object that answers with an error (a path pointing nowhere) is
+        skipped and named in the refusals; the others are used.  No answer
+        in time fails the whole read (ReadFailed).
+        """
         refused: list[str] = []
         try:
             async with asyncio.timeout(self.call_timeout):
-                manager = {
-                    "ActiveConnections": await self._get(bus, NM_PATH, NM, "ActiveConnections")
-                }
-                paths = typed(manager, "ActiveConnections", "ao", refused) or []
-                active = await self._get_all_of(
-                    bus, limit(paths, "active connections", refused), ACTIVE
-                )
-                # Device -> whether its active connection holds the default
-                # route.  A VPN lists its parent device, which has its own.
-                devices: dict[str, bool] = {}
-                for props in active:
-                    if typed(props, "Vpn", "b", refused):
-                        continue
-                    default = bool(typed(props, "Default", "b", refused))
-                    for device in typed(props, "Devices", "ao", refused) or []:
-                        devices.setdefault(device, default)
+                key = "ActiveConnections"
+                manager = {key: await self._get(bus, NM_PATH, NM, key)}
+                paths = limit(typed(manager, key, "ao", refused) or [], "connections", refused)
+                active = await self._get_all_of(bus, paths, ACTIVE, refused)
+                devices, found = connections(active, refused)
                 device_paths = limit(list(devices), "devices", refused)
-                device_props = await self._get_all_of(bus, device_paths, DEVICE)
-                found: list[tuple[str, bool, str]] = []
-                for path, props in zip(device_paths, device_props, strict=True):
+                for path, props in await self._get_all_of(bus, device_paths, DEVICE, refused):
                     config = typed(props, "Ip4Config", "o", refused)
                     interface = typed(props, "Interface", "s", refused) or path
                     if config and config != "/":
-                        found.append((interface, devices[path], config))
-                ip4 = await self._get_all_of(bus, [c for _, _, c in found], IP4)
+                        found.append((interface, devices[path], False, config))
+                configs = list(dict.fromkeys(c for *_, c in found))
+                ip4 = dict(await self._get_all_of(bus, configs, IP4, refused))
         except TimeoutError:
             raise ReadFailed(f"no full read within {self.call_timeout} s") from None
-        configs = [
-            Config(interface, default, props)
-            for (interface, default, _), props in zip(found, ip4, strict=True)
-        ]
-        servers = dns_servers(configs)
-        return DnsServers(servers.servers, bounded([*refused, *servers.refused]))
+        servers = dns_servers(
+            [Config(name, default, ip4[c], vpn) for name, default, vpn, c in found if c in ip4]
+        )
+        return DnsServers(servers.servers, Refusals([*refused, *servers.refused]).reasons())
 
     async def _get(self, bus: MessageBus, path: str, interface: str, name: str) -> Variant:
         reply = await self._call(bus, NM, path, PROPERTIES, "Get", "ss", [interface, name])
@@ -455,13 +473,24 @@ class NetworkManagerSource:
         return value
 
     async def _get_all_of(
-        self, bus: MessageBus, paths: Sequence[str], interface: str
-    ) -> list[dict[str, Variant]]:
-        """GetAll of each object, pipelined on the connection."""
+        self, bus: MessageBus, paths: Sequence[str], interface: str, refused: list[str]
+    ) -> list[tuple[str, dict[str, Variant]]]:
+        """(path, properties) of each object that answers GetAll, pipelined on
+        the connection; an object that answers with an error is left out, and
+        named in `refused`."""
         replies = await asyncio.gather(
-            *(self._call(bus, NM, p, PROPERTIES, "GetAll", "s", [interface]) for p in paths)
+            *(self._call(bus, NM, p, PROPERTIES, "GetAll", "s", [interface]) for p in paths),
+            return_exceptions=True,
         )
-        return [dict(r[0]) if isinstance(r[0], dict) else {} for r in replies]
+        got = []
+        for path, reply in zip(paths, replies, strict=True):
+            if isinstance(reply, ObjectFailed):
+                refused.append(f"{show_path(path)}: skipped ({reply.error_name})")
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                got.append((path, dict(reply[0]) if isinstance(reply[0], dict) else {}))
+        return got
 
     async def _call(
         self,
@@ -487,7 +516,10 @@ class NetworkManagerSource:
             raise ReadFailed(f"{path} {interface}.{member}: no answer in time") from None
         if reply.message_type is MessageType.ERROR:
             detail = reply.body[0] if reply.body else ""
-            raise ReadFailed(f"{path} {interface}.{member}: {reply.error_name}: {show(detail)}")
+            raise ObjectFailed(
+                f"{path} {interface}.{member}: {reply.error_name}: {show(detail)}",
+                show(reply.error_name),
+            )
         return list(reply.body)
 
 
@@ -507,6 +539,13 @@ def limit(paths: Sequence[str], what: str, refused: list[str]) -> list[str]:
     if len(paths) > MAX_OBJECTS:
         refused.append(f"{len(paths) - MAX_OBJECTS} {what} over {MAX_OBJECTS} ignored")
     return list(paths[:MAX_OBJECTS])
+
+
+def show_path(path: str) -> str:
+    """An object path for a message: quoted, and if long its end (where the
+    object's own name is) kept."""
+    text = repr(path)
+    return text if len(text) <= MAX_PATH_SHOWN else "..." + text[3 - MAX_PATH_SHOWN :]
 
 
 def describe(e: BaseException) -> str:

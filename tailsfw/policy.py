@@ -11,16 +11,14 @@ from a key is distinct, and numbers are checked for type and range.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
-import stat
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from . import nspolicy
+from . import nspolicy, safefile
 from .nspolicy import Namespace, Transparent
 from .policyread import RFC1918, Reader, one_line, show
 from .policyread import PolicyError as PolicyError  # the loader's one error
@@ -146,33 +144,13 @@ def read(path: str | Path) -> bytes:
     device (/dev/zero), a directory or a huge file is refused at once.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        return safefile.read_regular(path, MAX_POLICY_BYTES)
+    except safefile.TooLarge:
+        raise PolicyError(f"{path}: a policy is at most {MAX_POLICY_BYTES} bytes") from None
+    except safefile.Refused as e:
+        raise PolicyError(f"{path}: {e.strerror}") from None
     except OSError as e:
         raise PolicyError(f"{path}: cannot read the policy: {e.strerror}") from e
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise PolicyError(f"{path}: not a regular file ({_file_kind(info.st_mode)})")
-        if info.st_size > MAX_POLICY_BYTES:
-            raise PolicyError(
-                f"{path}: {info.st_size} bytes: a policy is at most {MAX_POLICY_BYTES} bytes"
-            )
-        chunks = []
-        left = MAX_POLICY_BYTES + 1  # the file may grow after fstat
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-    except OSError as e:
-        raise PolicyError(f"{path}: cannot read the policy: {e.strerror}") from e
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    if len(data) > MAX_POLICY_BYTES:
-        raise PolicyError(f"{path}: a policy is at most {MAX_POLICY_BYTES} bytes")
-    return data
 
 
 def decode(data: bytes, source: str) -> dict[str, Any]:
@@ -192,17 +170,6 @@ def decode(data: bytes, source: str) -> dict[str, Any]:
         raise PolicyError(f"{source}: not valid TOML: nested too deeply") from e
     except ValueError as e:  # e.g. an integer of more than 4,300 digits
         raise PolicyError(f"{source}: not valid TOML: {one_line(str(e))}") from e
-
-
-def _file_kind(mode: int) -> str:
-    kinds = (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    )
-    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def parse(data: Mapping[str, Any], source: str) -> Policy:

@@ -27,6 +27,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface, dbus_property
 from dbus_fast.service import method as dbus_method
 
+from .buswrite import patient
 from .status import Status
 
 if TYPE_CHECKING:  # the readers of properties() need none of the daemon
@@ -279,6 +280,7 @@ async def serve(interface: FirewallInterface, address: str | None = None) -> Ser
         await bus.connect()
     except Exception as e:  # the socket is missing, refused, or auth failed
         raise ServiceError(f"cannot connect to {describe_address(address)}: {e}") from e
+    patient(bus)  # a stalled bus must not drop us (tailsfw/buswrite.py)
     try:
         bus.export(OBJECT_PATH, interface)
         try:

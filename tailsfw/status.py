@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import safefile
 from .droplog import DropCounters
 from .sysctl import SysctlState
 
@@ -84,9 +85,18 @@ class Status:
         return f"{text}; last error: {self.last_error}" if self.last_error else text
 
 
+STATE_DIR_MODE = 0o755
+STATUS_MODE = 0o644
+
+
 def write_status(path: Path, status: Status) -> None:
-    """Replace the state file atomically: a reader never sees half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(asdict(status), indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    """Replace the state file atomically: a reader never sees half of it.
+
+    The directory and the file get their modes (0755, 0644) and owner (us)
+    explicitly, whatever the umask, and the temporary file is a new one of
+    a random name (safefile.replace): nothing planted in the directory is
+    opened or followed.
+    """
+    safefile.ensure_directory(path.parent, STATE_DIR_MODE)
+    text = json.dumps(asdict(status), indent=1, sort_keys=True) + "\n"
+    safefile.replace(path, text.encode(), STATUS_MODE)

@@ -20,11 +20,13 @@ import errno
 import json
 import math
 import os
-import stat
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from . import safefile
 
 if TYPE_CHECKING:  # imported once a file is worth reading: tailsfwctl starts faster
     from .status import Status
@@ -64,30 +66,18 @@ def _constant(text: str) -> Any:
 
 def read(path: Path, owner: int = 0) -> dict[str, Any]:
     """The JSON object in `path`, checked as the module says; StatusFileError if not."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags)
+        data = safefile.read_regular(path, MAX_BYTES, follow=False, refusal=_untrusted(owner))
+    except FileNotFoundError:
+        raise StatusFileError(f"no {path}") from None
+    except safefile.TooLarge:
+        raise StatusFileError(f"{path} is larger than {MAX_BYTES} bytes") from None
+    except safefile.Refused as e:
+        raise StatusFileError(f"{path} is {e.strerror}") from None
     except OSError as e:
-        if e.errno == errno.ENOENT:
-            raise StatusFileError(f"no {path}") from None
         if e.errno == errno.ELOOP:
             raise StatusFileError(f"{path} is a symbolic link") from None
-        raise StatusFileError(f"cannot open {path}: {e.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise StatusFileError(f"{path} is not a regular file")
-        if info.st_uid != owner:
-            raise StatusFileError(f"{path} is owned by uid {info.st_uid}, not root")
-        if info.st_mode & 0o022:
-            raise StatusFileError(f"{path} is writable by others (mode {info.st_mode & 0o777:o})")
-        data = b""
-        while len(data) <= MAX_BYTES and (chunk := os.read(fd, MAX_BYTES + 1 - len(data))):
-            data += chunk
-    finally:
-        os.close(fd)
-    if len(data) > MAX_BYTES:
-        raise StatusFileError(f"{path} is larger than {MAX_BYTES} bytes")
+        raise StatusFileError(f"cannot read {path}: {e.strerror}") from None
     try:
         found = json.loads(data, parse_float=_number, parse_int=_integer, parse_constant=_constant)
     except StatusFileError as e:
@@ -99,6 +89,17 @@ def read(path: Path, owner: int = 0) -> dict[str, Any]:
     _check_fields(path, found)
     _check_shapes(path, found)
     return found
+
+
+def _untrusted(owner: int) -> Callable[[os.stat_result], str | None]:
+    def why(info: os.stat_result) -> str | None:
+        if info.st_uid != owner:
+            return f"owned by uid {info.st_uid}, not root"
+        if info.st_mode & 0o022:
+            return f"writable by others (mode {info.st_mode & 0o777:o})"
+        return None
+
+    return why
 
 
 # The plain fields of Status, by their annotation, and what each must hold.

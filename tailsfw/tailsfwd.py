@@ -15,6 +15,7 @@ from .accounts import PASSWD, AccountsSource
 from .coalesce import MAX_DELAY, QUIET
 from .daemon import Daemon, Service
 from .dropaudit import DropAudit
+from .logflood import RateLimit
 from .netlink import RCVBUF, NetlinkSource
 from .nft import Nft, list_in_child
 from .nftmonitor import NftMonitor
@@ -156,6 +157,8 @@ def setup_logging() -> None:
         else:
             handler = JournalHandler(SYSLOG_IDENTIFIER="tailsfwd")
             handler.setFormatter(logging.Formatter("%(message)s"))  # PRIORITY says the level
+    # Whatever another program makes us repeat is summarized, not repeated.
+    handler.addFilter(RateLimit())
     debug = bool(os.environ.get("TAILSFWD_DEBUG"))
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO, handlers=[handler], force=True

@@ -11,19 +11,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import ipaddress
+import multiprocessing
 import os
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 from types import TracebackType
 
-from tailsfw.resolv import TOR_RESOLV_TEXT, ResolvFiles, ResolvWatch, render_clearnet, resolv_texts
+from tailsfw.resolv import (
+    TOR_RESOLV_TEXT,
+    NotRight,
+    ResolvFiles,
+    ResolvWatch,
+    render_clearnet,
+    resolv_texts,
+)
 
 SERVERS = (ipaddress.IPv4Address("192.168.77.1"), ipaddress.IPv4Address("10.0.0.53"))
 POLL = 0.0001  # seconds between two looks at the file
+F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 
 
 class RestoreLoop:
@@ -33,7 +44,7 @@ class RestoreLoop:
         self.files = files
         self.servers = servers
         self.rewrites: list[str] = []
-        self.errors: list[Exception] = []
+        self.errors: list[NotRight] = []
         self.events = 0
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -49,7 +60,7 @@ class RestoreLoop:
                 self.events += 1
                 try:
                     self.rewrites += self.files.rewrite(resolv_texts(self.servers))
-                except (OSError, ValueError) as e:
+                except NotRight as e:
                     self.errors.append(e)
                 self._ready.set()
 
@@ -149,3 +160,36 @@ def restore_loop(etc: Path) -> Iterator[RestoreLoop]:
     files = ResolvFiles(*kept(etc))
     with RestoreLoop(files, SERVERS) as loop:
         yield loop
+
+
+def hold_lease(path: Path, ready: Connection, release: Connection) -> None:
+    """A process holding a read lease on `path` until told to let it go."""
+    import signal
+
+    signal.signal(signal.SIGIO, lambda *_: None)  # the break notice: noted, not obeyed
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
+    ready.send("held")
+    release.recv()
+    fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def leased(path: Path) -> Iterator[Connection]:
+    """`path` under a read lease held by a child; send anything to release it."""
+    context = multiprocessing.get_context("fork")
+    ready_in, ready_out = context.Pipe()
+    release_in, release_out = context.Pipe()
+    child = context.Process(target=hold_lease, args=(path, ready_out, release_in), daemon=True)
+    child.start()
+    try:
+        assert ready_in.poll(5) and ready_in.recv() == "held"
+        yield release_out
+    finally:
+        if child.is_alive():
+            release_out.send("go")
+        child.join(5)
+        if child.is_alive():
+            child.kill()
+            child.join()

@@ -14,6 +14,7 @@ if given one, and is ended by its pid.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -153,3 +154,40 @@ def private_system_bus(policy: Path = POLICY) -> Iterator[PrivateBus]:
             yield bus
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# A real dbus-daemon stopped with SIGSTOP stands for a stalled bus.
+FLOOD_SIGNALS = 3000
+FLOOD_PAYLOAD = "x" * 1024  # 3 MB in all: far more than the socket buffers hold
+
+
+async def stall(bus: PrivateBus, connection: Any) -> tuple[bool, str]:
+    """Stop `bus`, flood `connection` (a dbus-fast MessageBus on it) with
+    signals, resume: whether the connection lived through the stall, and
+    whether the bus answered on it afterwards."""
+    from dbus_fast import Message
+
+    os.kill(bus.pid, signal.SIGSTOP)
+    try:
+        for _ in range(FLOOD_SIGNALS):
+            flood = Message.new_signal("/org/tailsfw/Test", "org.tailsfw.Test", "Flood", "s",
+                                       [FLOOD_PAYLOAD])  # fmt: skip
+            try:
+                connection.send(flood)
+            except Exception:  # the connection was dropped under us (its fd is gone)
+                return False, "dropped"
+            await asyncio.sleep(0)
+        await asyncio.sleep(1.0)  # the writer meets the full socket meanwhile
+    finally:
+        os.kill(bus.pid, signal.SIGCONT)
+    if not connection.connected:
+        return False, "dropped"
+    get_id = Message(
+        destination="org.freedesktop.DBus",
+        path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus",
+        member="GetId",
+    )
+    reply = await asyncio.wait_for(connection.call(get_id), 10)
+    alive = connection.connected
+    return alive, "answered" if reply.body else "no answer"

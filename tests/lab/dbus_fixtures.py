@@ -125,7 +125,10 @@ class MockNetworkManager:
         self.mock(path).AddProperty(DEVICE, "Ip4Config", dbus.ObjectPath(config))
         return path
 
-    def add_active(self, devices: Sequence[str], default: bool = True, vpn: bool = False) -> str:
+    def add_active(
+        self, devices: Sequence[str], default: bool = True, vpn: bool = False, config: str = "/"
+    ) -> str:
+        """An active connection; `config`: its own IP4Config (a VPN's servers are there)."""
         import dbus
 
         self._count += 1
@@ -134,6 +137,8 @@ class MockNetworkManager:
             "Devices": dbus.Array([dbus.ObjectPath(d) for d in devices], signature="o"),
             "Default": dbus.Boolean(default),
             "Vpn": dbus.Boolean(vpn),
+            "Ip4Config": dbus.ObjectPath(config),
+            "Id": dbus.String(f"connection {self._count}"),
         }
         self.mock().AddObject(path, ACTIVE, props, [])
         return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -21,6 +22,8 @@ from typing import Any
 import pytest
 
 from tailsfw.coalesce import MAX_DELAY
+from tailsfw.effects import RETRY_DELAY
+from tests.files import leased
 from tests.lab import policies
 from tests.lab.command import PYTHON, netns_exec, ns_run
 from tests.lab.daemon_process import DaemonProcess, run_daemon
@@ -350,3 +353,27 @@ def test_refused_packets_are_audited(lab: Lab, policy: Path, tmp_path: Path) -> 
         user = lab.accounts["amnesia"].name
         status = daemon.wait_status(lambda s: s["drops"]["by_user"].get(user, 0) >= 3)
         assert status["drops"]["drops"] >= 3 and status["drops"]["malformed"] == 0
+
+
+def test_a_lease_on_resolv_conf_stalls_nothing_and_is_retried(
+    lab: Lab, daemon: DaemonProcess, changer: Changer
+) -> None:
+    """A uid-0 process holds a read lease on resolv.conf and changes its mode:
+    reopening it for writing used to wait the kernel's lease-break time
+    (45 s) on the loop.  Link changes must still reach the ruleset at once,
+    the status must say the file is not right, and once the lease is gone
+    the file is put right by the retry timer (no event comes then)."""
+    resolv = daemon.resolv_conf
+    wait_for(lambda: resolv.read_text() == "nameserver 127.0.0.1\n")
+    with leased(resolv) as release:
+        resolv.chmod(0o600)
+        wait_for(lambda: "lease" in daemon.status()["failing"].get("files", ""))
+        with NftGenerations(lab.host_ns) as generations:
+            generations.drain()
+            start = changer(f"addr add {NEW_LAN[2]}/24 dev {HOST_IF}")
+            seen = generations.wait(1.0)
+        assert seen is not None and seen - start <= REACT_LIMIT, daemon.log()
+        assert NEW_LAN in lan_networks(lab.host_ns)
+        release.send("go")
+    wait_for(lambda: stat.S_IMODE(resolv.stat().st_mode) == 0o644, timeout=3 * RETRY_DELAY)
+    wait_for(lambda: "files" not in daemon.status()["failing"], timeout=2)

@@ -23,7 +23,7 @@ from dbus_fast.aio import MessageBus
 from tailsfw import cli, service, summary
 from tailsfw.status import Counters, Status
 from tailsfw.sysctl import SysctlState
-from tests.lab.bus import PrivateBus, private_system_bus, system_policy
+from tests.lab.bus import PrivateBus, private_system_bus, stall, system_policy
 from tests.lab.command import REPO, VENV_PYTHON
 from tests.lab.policies import DEFAULT_POLICY
 
@@ -345,3 +345,17 @@ def test_tailsfwctl_reload_says_what_happened(bus: PrivateBus) -> None:
         "tailsfwctl: reload refused: policy.toml: log.group: -1;"
         " the ruleset and the policy in force stay\n"
     )
+
+
+def test_the_service_lives_through_a_stalled_bus(bus: PrivateBus) -> None:
+    """The service's connection waits on a full socket (tailsfw/buswrite.py):
+    dbus-fast alone drops it at the first EAGAIN."""
+
+    async def main() -> tuple[bool, str]:
+        running = await service.serve(service.FirewallInterface(FakeControl(STATUS)), bus.address)
+        try:
+            return await stall(bus, running.bus)
+        finally:
+            running.close()
+
+    assert asyncio.run(main()) == (True, "answered")

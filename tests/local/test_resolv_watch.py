@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 
 from tailsfw.events import FileChanged
-from tailsfw.resolv import TOR_RESOLV_TEXT, ResolvFiles, ResolvWatch, resolv_texts, write_in_place
+from tailsfw.resolv import (
+    TOR_RESOLV_TEXT,
+    NotRight,
+    ResolvFiles,
+    ResolvWatch,
+    resolv_texts,
+    write_in_place,
+)
 from tests.files import SERVERS, TAMPERINGS, holds, kept, restore_loop, time_until
 
 CLEARNET_TEXT = "nameserver 192.168.77.1\nnameserver 10.0.0.53\n"
@@ -194,7 +201,7 @@ def test_converge_is_idempotent_and_names_what_it_rewrote(etc: Path) -> None:
 def test_converge_writes_resolv_conf_even_when_the_clearnet_file_fails(etc: Path) -> None:
     files = ResolvFiles(etc / "resolv.conf", etc / "resolv-over-clearnet.conf")
     files.clearnet_conf.mkdir()
-    with pytest.raises(OSError, match=r"resolv-over-clearnet\.conf"):
+    with pytest.raises(NotRight, match=r"resolv-over-clearnet\.conf: a directory is in the way"):
         files.rewrite(resolv_texts(SERVERS))
     assert holds(files.resolv_conf, TOR_RESOLV_TEXT)
 

@@ -153,7 +153,7 @@ def test_what_is_not_a_small_regular_file_of_root_is_refused_at_once(tmp_path: P
     proc = fake_proc(tmp_path / "proc", time.time() - 60)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)  # nobody writes it: reading would wait forever
-    assert refused(fifo, proc).endswith("fifo is not a regular file")
+    assert refused(fifo, proc).endswith("fifo is not a regular file (a FIFO)")
     assert "is not a regular file" in refused(Path("/dev/zero"), proc)
     assert "is not a regular file" in refused(tmp_path, proc)
     link = tmp_path / "link"
@@ -188,7 +188,7 @@ def test_status_names_why_it_does_not_believe_the_file(tmp_path: Path) -> None:
     assert found is None
     assert source == (
         f"tailsfwd is not on the bus: no system bus (no {tmp_path}/no-bus); "
-        f"{fifo} is not a regular file"
+        f"{fifo} is not a regular file (a FIFO)"
     )
     obs = summary.Observation(str(fifo), "", "", found, source, None, "only root")
     assert summary.verdict(obs)[0] == summary.NO_PERMISSION

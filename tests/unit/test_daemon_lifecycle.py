@@ -546,3 +546,55 @@ def test_journal_only_when_stderr_is_the_journal(monkeypatch: pytest.MonkeyPatch
     assert not stderr_is_journal()
     monkeypatch.delenv("JOURNAL_STREAM")
     assert not stderr_is_journal()
+
+
+def test_the_published_status_follows_networkmanager_with_the_same_servers(
+    tmp_path: Path,
+) -> None:
+    """Back with the same servers, or a value refused beside the same
+    servers: the facts do not change, the published status must."""
+    r = rig(tmp_path, links("192.168.1.2/24"))
+    published = r.daemon.settings.status_file
+    servers = (ipaddress.IPv4Address("192.168.1.1"),)
+    refused = ("eth0: '::1': IPv6 (only IPv4 servers are used)",)
+    seen: list[tuple[str, list[str]]] = []
+
+    async def scenario() -> None:
+        for event in (
+            DnsServers(servers),
+            DnsServers(servers, available=False),
+            DnsServers(servers),  # back, same servers
+            DnsServers(servers, refused),
+        ):
+            await r.feed(event, settle=0.25)  # beyond report.PUBLISH_INTERVAL
+            status = json.loads(published.read_text())
+            seen.append((status["networkmanager"], status["dns_refused"]))
+
+    drive(r, scenario)
+    assert seen == [
+        ("available", []),
+        ("absent", []),
+        ("available", []),
+        ("available", list(refused)),
+    ]
+
+
+def test_our_own_writes_are_never_reported_as_anothers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The watch sees our own writes too: only a file that differed is news."""
+    resolv, clearnet = tmp_path / "resolv.conf", tmp_path / "resolv-over-clearnet.conf"
+    r = rig(tmp_path, links("192.168.1.2/24"), files=ResolvFiles(resolv, clearnet))
+    messages: list[list[str]] = []
+
+    async def scenario() -> None:
+        caplog.clear()
+        await r.feed(FileChanged(resolv), settle=0.05)  # the event of our own write at start
+        messages.append([m for m in caplog.messages if "resolv.conf" in m])
+        resolv.write_text("nameserver 8.8.8.8\n")
+        await r.feed(FileChanged(resolv), settle=0.05)
+        messages.append([m for m in caplog.messages if "resolv.conf" in m])
+
+    with caplog.at_level("INFO"):
+        drive(r, scenario)
+    assert messages == [[], [f"{resolv} was changed by another process: rewrote it"]]
