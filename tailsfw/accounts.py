@@ -22,11 +22,11 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
-from .events import AccountsChanged
-
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # the source's, imported when it runs: tailsfwctl reads the file only
     import asyncio
+
+    from .events import AccountsChanged
 
 
 PASSWD = Path("/etc/passwd")
@@ -115,6 +115,8 @@ class AccountsSource:
     async def events(self) -> AsyncIterator[AccountsChanged]:
         import asyncio
         import logging
+
+        from .events import AccountsChanged
 
         wake: asyncio.Queue[None] = asyncio.Queue()
         watch = asyncio.create_task(self._watch(wake), name="accounts-watch")
