@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.lab.names import temp_prefix
-from tests.lab.policies import LAB_ROLES, TAILSFWCTL, lab_policy
+from tests.lab.policies import CTL, LAB_ROLES, lab_policy
 from tests.lab.topology import Lab
 
 HERE = Path(__file__).resolve().parent
@@ -86,7 +86,7 @@ def sample(rulesets: dict[str, str | None], rounds: int = ROUNDS) -> dict[tuple[
                 script = rulesets[name]
                 lab.host(["nft", "-f", "-"], input="flush ruleset\n" + (script or ""))
                 if script is None:
-                    lab.host([TAILSFWCTL, "apply", "--policy", str(policy)])
+                    lab.host([*CTL, "apply", "--policy", str(policy)])
                 for path in PATHS:
                     # One CPU: the sender and the veth's softirq share it, as
                     # on a laptop, and the scheduler adds no noise.

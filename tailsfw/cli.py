@@ -45,6 +45,15 @@ def build(policy_path: Path) -> Ruleset:
     return ruleset
 
 
+def scratch_argv() -> list[str]:
+    """The command prefix that runs in a throw-away network namespace (never
+    this one).  Root gets a plain one: in a user namespace the kernel refuses
+    some statements (rewriting `ip ttl`, as the clearnet forward does)."""
+    if os.geteuid() == 0:
+        return ["unshare", "--net"]
+    return ["unshare", "--map-root-user", "--net"]
+
+
 # -- the commands: each imports what it needs -----------------------------------
 
 
@@ -59,7 +68,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     # namespace (never this one) and list it back.
     script = "nft -j -f - && nft list ruleset"
     done = subprocess.run(
-        ["unshare", "--map-root-user", "--net", "sh", "-c", script],
+        [*scratch_argv(), "sh", "-c", script],
         input=ruleset.to_json(),
         text=True,
         capture_output=True,

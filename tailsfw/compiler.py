@@ -24,21 +24,43 @@ in `refuse`, as it does here.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
-import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
+from . import nsrules
 from .facts import Facts
+from .nftjson import (
+    ACCEPT,
+    COUNTER,
+    CT_STATE,
+    LOAD_ORDER,
+    RETURN,
+    Builder,
+    Json,
+    flags,
+    jump,
+    l4proto,
+    match,
+    meta,
+    network,
+    one_or_set,
+    payload,
+    vmap,
+)
+from .nftjson import (
+    FAMILIES as FAMILIES,
+)
+from .nftjson import (
+    PROTO as PROTO,
+)
+from .nftjson import (
+    TABLE as TABLE,
+)
+from .nftjson import (
+    Ruleset as Ruleset,
+)
 from .policy import DirectRule, Family, LocalRule, Policy
 
-TABLE = "tailsfw"
-FAMILIES = {"ipv4": "ip", "ipv6": "ip6"}
-# IP protocol numbers (IANA).  The ruleset holds numbers, never names: nft
-# resolves names through /etc/protocols, which a minimal system lacks.
-PROTO = {"icmp": 1, "tcp": 6, "udp": 17, "dccp": 33, "ipv6-icmp": 58, "sctp": 132, "udplite": 136}
 # The transports whose header starts with source and destination ports (what
 # `th dport` reads): a refused LAN port is refused on each of them.
 PORTED = ("tcp", "udp", "dccp", "sctp", "udplite")
@@ -48,73 +70,9 @@ CLEARNET_DNS = "clearnet_dns"
 LOOPBACK = {"ipv4": "127.0.0.1", "ipv6": "::1"}
 # Tails' "syn": of these four flags only SYN is set (a new connection).
 SYN_MASK = ["fin", "syn", "rst", "ack"]
-LOAD_ORDER = ("table", "chain", "set", "map", "rule")
 # Where everything refused goes.  Chain names avoid nft keywords ("reject",
 # "related"), so that `nft list ruleset` output loads back with `nft -f`.
 REFUSE = "refuse"
-
-Json = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Ruleset:
-    """The nftables objects of both tables, in load order, and what was left out."""
-
-    objects: tuple[Json, ...]
-    warnings: tuple[str, ...]
-
-    def commands(self) -> list[Json]:
-        """Replace every tailsfw table, in one transaction.
-
-        `add` then `delete` removes an existing table and cannot fail when
-        there is none; the new objects are added in the same batch, so the
-        kernel swaps the old ruleset for the new one atomically.
-        """
-        tables = [o["table"] for o in self.objects if "table" in o]
-        replace: list[Json] = []
-        for table in tables:
-            replace += [{"add": {"table": table}}, {"delete": {"table": table}}]
-        return replace + [{"add": o} for o in self.objects]
-
-    def changes_since(self, old: Ruleset) -> list[Json] | None:
-        """The commands that turn `old` into this ruleset by set elements alone.
-
-        None when anything but elements differs (then replace the tables);
-        an empty list when nothing differs (then commit nothing).
-        """
-        if [_shape(o) for o in old.objects] != [_shape(o) for o in self.objects]:
-            return None
-        commands: list[Json] = []
-        for before, after in zip(old.objects, self.objects, strict=True):
-            kind = next(iter(after))
-            if kind in ("set", "map") and before != after:
-                body = after[kind]
-                name = {k: body[k] for k in ("family", "table", "name")}
-                commands.append({"flush": {kind: name}})
-                if body.get("elem"):
-                    commands.append({"add": {"element": {**name, "elem": body["elem"]}}})
-        return commands
-
-    def document(self, commands: list[Json] | None = None) -> Json:
-        """A JSON document for libnftables: by default, the full replacement."""
-        if commands is None:
-            commands = self.commands()
-        return {"nftables": [{"metainfo": {"json_schema_version": 1}}, *commands]}
-
-    def to_json(self) -> str:
-        return json.dumps(self.document(), indent=1, sort_keys=True)
-
-    def digest(self) -> str:
-        # Compact: json's C encoder (an indented dump is the pure-Python one,
-        # ~4 ms a ruleset, paid on the daemon's loop after every commit).
-        text = json.dumps(self.document(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _shape(obj: Json) -> Json:
-    """An object without its elements: what a set-only update cannot change."""
-    kind, body = next(iter(obj.items()))
-    return {kind: {k: v for k, v in body.items() if k != "elem"}}
 
 
 def compile_policy(policy: Policy, facts: Facts) -> Ruleset:
@@ -135,14 +93,14 @@ def lockdown() -> Ruleset:
     cannot load its policy.  It depends on nothing (no policy, no facts), so
     it cannot fail for the reason the policy did.
     """
-    c = _Builder()
+    c = Builder()
     for family in FAMILIES.values():
         c.family = family
         c.table()
         for hook in ("input", "forward", "output"):
             c.chain(hook, hook)
         for hook, key in (("input", "iif"), ("output", "oif")):
-            c.rule(hook, _match(_meta(key), "lo"), ACCEPT, comment="lockdown: loopback only")
+            c.rule(hook, match(meta(key), "lo"), ACCEPT, comment="lockdown: loopback only")
     warning = "lockdown: no policy could be loaded; everything but loopback is dropped"
     return Ruleset(objects=tuple(c.objects), warnings=(warning,))
 
@@ -226,113 +184,10 @@ def _cover(spans: list[tuple[int, int]]) -> list[ipaddress.IPv4Network]:
     ]
 
 
-# -- nft JSON vocabulary -----------------------------------------------------
-
-
-def _meta(key: str) -> Json:
-    return {"meta": {"key": key}}
-
-
-def _payload(protocol: str, field: str) -> Json:
-    return {"payload": {"protocol": protocol, "field": field}}
-
-
-def _match(left: Any, right: Any, op: str = "==") -> Json:
-    return {"match": {"op": op, "left": left, "right": right}}
-
-
-def _flags(mask: Any, value: Any, op: str = "==") -> Json:
-    return _match({"&": [_payload("tcp", "flags"), mask]}, value, op)
-
-
-def _vmap(key: Any, data: Any) -> Json:
-    return {"vmap": {"key": key, "data": data}}
-
-
-def _jump(chain: str) -> Json:
-    return {"jump": {"target": chain}}
-
-
-ACCEPT: Json = {"accept": None}
-CT_STATE: Json = {"ct": {"key": "state"}}
-RETURN: Json = {"return": None}
-COUNTER: Json = {"counter": None}
-
-
-def _one_or_set(values: Sequence[int]) -> Any:
-    return values[0] if len(values) == 1 else {"set": sorted(values)}
-
-
-def _l4proto(name: str) -> Json:
-    return _match(_meta("l4proto"), PROTO[name])
-
-
-def _network(net: ipaddress.IPv4Network) -> Any:
-    if net.prefixlen == net.max_prefixlen:
-        return str(net.network_address)
-    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
-
-
 # -- the compiler ------------------------------------------------------------
 
 
-class _Builder:
-    """nft objects, all in the current family's tailsfw table, in order."""
-
-    def __init__(self) -> None:
-        self.objects: list[Json] = []
-        self.family = "ip"
-
-    def _base(self) -> Json:
-        return {"family": self.family, "table": TABLE}
-
-    def table(self) -> None:
-        self.objects.append({"table": {"family": self.family, "name": TABLE}})
-
-    def chain(self, name: str, hook: str | None = None, kind: str = "filter") -> None:
-        chain: Json = {**self._base(), "name": name}
-        if hook is not None:
-            # Base chains drop what no rule accepts; nat only rewrites.
-            policy, prio = ("accept", -100) if kind == "nat" else ("drop", 0)
-            chain.update(type=kind, hook=hook, prio=prio, policy=policy)
-        self.objects.append({"chain": chain})
-
-    def rule(self, chain: str, *expr: Json, comment: str | None = None) -> None:
-        rule: Json = {**self._base(), "chain": chain, "expr": list(expr)}
-        if comment:
-            rule["comment"] = comment
-        self.objects.append({"rule": rule})
-
-    def vmap_object(
-        self,
-        name: str,
-        key_type: Any,
-        elements: Iterable[tuple[Any, Json]],
-        flags: Sequence[str] = (),
-    ) -> None:
-        elems = [[_key(k), v] for k, v in elements]
-        self.set_object(name, key_type, elems, flags, kind="map")
-
-    def set_object(
-        self,
-        name: str,
-        key_type: Any,
-        elements: Iterable[Any],
-        flags: Sequence[str] = (),
-        kind: str = "set",
-    ) -> None:
-        body: Json = {**self._base(), "name": name, "type": key_type}
-        if kind == "map":
-            body["map"] = "verdict"
-        if flags:
-            body["flags"] = list(flags)
-        elems = [_key(e) for e in elements]
-        if elems:
-            body["elem"] = elems
-        self.objects.append({kind: body})
-
-
-class _Compiler(_Builder):
+class _Compiler(Builder):
     def __init__(
         self, policy: Policy, uids: Mapping[str, int], dns: Sequence[ipaddress.IPv4Address]
     ) -> None:
@@ -354,17 +209,22 @@ class _Compiler(_Builder):
             # An ICMPv6 error is only honoured by TCP on its next SYN (1 s
             # later): answer TCP with a reset so it fails at once, as in IPv4.
             self.rule(REFUSE, COUNTER, log, comment="Tails rule 6")
-            self.rule(REFUSE, _l4proto("tcp"), {"reject": {"type": "tcp reset"}})
+            self.rule(REFUSE, l4proto("tcp"), {"reject": {"type": "tcp reset"}})
             self.rule(REFUSE, {"reject": {"type": "icmpv6", "expr": "port-unreachable"}})
 
-    def related_chain(self, name: str, direction: str, *final: Json) -> None:
-        """RELATED is only accepted on lo, for the errors our own rejects send."""
-        lo = _match(_meta(direction), "lo")
+    def related_chain(
+        self, name: str, direction: str, *final: Json, also: list[Json] | None = None
+    ) -> None:
+        """RELATED is only accepted on lo, for the errors our own rejects send
+        (and `also`: the namespaces' veths, for the rejects of their packets)."""
+        lo = match(meta(direction), "lo")
         self.chain(name)
         icmp = "icmp" if self.family == "ip" else "ipv6-icmp"
-        self.rule(name, lo, _l4proto(icmp), ACCEPT)
+        self.rule(name, lo, l4proto(icmp), ACCEPT)
         if self.family == "ip6":
-            self.rule(name, lo, _flags("rst", "rst"), ACCEPT)
+            self.rule(name, lo, flags("rst", "rst"), ACCEPT)
+        if also is not None:
+            self.rule(name, *also)
         self.rule(name, *final)
 
     def local_chain(self, family: Family) -> bool:
@@ -388,23 +248,23 @@ class _Compiler(_Builder):
                 "local_any", ["inet_proto", "uid"], ((k, anyport[k]) for k in sorted(anyport))
             )
         self.chain("local")
-        not_lo = [_match(_meta("oif"), "lo", "!=")]
+        not_lo = [match(meta("oif"), "lo", "!=")]
         if family == "ipv4":
             # A packet our nat redirected here (stray DNS, a [[redirect]] from
             # outside 127.0.0.0/8) goes out on lo, but the output hook still
             # names the interface of its first route: let only those through.
             # (`ct status ! dnat`: the form nft lists back, so verify compares it.)
-            not_lo.append(_match({"ct": {"key": "status"}}, "dnat", "!"))
+            not_lo.append(match({"ct": {"key": "status"}}, "dnat", "!"))
         self.rule("local", *not_lo, RETURN)
         if family == "ipv6":
-            self.rule("local", _match(_payload("ip6", "saddr"), "::1", "!="), RETURN)
+            self.rule("local", match(payload("ip6", "saddr"), "::1", "!="), RETURN)
         if any(r.protocol == "tcp" for r in rules):
-            self.rule("local", _flags(SYN_MASK, "syn", "!="), RETURN, comment="TCP: SYN only")
-        proto_port_uid = {"concat": [_meta("l4proto"), _payload("th", "dport"), _meta("skuid")]}
-        self.rule("local", _vmap(proto_port_uid, "@local_ports"), comment="Tails rule 2")
+            self.rule("local", flags(SYN_MASK, "syn", "!="), RETURN, comment="TCP: SYN only")
+        proto_port_uid = {"concat": [meta("l4proto"), payload("th", "dport"), meta("skuid")]}
+        self.rule("local", vmap(proto_port_uid, "@local_ports"), comment="Tails rule 2")
         if anyport:
-            proto_uid = {"concat": [_meta("l4proto"), _meta("skuid")]}
-            self.rule("local", _vmap(proto_uid, "@local_any"))
+            proto_uid = {"concat": [meta("l4proto"), meta("skuid")]}
+            self.rule("local", vmap(proto_uid, "@local_any"))
         return True
 
     def _local_verdicts(
@@ -413,13 +273,19 @@ class _Compiler(_Builder):
         exact: dict[tuple[int, int, int], Json] = {}
         anyport: dict[tuple[int, int], Json] = {}
         for rule in rules:
-            for verdict, users in ((ACCEPT, rule.allow), (_jump(REFUSE), rule.reject)):
+            for verdict, users in ((ACCEPT, rule.allow), (jump(REFUSE), rule.reject)):
                 for uid in self._uids(users):
                     proto = PROTO[rule.protocol]
                     if rule.ports is None:
                         anyport.setdefault((proto, uid), verdict)
                     for port in rule.ports or ():
                         exact.setdefault((proto, port, uid), verdict)
+        if rules and rules[0].family == "ipv4":
+            # Transparent proxying's accept at the TransPort, after what the
+            # [[local]] entries decide (the loader refuses a reject there).
+            transparent = self.policy.transparent
+            for uid in self._uids(transparent.users):
+                exact.setdefault((PROTO["tcp"], transparent.to_port, uid), ACCEPT)
         return exact, anyport
 
     def _uids(self, users: Iterable[str]) -> list[int]:
@@ -439,42 +305,42 @@ class _Compiler(_Builder):
         """
         name = "conntracked"
         self.chain(name)
-        established = _match(CT_STATE, "established")
+        established = match(CT_STATE, "established")
         mark = {"ct": {"key": "mark"}}
         if owners is None:
             self.rule(name, established, ACCEPT)
-            self.rule(name, _jump("out_related"))
+            self.rule(name, jump("out_related"))
             return
         # Nearly all traffic: decided by the first rule.
-        self.rule(name, established, _match(mark, 0), ACCEPT)
-        self.rule(name, _match(CT_STATE, "related"), _jump("out_related"))
+        self.rule(name, established, match(mark, 0), ACCEPT)
+        self.rule(name, match(CT_STATE, "related"), jump("out_related"))
         for uid in owners:
-            self.rule(name, _match(mark, uid), _match(_meta("skuid"), uid), ACCEPT)
-        self.rule(name, _jump(REFUSE), comment="another user's flow")
+            self.rule(name, match(mark, uid), match(meta("skuid"), uid), ACCEPT)
+        self.rule(name, jump(REFUSE), comment="another user's flow")
 
     def direct_chain(self, rule: DirectRule, uid: int) -> str:
         # The key as it is: distinct keys give distinct chains (policy.USER_KEY).
         name = "direct_" + rule.user
         self.chain(name)
         if not rule.loopback:
-            self.rule(name, _match(_meta("oif"), "lo"), RETURN, comment="never loopback")
+            self.rule(name, match(meta("oif"), "lo"), RETURN, comment="never loopback")
         # The flow is marked with its owner: see `conntracked_chain`.
         owner = {"mangle": {"key": {"ct": {"key": "mark"}}, "value": uid}}
-        tcp = {"any": [_l4proto("tcp")], "new": [_flags(SYN_MASK, "syn")], "none": None}[rule.tcp]
+        tcp = {"any": [l4proto("tcp")], "new": [flags(SYN_MASK, "syn")], "none": None}[rule.tcp]
         udp_ports = rule.udp_ports
         if self.policy.dns.clearnet == "nm":
             # DNS only to NetworkManager's servers.  A miss in the set (none
             # known, or while a commit retires the old elements) returns.
-            servers = _match(_payload("ip", "daddr"), "@" + CLEARNET_DNS)
+            servers = match(payload("ip", "daddr"), "@" + CLEARNET_DNS)
             if DNS_PORT in udp_ports:
-                self.rule(name, _match(_payload("udp", "dport"), DNS_PORT), servers, owner, ACCEPT)
+                self.rule(name, match(payload("udp", "dport"), DNS_PORT), servers, owner, ACCEPT)
             if tcp is not None:
-                self.rule(name, _match(_payload("tcp", "dport"), DNS_PORT), servers, *tcp, ACCEPT)
-            self.rule(name, _match(_payload("th", "dport"), DNS_PORT), RETURN,
+                self.rule(name, match(payload("tcp", "dport"), DNS_PORT), servers, *tcp, ACCEPT)
+            self.rule(name, match(payload("th", "dport"), DNS_PORT), RETURN,
                       comment="DNS: only NetworkManager's servers")  # fmt: skip
             udp_ports = tuple(p for p in udp_ports if p != DNS_PORT)
         if udp_ports:
-            self.rule(name, _match(_payload("udp", "dport"), _one_or_set(udp_ports)), owner, ACCEPT)
+            self.rule(name, match(payload("udp", "dport"), one_or_set(udp_ports)), owner, ACCEPT)
         if tcp is not None:
             self.rule(name, *tcp, ACCEPT)
         return name
@@ -493,24 +359,24 @@ class _Compiler(_Builder):
         self.chain("lan_refused")
         if direct is not None:
             self.rule("lan_refused", direct)
-        self.rule("lan_refused", _jump(REFUSE))
+        self.rule("lan_refused", jump(REFUSE))
         self.chain("lan")
         refused = self.lan_refused_ports()
         common = [(proto, port) for proto, port in refused if proto in ("tcp", "udp")]
         other = [(proto, port) for proto, port in refused if (proto, port) not in common]
         for proto, port in common:
-            dport = _match(_payload("th", "dport"), port)
-            self.rule("lan", _l4proto(proto), dport, _jump("lan_refused"))
+            dport = match(payload("th", "dport"), port)
+            self.rule("lan", l4proto(proto), dport, jump("lan_refused"))
         if other:
             # The rarer transports behind one range comparison, so that TCP
             # and UDP in the refused span pay one comparison for them.
             numbers = sorted(PROTO[proto] for proto, _ in other)
             span = {"range": [numbers[0], numbers[-1]]}
-            self.rule("lan", _match(_meta("l4proto"), span), _jump("lan_other"))
+            self.rule("lan", match(meta("l4proto"), span), jump("lan_other"))
             self.chain("lan_other")
             for proto, port in other:
-                dport = _match(_payload("th", "dport"), port)
-                self.rule("lan_other", _l4proto(proto), dport, _jump("lan_refused"))
+                dport = match(payload("th", "dport"), port)
+                self.rule("lan_other", l4proto(proto), dport, jump("lan_refused"))
         self.rule("lan", ACCEPT, comment="Tails rule 5")
 
     def lan_refused_ports(self) -> list[tuple[str, int]]:
@@ -538,31 +404,34 @@ class _Compiler(_Builder):
         self.family = "ip"
         self.table()
         self.chain("input", "input")
-        self.rule("input", _match(CT_STATE, "established"), ACCEPT)
-        self.rule("input", _match(_meta("iif"), "lo"), ACCEPT)
+        self.rule("input", match(CT_STATE, "established"), ACCEPT)
+        self.rule("input", match(meta("iif"), "lo"), ACCEPT)
+        namespaces = self.policy.namespaces
+        nsrules.host_input(self, namespaces)
         self.rule("input", COUNTER, {"drop": None})
         self.chain("forward", "forward")
+        nsrules.host_forward(self, namespaces)
         self.rule("forward", COUNTER, {"drop": None})
         self.reject_chain()
-        self.related_chain("out_related", "oif", _jump(REFUSE))
+        self.related_chain("out_related", "oif", jump(REFUSE), also=nsrules.related_out(namespaces))
         direct = [(self.uids[r.user], r) for r in self.policy.direct if r.user in self.uids]
         self.conntracked_chain(sorted(uid for uid, r in direct if r.udp_ports))
         has_local = self.local_chain("ipv4")
         # Rules 3 and 4: one read of the uid, one lookup, whatever the count.
-        by_uid = sorted((uid, _jump(self.direct_chain(rule, uid))) for uid, rule in direct)
-        dispatch = _vmap(_meta("skuid"), {"set": [list(e) for e in by_uid]}) if by_uid else None
+        by_uid = sorted((uid, jump(self.direct_chain(rule, uid))) for uid, rule in direct)
+        dispatch = vmap(meta("skuid"), {"set": [list(e) for e in by_uid]}) if by_uid else None
         self.lan_chain(dispatch)
         connected = self.policy.lan.mode == "connected"
         if connected:
-            self.set_object("lan", "ipv4_addr", map(_network, lan), flags=["interval"])
+            self.set_object("lan", "ipv4_addr", map(network, lan), flags=["interval"])
         if self.policy.dns.clearnet == "nm":
             self.set_object(CLEARNET_DNS, "ipv4_addr", [str(a) for a in sorted(set(self.dns))])
 
         self.chain("output", "output")
         self.conntracked_rule()
-        daddr = _payload("ip", "daddr")
+        daddr = payload("ip", "daddr")
         if has_local:
-            self.rule("output", _match(daddr, LOOPBACK["ipv4"]), _jump("local"),
+            self.rule("output", match(daddr, LOOPBACK["ipv4"]), jump("local"),
                       comment="Tails rule 2")  # fmt: skip
         # The LAN before the direct users: the LAN path then never reads the
         # uid, and `lan_refused` keeps Tails' order for the refused ports.
@@ -570,29 +439,31 @@ class _Compiler(_Builder):
         for net in self.policy.lan.networks:
             # In "connected" mode the set holds what is on-link; the policy's
             # network first spares every other packet the lookup.
-            to_lan = [_match(daddr, _network(net))]
+            to_lan = [match(daddr, network(net))]
             if connected:
-                to_lan.append(_match(daddr, "@lan"))
+                to_lan.append(match(daddr, "@lan"))
             if ports:
                 # Most LAN packets are outside the refused ports' span: one
                 # range comparison accepts them here, without a jump (for
                 # other protocols `th dport` reads other bytes; the LAN
                 # accepts those protocols anyway).
-                span = _match(_payload("th", "dport"), {"range": [min(ports), max(ports)]}, "!=")
+                span = match(payload("th", "dport"), {"range": [min(ports), max(ports)]}, "!=")
                 self.rule("output", *to_lan, span, ACCEPT)
-            self.rule("output", *to_lan, _jump("lan"))
+            self.rule("output", *to_lan, jump("lan"))
         if dispatch is not None:
             self.rule("output", dispatch, comment="Tails rules 3, 4")
-        self.rule("output", _jump(REFUSE))
+        self.rule("output", jump(REFUSE))
         self.nat_chain([uid for uid, _ in direct])
+        nsrules.transparent_nat(self, self.policy.transparent, self.uids)
+        nsrules.host_nat(self, namespaces)
 
     def ipv6(self) -> None:
         self.family = "ip6"
         self.table()
         self.related_chain("in_related", "iif", COUNTER, {"drop": None})
         self.chain("input", "input")
-        self.rule("input", _match(CT_STATE, "established"), ACCEPT, comment="Tails rule 1")
-        self.rule("input", _match(CT_STATE, "related"), _jump("in_related"))
+        self.rule("input", match(CT_STATE, "established"), ACCEPT, comment="Tails rule 1")
+        self.rule("input", match(CT_STATE, "related"), jump("in_related"))
         ports = sorted(
             {
                 p
@@ -604,24 +475,24 @@ class _Compiler(_Builder):
         if ports:
             self.rule(
                 "input",
-                _match(_meta("iif"), "lo"),
-                _match(_payload("ip6", "saddr"), "::1"),
-                _match(_payload("ip6", "daddr"), "::1"),
-                _match(_payload("tcp", "dport"), _one_or_set(ports)),
+                match(meta("iif"), "lo"),
+                match(payload("ip6", "saddr"), "::1"),
+                match(payload("ip6", "daddr"), "::1"),
+                match(payload("tcp", "dport"), one_or_set(ports)),
                 ACCEPT,
             )
         self.rule("input", COUNTER, {"drop": None})
         self.chain("forward", "forward")
         self.rule("forward", COUNTER, {"drop": None})
         self.reject_chain()
-        self.related_chain("out_related", "oif", _jump(REFUSE))
+        self.related_chain("out_related", "oif", jump(REFUSE))
         self.conntracked_chain(None)
         has_local = self.local_chain("ipv6")
         self.chain("output", "output")
         self.conntracked_rule()
         if has_local:
-            self.rule("output", _match(_payload("ip6", "daddr"), LOOPBACK["ipv6"]), _jump("local"))
-        self.rule("output", _jump(REFUSE))
+            self.rule("output", match(payload("ip6", "daddr"), LOOPBACK["ipv6"]), jump("local"))
+        self.rule("output", jump(REFUSE))
 
     def conntracked_rule(self) -> None:
         """One comparison sends established and related packets aside.
@@ -630,29 +501,24 @@ class _Compiler(_Builder):
         a packet still walking the old rules can miss in the old maps, and
         established traffic must not be refused for it.
         """
-        both = _match(CT_STATE, ["established", "related"], "in")
-        self.rule("output", both, _jump("conntracked"), comment="Tails rule 1")
+        both = match(CT_STATE, ["established", "related"], "in")
+        self.rule("output", both, jump("conntracked"), comment="Tails rule 1")
 
     def nat_chain(self, direct_uids: Sequence[int]) -> None:
         self.chain("nat_output", "output", kind="nat")
-        daddr = _payload("ip", "daddr")
+        daddr = payload("ip", "daddr")
         for r in self.policy.redirects:
-            expr = [_match(daddr, _network(r.destination)), _l4proto(r.protocol)]
+            expr = [match(daddr, network(r.destination)), l4proto(r.protocol)]
             if r.port is not None:
-                expr.append(_match(_payload("th", "dport"), r.port))
+                expr.append(match(payload("th", "dport"), r.port))
             self.rule("nat_output", *expr, {"redirect": {"port": r.to_port}})
         if self.policy.dns.stray == "tor":
             # Everyone but the direct users: their DNS is theirs to send.
             expr = [
-                _match(_payload("udp", "dport"), DNS_PORT),
-                _match(daddr, _network(ipaddress.IPv4Network("127.0.0.0/8")), "!="),
+                match(payload("udp", "dport"), DNS_PORT),
+                match(daddr, network(ipaddress.IPv4Network("127.0.0.0/8")), "!="),
             ]
             if direct_uids:
-                expr.append(_match(_meta("skuid"), _one_or_set(sorted(direct_uids)), "!="))
+                expr.append(match(meta("skuid"), one_or_set(sorted(direct_uids)), "!="))
             self.rule("nat_output", *expr, {"redirect": {"port": self.policy.dns.tor_port}},
                       comment="stray DNS to Tor's DNS port")  # fmt: skip
-
-
-def _key(key: Any) -> Any:
-    """Tuples are concatenations; anything else is already nft JSON."""
-    return {"concat": list(key)} if isinstance(key, tuple) else key

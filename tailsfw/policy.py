@@ -15,10 +15,15 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
+
+from . import nspolicy
+from .nspolicy import Namespace, Transparent
+from .policyread import RFC1918, Reader, one_line, show
+from .policyread import PolicyError as PolicyError  # the loader's one error
 
 Family = Literal["ipv4", "ipv6"]
 Protocol = Literal["tcp", "udp"]
@@ -39,16 +44,6 @@ MAX_USER_KEY = 64
 USER_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # A system account name (useradd's rules, and at most 32 bytes, as utmp).
 ACCOUNT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,30}\$?")
-# What the LAN may be: private space (RFC 1918), never anything routed.
-RFC1918 = tuple(ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
-# A plain dotted quad with an optional prefix length, no leading zeros: read
-# without ipaddress's string parser (10,000 networks: 0.2 s less).
-_DOTTED = re.compile(r"(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})"
-                     r"(?:/(0|[1-9]\d?))?")  # fmt: skip
-
-
-class PolicyError(ValueError):
-    """The policy file is unreadable or invalid; the message says where and why."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +136,8 @@ class Policy:
     lan: Lan
     redirects: tuple[Redirect, ...]
     dns: Dns = field(default_factory=Dns)
+    namespaces: tuple[Namespace, ...] = ()
+    transparent: Transparent = field(default_factory=Transparent)
 
 
 def load(path: str | Path) -> Policy:
@@ -196,11 +193,11 @@ def decode(data: bytes, source: str) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise PolicyError(f"{source}: not valid TOML: {_one_line(str(e))}") from e
+        raise PolicyError(f"{source}: not valid TOML: {one_line(str(e))}") from e
     except RecursionError as e:
         raise PolicyError(f"{source}: not valid TOML: nested too deeply") from e
     except ValueError as e:  # e.g. an integer of more than 4,300 digits
-        raise PolicyError(f"{source}: not valid TOML: {_one_line(str(e))}") from e
+        raise PolicyError(f"{source}: not valid TOML: {one_line(str(e))}") from e
 
 
 def _file_kind(mode: int) -> str:
@@ -219,103 +216,18 @@ def parse(data: Mapping[str, Any], source: str) -> Policy:
     return _Parser(source).policy(data)
 
 
-T = TypeVar("T")
-Key = TypeVar("Key")
-
-
-class _Parser:
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def fail(self, where: str, what: str) -> PolicyError:
-        return PolicyError(f"{self.source}: {where}: {what}")
-
-    # -- primitive readers -------------------------------------------------
-
-    def table(self, value: Any, where: str, keys: Iterable[str]) -> Mapping[str, Any]:
-        if not isinstance(value, dict):
-            raise self.fail(where, f"must be a table, not {_kind(value)}")
-        unknown = sorted(set(value) - set(keys))
-        if unknown:
-            raise self.fail(
-                where, f"unknown key {_show(unknown[0])} (known: {', '.join(sorted(keys))})"
-            )
-        return value
-
-    def required(self, table: Mapping[str, Any], key: str, where: str) -> Any:
-        if key not in table:
-            raise self.fail(where, f"missing key {key!r}")
-        return table[key]
-
-    def string(self, value: Any, where: str) -> str:
-        if not isinstance(value, str):
-            raise self.fail(where, f"must be a string, not {_kind(value)}")
-        return value
-
-    def name(self, value: Any, where: str, pattern: re.Pattern[str], what: str) -> str:
-        text = self.string(value, where)
-        if not pattern.fullmatch(text):
-            raise self.fail(where, f"bad {what} {_show(text)}")
-        return text
-
-    def integer(self, value: Any, where: str, low: int, high: int) -> int:
-        # bool is an int to Python, never to a policy.
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise self.fail(where, f"must be an integer, not {_kind(value)} ({_show(value)})")
-        if not low <= value <= high:
-            raise self.fail(where, f"{_show(value)} is out of range {low}..{high}")
-        return value
-
-    def port(self, value: Any, where: str) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
-            raise self.fail(where, f"bad port {_show(value)}: a port is an integer 1..65535")
-        return value
-
-    def choice(self, value: Any, where: str, choices: tuple[T, ...]) -> T:
-        if not isinstance(value, str) or value not in choices:
-            allowed = ", ".join(repr(c) for c in choices)
-            raise self.fail(where, f"unknown value {_show(value)} (allowed: {allowed})")
-        return value
-
-    def boolean(self, value: Any, where: str) -> bool:
-        if not isinstance(value, bool):
-            raise self.fail(where, f"must be true or false, not {_kind(value)}")
-        return value
-
-    def unique_list(self, value: Any, where: str, item: Callable[[Any, str], T]) -> tuple[T, ...]:
-        if not isinstance(value, list):
-            raise self.fail(where, f"must be a list, not {_kind(value)}")
-        items = tuple(item(v, f"{where}[{i}]") for i, v in enumerate(value))
-        seen: set[T] = set()
-        for v in items:
-            if v in seen:
-                shown = _show(v) if isinstance(v, str) else str(v)
-                raise self.fail(where, f"{shown} is listed twice")
-            seen.add(v)
-        return items
-
-    def ports(self, value: Any, where: str) -> tuple[int, ...]:
-        return self.unique_list(value, where, self.port)
-
-    def network(self, value: Any, where: str) -> ipaddress.IPv4Network:
-        text = self.string(value, where)
-        spec: str | tuple[int, int] = text
-        quad = _DOTTED.fullmatch(text)
-        if quad:
-            *octets, length = (int(g) for g in quad.groups(32))
-            if max(octets) <= 255 and length <= 32:
-                spec = (int.from_bytes(bytes(octets), "big"), length)
-        try:
-            return ipaddress.IPv4Network(spec)
-        except ValueError as e:
-            raise self.fail(where, f"bad IPv4 network {_show(text)}: {_one_line(str(e))}") from e
+class _Parser(Reader):
+    """The policy's own sections, read with the typed primitives of `Reader`."""
 
     # -- sections ----------------------------------------------------------
 
     def policy(self, data: Mapping[str, Any]) -> Policy:
         top = self.table(
-            data, "top level", ("log", "users", "local", "direct", "lan", "redirect", "dns")
-        )
+            data,
+            "top level",
+            ("log", "users", "local", "direct", "lan", "redirect", "dns", "namespace",
+             "transparent"),
+        )  # fmt: skip
         users = self.users(self.required(top, "users", "top level"))
         known = {u.key for u in users}
         policy = Policy(
@@ -333,14 +245,41 @@ class _Parser:
                 for i, v in enumerate(self.array(top.get("redirect", []), "redirect"))
             ),
             dns=self.dns(top.get("dns", {})),
+            namespaces=nspolicy.namespaces(self, top.get("namespace", [])),
         )
         self.check_local_reachable(policy.local)
-        return policy
+        transparent = self.transparent(
+            top.get("transparent", {}), known, [d.user for d in policy.direct], policy.local
+        )
+        return replace(policy, transparent=transparent)
 
-    def array(self, value: Any, where: str) -> list[Any]:
-        if not isinstance(value, list):
-            raise self.fail(where, f"must be an array of tables ([[{where}]]), not {_kind(value)}")
-        return value
+    def transparent(
+        self, value: Any, known: set[str], direct: Sequence[str], local: Sequence[LocalRule]
+    ) -> Transparent:
+        """`[transparent]`: its users exist, none is a [[direct]] user (its own
+        traffic would loop into Tor), and no [[local]] entry rejects them at the
+        TransPort (the redirect would then refuse all their TCP)."""
+        t = self.table(value, "transparent", ("users", "to_port"))
+        users = self.user_refs(t.get("users", []), "transparent.users", known)
+        to_port = self.port(t.get("to_port", Transparent.to_port), "transparent.to_port")
+        for i, user in enumerate(users):
+            if user in direct:
+                raise self.fail(
+                    f"transparent.users[{i}]",
+                    f"{user!r} is a [[direct]] user: its own connections cannot go through Tor",
+                )
+            for j, rule in enumerate(local):
+                if (
+                    rule.family == "ipv4"
+                    and rule.protocol == "tcp"
+                    and user in rule.reject
+                    and (rule.ports is None or to_port in rule.ports)
+                ):
+                    raise self.fail(
+                        f"transparent.users[{i}]",
+                        f"local[{j}] rejects {user!r} at TCP port {to_port}, the transparent proxy",
+                    )
+        return Transparent(users=users, to_port=to_port)
 
     def log(self, value: Any) -> Log:
         t = self.table(value, "log", ("prefix", "group"))
@@ -387,7 +326,7 @@ class _Parser:
         def ref(v: Any, w: str) -> str:
             key = self.string(v, w)
             if key not in known:
-                raise self.fail(w, f"unknown user {_show(key)} (define it in [users])")
+                raise self.fail(w, f"unknown user {show(key)} (define it in [users])")
             return key
 
         return self.unique_list(value, where, ref)
@@ -520,32 +459,6 @@ def _first_overlap(spans: list[tuple[int, int]]) -> tuple[int, int] | None:
     return min(found) if found else None
 
 
-def _kind(value: Any) -> str:
-    return {
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "a table",
-    }.get(type(value), type(value).__name__)
-
-
-def _show(value: Any, limit: int = 40) -> str:
-    """A value for an error message: one line, bounded, control characters escaped."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
-        # str() of a huge integer is slow, or refused past 4,300 digits.
-        return f"an integer of {value.bit_length()} bits"
-    if isinstance(value, (dict, list)):
-        return _kind(value)
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _key(key: str) -> str:
     """A table key in a path: as it is when plain, else quoted and escaped."""
-    return key if USER_KEY.fullmatch(key) and len(key) <= MAX_USER_KEY else _show(key)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    return key if USER_KEY.fullmatch(key) and len(key) <= MAX_USER_KEY else show(key)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .compiler import FAMILIES, PROTO, TABLE, Ruleset
+from .nftjson import FAMILIES, PROTO, TABLE, Ruleset
 
 Json = dict[str, Any]
 OUR_FAMILIES = frozenset(FAMILIES.values())

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
+from tailsfw.cli import scratch_argv
 from tests.lab.command import ns_run
 from tests.lab.topology import HOST_IF, HOST_V6, PEER_LAN_V6
 
@@ -25,6 +26,14 @@ LAB_HOST_SYSCTLS = (
     "net.ipv4.tcp_mtu_probing",
     *(f"net.ipv6.conf.{i}.disable_ipv6" for i in ("all", "default", "lo", HOST_IF)),
 )
+
+
+def in_scratch_namespace(script: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """`sh -c script` in a throw-away network namespace (never this one)."""
+    return subprocess.run(
+        [*scratch_argv(), "sh", "-c", script],
+        input=stdin, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
 
 
 def tailsfw_tables(namespace: str) -> set[str]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
-from tests.lab.command import REPO
+from tests.lab.command import REPO, VENV_PYTHON
 
 if TYPE_CHECKING:
     from tests.lab.topology import Lab
@@ -33,7 +33,9 @@ LAB_ROLES = [
 REFUSE_CHAIN = "refuse"  # tailsfw.compiler.REFUSE: counts, logs, rejects
 
 DEFAULT_POLICY = REPO / "etc" / "tailsfw" / "policy.toml"
-TAILSFWCTL = str(REPO / ".venv" / "bin" / "tailsfwctl")
+# tailsfwctl as this checkout's code: the venv's script imports whichever
+# checkout the shared venv was installed from (run from the repository root).
+CTL = [VENV_PYTHON, "-m", "tailsfw.cli"]
 
 Edit = Callable[[dict[str, Any]], None]
 
@@ -63,8 +65,8 @@ def lab_policy(lab: Lab, path: Path, edit: Edit | None = None) -> Path:
 def apply(lab: Lab, policy: Path) -> subprocess.CompletedProcess[str]:
     """`tailsfwctl apply` in the lab host; never raises (callers check)."""
     return subprocess.run(
-        ["ip", "netns", "exec", lab.host_ns, TAILSFWCTL, "apply", "--policy", str(policy)],
-        capture_output=True, text=True, timeout=60, check=False,
+        ["ip", "netns", "exec", lab.host_ns, *CTL, "apply", "--policy", str(policy)],
+        capture_output=True, text=True, timeout=60, check=False, cwd=REPO,
     )  # fmt: skip
 
 

@@ -137,9 +137,12 @@ def written(upper: Path, before: set[str]) -> set[str]:
 
 @pytest.fixture(scope="module")
 def installed(deb: Path) -> Iterator[Installed]:
-    with tempfile.TemporaryDirectory(prefix=PREFIX) as work, overlay_root(Path(work)) as (
-        root,
-        upper,
+    with (
+        tempfile.TemporaryDirectory(prefix=PREFIX) as work,
+        overlay_root(Path(work)) as (
+            root,
+            upper,
+        ),
     ):
         write_units(root / "etc" / "systemd" / "system", TEST_UNITS)
         # A policy-rc.d (this machine's guard against starting services while

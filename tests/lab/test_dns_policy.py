@@ -15,12 +15,11 @@ from typing import Any
 
 import pytest
 
-from tests.lab.command import REPO
+from tests.lab.command import REPO, VENV_PYTHON
 from tests.lab.matrix import INTERNET, INTERNET2
-from tests.lab.policies import TAILSFWCTL, lab_policy
+from tests.lab.policies import lab_policy
 from tests.lab.topology import Lab
 
-VENV_PYTHON = str(Path(TAILSFWCTL).with_name("python"))
 # Applies the policy with these DNS servers; with a second list, then moves
 # to it by the set-only changes and prints their kinds.
 APPLY = textwrap.dedent(

@@ -16,8 +16,8 @@ import pytest
 from tailsfw import compiler, policy
 from tailsfw.facts import Facts
 from tests.lab import matrix, policies
-from tests.lab.command import PYTHON
-from tests.lab.policies import DEFAULT_POLICY, TAILSFWCTL, apply
+from tests.lab.command import PYTHON, VENV_PYTHON
+from tests.lab.policies import CTL, DEFAULT_POLICY, apply
 from tests.lab.topology import (
     HOST_IF,
     HOST_INBOUND_PORT,
@@ -29,8 +29,6 @@ from tests.lab.topology import (
     Lab,
 )
 from tests.lab.traffic import late_answer, leak_attempts
-
-VENV_PYTHON = str(Path(TAILSFWCTL).with_name("python"))
 
 
 def lab_policy(lab: Lab, path: Path, **edits: Any) -> Path:
@@ -200,7 +198,7 @@ def test_no_user_rides_a_direct_users_udp_flow(
 def test_render_nft_is_text_that_nft_loads_back(lab: Lab, tmp_path: Path) -> None:
     path = lab_policy(lab, tmp_path / "p.toml")
     done = subprocess.run(
-        [TAILSFWCTL, "render", "--format", "nft", "--policy", str(path)],
+        [*CTL, "render", "--format", "nft", "--policy", str(path)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "table ip tailsfw {" in done.stdout and "table ip6 tailsfw {" in done.stdout

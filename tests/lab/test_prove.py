@@ -67,10 +67,10 @@ def test_a_port_off_by_one_is_caught(shipped: tuple[Json, oracle.World]) -> None
     for element in ports["elem"]:
         if element[0]["concat"] == [6, 9050, ACCOUNTS["nobody"]]:
             element[0]["concat"][1] = 9051
-    report = prove.prove(document, world, select=only(lambda p: p.daddr == "127.0.0.1"))
+    report = prove.prove(document, world, select=only(lambda p: p.daddr == p.saddr == "127.0.0.1"))
     assert described(report) == {
-        "uid 65534 tcp SYN to 127.0.0.1 port 9050 on lo",
-        "uid 65534 tcp SYN to 127.0.0.1 port 9051 on lo",
+        "uid 65534 tcp SYN to 127.0.0.1 port 9050 from 127.0.0.1 on lo",
+        "uid 65534 tcp SYN to 127.0.0.1 port 9051 from 127.0.0.1 on lo",
     }
     kernel = {d.packet.dport: d.seen.verdict for d in report.differences}
     assert kernel == {9050: "refused", 9051: "accepted"}
@@ -90,8 +90,8 @@ def test_a_swapped_uid_is_caught(shipped: tuple[Json, oracle.World]) -> None:
         select=only(lambda p: p.uid in uids and p.daddr in ("1.0.0.0", "223.255.255.255")),
     )
     found = described(report)
-    assert "uid 1000 tcp SYN to 1.0.0.0 port 0 on eth0" in found
-    assert "uid 121 tcp SYN to 1.0.0.0 port 0 on eth0" in found
+    assert "uid 1000 tcp SYN to 1.0.0.0 port 0 from 100.64.0.2 on eth0" in found
+    assert "uid 121 tcp SYN to 1.0.0.0 port 0 from 100.64.0.2 on eth0" in found
     assert all(d.packet.uid in uids for d in report.differences)
 
 
@@ -116,7 +116,7 @@ def test_the_lan_dns_refusal_missing_is_caught(shipped: tuple[Json, oracle.World
         select=only(lambda p: p.family == "ipv4" and ipaddress.ip_address(p.daddr) in lan_net),
     )
     found = described(report)
-    assert "uid 1000 udp to 192.168.0.0 port 53 on eth0" in found
+    assert "uid 1000 udp to 192.168.0.0 port 53 from 100.64.0.2 on eth0" in found
     assert {d.packet.proto for d in report.differences} == {17}
     assert {d.packet.dport for d in report.differences} == {53}
     assert {d.decision.rule for d in report.differences} == {"Tails rule 5"}

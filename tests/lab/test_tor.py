@@ -23,7 +23,7 @@ import pytest
 
 from tests.lab.daemon_process import run_daemon
 from tests.lab.kernel import lab_host_put_back, remove_tailsfw_tables
-from tests.lab.policies import TAILSFWCTL, lab_policy
+from tests.lab.policies import CTL, lab_policy
 from tests.lab.topology import HOST_V4, INTERNET_V4, Lab
 from tests.lab.tor_network import (
     AUTOMAP_NETWORK,
@@ -76,7 +76,7 @@ def firewall(request: pytest.FixtureRequest, lab: Lab, network: TorNetwork) -> I
     """The default policy in force in the lab host, loaded one way or the other."""
     policy = lab_policy(lab, network.base / "policy.toml")
     if request.param == "tailsfwctl apply":
-        lab.host([TAILSFWCTL, "apply", "--policy", str(policy)])
+        lab.host([*CTL, "apply", "--policy", str(policy)])
         try:
             yield request.param
         finally:

@@ -10,6 +10,7 @@ from pathlib import Path
 from tailsfw import compiler, verify
 from tests.lab.boot import VENV, installed_units, write_units
 from tests.lab.command import REPO
+from tests.lab.kernel import in_scratch_namespace
 
 FAIL_CLOSED = REPO / "libexec" / "fail-closed"
 MAN = REPO / "man"
@@ -30,13 +31,6 @@ def test_systemd_analyze_verify_passes_for_every_shipped_unit(tmp_path: Path) ->
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
-
-
-def in_scratch_namespace(script: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["unshare", "--map-root-user", "--net", "sh", "-c", script],
-        input=stdin, capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
 
 
 def test_fail_closed_loads_the_compilers_lockdown_where_no_table_is() -> None:

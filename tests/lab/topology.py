@@ -378,14 +378,14 @@ class Lab:
             *(arg for e in peer_endpoints for arg in ("--tcp", e)),
             *(arg for e in peer_endpoints for arg in ("--udp", e)),
         ]
-        peer = self._listeners(self.peer_ns, peer_args)
+        peer = self.listeners(self.peer_ns, peer_args)
         self._stack.callback(stop_process, peer)
-        self._host_listeners = self._listeners(self.host_ns, host_listener_args())
+        self._host_listeners = self.listeners(self.host_ns, host_listener_args())
         # Stops whichever host listeners run at the end (see without_host_listeners).
         self._stack.callback(lambda: stop_process(self._host_listeners))
         wait_ready([peer, self._host_listeners], timeout=10.0)
 
-    def _listeners(self, namespace: str, args: list[str]) -> subprocess.Popen[str]:
+    def listeners(self, namespace: str, args: list[str]) -> subprocess.Popen[str]:
         # `ip netns exec` execs in place, so terminate() reaches the script.
         return subprocess.Popen(
             [*netns_exec(namespace), PYTHON, "-I", self.script("listeners.py"), *args],
@@ -404,7 +404,7 @@ class Lab:
         try:
             yield
         finally:
-            self._host_listeners = self._listeners(self.host_ns, host_listener_args())
+            self._host_listeners = self.listeners(self.host_ns, host_listener_args())
             wait_ready([self._host_listeners], timeout=10.0)
 
     # -- using ----------------------------------------------------------------
@@ -505,14 +505,27 @@ class Lab:
     ) -> ProbeResult:
         """One attempt by probe.py as root in the peer, towards the host (the
         host's input chain); ``arrived`` counts what the host sent back."""
+        return self.probe_in(self.peer_ns, proto, family, dst, port, timeout)
+
+    def probe_in(
+        self,
+        namespace: str,
+        proto: str,
+        family: int,
+        dst: str,
+        port: int | None = None,
+        timeout: float = 1.0,
+    ) -> ProbeResult:
+        """One attempt by probe.py as root in `namespace`; ``arrived`` counts
+        the packets the peer's lan0 received meanwhile."""
         argv = self._probe_argv(proto, family, dst, port, timeout)
         before = self.peer_packets()
         done = subprocess.run(
-            [*netns_exec(self.peer_ns), *argv],
+            [*netns_exec(namespace), *argv],
             capture_output=True, text=True, timeout=timeout + 30, check=False, env=command_env(),
         )  # fmt: skip
         arrived = self.peer_packets() - before
-        return self._probe_result(argv, "root in the peer", done, arrived)
+        return self._probe_result(argv, f"root in {namespace}", done, arrived)
 
     def _probe_argv(
         self, proto: str, family: int, dst: str, port: int | None, timeout: float

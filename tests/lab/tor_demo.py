@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from tests.lab.names import temp_prefix
-from tests.lab.policies import LAB_ROLES, TAILSFWCTL, lab_policy
+from tests.lab.policies import CTL, LAB_ROLES, lab_policy
 from tests.lab.topology import HOST_V4, UNAVAILABLE, Lab
 from tests.lab.tor_network import (
     EXIT,
@@ -50,7 +50,7 @@ def tor_act(lab: Lab, apply: bool = True) -> None:
     with tempfile.TemporaryDirectory(prefix=temp_prefix("tor-demo")) as tmp:
         if apply:
             policy = lab_policy(lab, Path(tmp) / "policy.toml")
-            lab.host([TAILSFWCTL, "apply", "--policy", str(policy)])
+            lab.host([*CTL, "apply", "--policy", str(policy)])
         with tor_lab(lab) as network:
             relays = ", ".join(f"{r.nick} {r.address}" for r in RELAYS)
             say(f"private Tor network in {lab.peer_ns}: {relays}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from pathlib import Path
 from types import MappingProxyType
@@ -343,7 +344,7 @@ def test_lockdown_keeps_loopback_only() -> None:
 
 
 def test_new_inbound_is_dropped_and_related_is_accepted_only_on_lo(pol: policy.Policy) -> None:
-    rs = build(pol)
+    rs = build(dataclasses.replace(pol, namespaces=()))  # namespaces: test_nsrules.py
     assert rules(rs, "ip", "input") == [
         [match(STATE, "established"), ACCEPT],
         [IIF_LO, ACCEPT],

@@ -1,0 +1,153 @@
+"""Tails' application namespaces in the lab, built as `tails-create-netns` builds them.
+
+Inside the lab host (never this machine's namespace): for each policy
+namespace NAME, a namespace ``tfwlab-SUFFIX-NAME`` (the prefix lets a
+crashed run's be removed with the lab's leftovers), its ``lo`` up, a veth
+pair ``veth-NAME`` (lab host) / ``veth0`` (inside), the /30's first address
+on the host side and the second inside, and for a clearnet namespace the
+default route via the host.  No rule, no setting: those are tailsfw's.
+
+Listeners stand in for the services: on the host, TCP on each host address
+at Tor's ports (what Tor's ``SocksPort 10.200.1.1:9050`` and onion-grater's
+``0.0.0.0:951`` are in Tails) and beside them; inside each namespace, TCP
+and UDP on ``GUEST_PORT`` (what the LAN peer or another namespace must never
+reach).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+from tailsfw import nsrules
+from tailsfw.nspolicy import GUEST_VETH, Namespace
+from tailsfw.sysctl import sysctl_name
+from tests.lab.command import netns_exec, run
+from tests.lab.names import LAB_NS
+from tests.lab.netns import delete_namespace
+from tests.lab.topology import HOST_V4, Lab, ProbeResult, endpoint, stop_process, wait_ready
+
+# Host ports listened on at each host address: the exposed ones and two
+# that no namespace is given (the raw ControlPort, another SocksPort).
+HOST_PORTS = (951, 9050, 9052, 9062)
+GUEST_PORT = 7000
+SEEN_TABLE = "tfwseen"
+SEEN_RULESET = f"""
+table netdev {SEEN_TABLE} {{
+    counter seen {{ }}
+    chain ingress {{
+        type filter hook ingress device "{GUEST_VETH}" priority 0; policy accept;
+        meta protocol ip counter name "seen"
+    }}
+}}
+"""
+
+
+@dataclass
+class AppNamespaces:
+    """``with AppNamespaces(lab, namespaces) as apps:``; removed on exit."""
+
+    lab: Lab
+    namespaces: Sequence[Namespace]
+    _stack: ExitStack = field(init=False, repr=False, default_factory=ExitStack)
+
+    def netns(self, ns: Namespace) -> str:
+        return f"{LAB_NS}-{self.lab.suffix}-{ns.name}"
+
+    def named(self, name: str) -> Namespace:
+        (ns,) = [ns for ns in self.namespaces if ns.name == name]
+        return ns
+
+    def __enter__(self) -> AppNamespaces:
+        try:
+            for ns in self.namespaces:
+                self.create(ns)
+            self._listen()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def create(self, ns: Namespace) -> None:
+        """As tails-create-netns: the namespace, lo, the veth pair, the addresses."""
+        name = self.netns(ns)
+        run(["ip", "netns", "add", name])
+        self._stack.callback(delete_namespace, name)
+        self._batch(self.lab.host_ns, [
+            f"link add {ns.veth} type veth peer name {GUEST_VETH} netns {name}",
+            f"addr add {ns.host}/30 dev {ns.veth}",
+            f"link set {ns.veth} up",
+        ])  # fmt: skip
+        self._batch(name, [
+            "link set lo up",
+            f"addr add {ns.guest}/30 dev {GUEST_VETH}",
+            f"link set {GUEST_VETH} up",
+            *([f"route add default via {ns.host}"] if ns.clearnet else []),
+        ])  # fmt: skip
+        # What arrives inside, counted (not ARP): see guest_packets.
+        self.run_in(ns, ["nft", "-f", "-"], input=SEEN_RULESET)
+        # Lets probe.py use ICMP echo sockets inside.
+        self.run_in(ns, ["sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"])
+
+    def _batch(self, namespace: str, commands: list[str]) -> None:
+        run(["ip", "-n", namespace, "-batch", "-"], input="\n".join(commands) + "\n")
+
+    def _listen(self) -> None:
+        host_args = [
+            arg
+            for ns in self.namespaces
+            for port in HOST_PORTS
+            for arg in ("--tcp", endpoint(str(ns.host), port))
+        ]
+        processes = [self.lab.listeners(self.lab.host_ns, host_args)]
+        for ns in self.namespaces:
+            guest = endpoint("0.0.0.0", GUEST_PORT)
+            processes.append(self.lab.listeners(self.netns(ns), ["--tcp", guest, "--udp", guest]))
+        for process in processes:
+            self._stack.callback(stop_process, process)
+        wait_ready(processes, timeout=10.0)
+
+    def run_in(self, ns: Namespace, argv: Sequence[str], input: str | None = None) -> str:
+        return run([*netns_exec(self.netns(ns)), *argv], input=input).stdout
+
+    # -- what tailsfwd does, done here by hand (the daemon does it live) ------
+
+    def apply_guest(self, ns: Namespace) -> None:
+        """The guest ruleset and settings, as nsrules says."""
+        self.run_in(ns, ["nft", "-j", "-f", "-"], input=nsrules.guest_ruleset(ns).to_json())
+        for parts, value in nsrules.GUEST_SETTINGS:
+            self.run_in(ns, ["sysctl", "-q", "-w", f"{sysctl_name(parts)}={value}"])
+
+    def apply_host_settings(self) -> None:
+        present = {ns.veth for ns in self.namespaces}
+        for parts, value in nsrules.host_sysctls(self.namespaces, present):
+            self.lab.host(["sysctl", "-q", "-w", f"{sysctl_name(parts)}={value}"])
+
+    def guest_packets(self, ns: Namespace) -> int:
+        """IPv4 packets that arrived inside the namespace so far."""
+        listing = self.run_in(ns, ["nft", "-j", "list", "counter", "netdev", SEEN_TABLE, "seen"])
+        (counter,) = [o["counter"] for o in json.loads(listing)["nftables"] if "counter" in o]
+        return int(counter["packets"])
+
+    def probe(
+        self, ns: Namespace, proto: str, dst: str, port: int | None = None, timeout: float = 1.0
+    ) -> ProbeResult:
+        """One attempt from inside the namespace, as root there."""
+        return self.lab.probe_in(self.netns(ns), proto, 4, dst, port, timeout)
+
+    def peer_route(self) -> None:
+        """The LAN peer routes the namespaces' addresses to the host, as an
+        attacker on the LAN would; removed on exit."""
+        self.lab.peer(["ip", "route", "add", "10.200.1.0/24", "via", HOST_V4])
+        self._stack.callback(
+            lambda: subprocess.run(
+                ["ip", "netns", "exec", self.lab.peer_ns, "ip", "route", "del", "10.200.1.0/24"],
+                capture_output=True, check=False,
+            )
+        )  # fmt: skip
