@@ -87,7 +87,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from .nft import Nft
 
     ruleset = build(args.policy)
-    Nft().apply(ruleset.document())
+    nft = Nft()
+    nft.apply(ruleset.document())
+    # The digest while `nft` lives: closing its socket after a commit waits
+    # for the kernel to free the old tables (an RCU grace period, ~10 ms).
     print(f"tailsfwctl: ruleset {ruleset.digest()[:12]} in force")
     return 0
 
