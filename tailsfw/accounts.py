@@ -21,11 +21,12 @@ from pathlib import Path
 from types import MappingProxyType
 
 from . import safefile
-from .events import AccountsChanged
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # the source's, imported when it runs: tailsfwctl reads the file only
     import asyncio
+
+    from .events import AccountsChanged
 
 
 PASSWD = Path("/etc/passwd")
@@ -106,6 +107,8 @@ class AccountsSource:
     async def events(self) -> AsyncIterator[AccountsChanged]:
         import asyncio
         import logging
+
+        from .events import AccountsChanged
 
         wake: asyncio.Queue[None] = asyncio.Queue()
         watch = asyncio.create_task(self._watch(wake), name="accounts-watch")

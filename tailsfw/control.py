@@ -22,8 +22,8 @@ from typing import Protocol
 from .desired import Desired
 from .droplog import DropCounters
 from .effects import RETRY_DELAY, Effect, Effects
-from .events import DnsServers, Event
-from .facts import Facts, updated
+from .events import DnsServers, Event, updated
+from .facts import Facts
 from .nft import NftError
 from .policy import Policy, PolicyError
 from .policy import load as load_policy

@@ -2,18 +2,20 @@
 
 Each source (netlink, NetworkManager, files, nftables' own notifications,
 the account database, the kernel's listing of our tables) yields these; the
-daemon folds them into `Facts` or reacts to them.  Nothing here does I/O.
+daemon folds them into `Facts` (`updated`, here) or reacts to them.  Nothing
+here does I/O.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Protocol
 
+from .facts import Facts
 from .links import Snapshot
 
 
@@ -85,3 +87,25 @@ class Source(Protocol):
     name: str
 
     def events(self) -> AsyncIterator[Event]: ...
+
+
+def updated(facts: Facts, event: Event) -> Facts:
+    """`facts` with one event folded in; the same object if nothing changed."""
+    if isinstance(event, LinksChanged):
+        snapshot = event.snapshot
+        names = snapshot.names
+        if snapshot.connected == facts.connected and names == facts.interfaces:
+            return facts
+        return replace(
+            facts, connected=snapshot.connected, interfaces=MappingProxyType(dict(names))
+        )
+    if isinstance(event, DnsServers):
+        # While NetworkManager is gone, the last good list stays.
+        if not event.available or (facts.dns_known and event.servers == facts.dns):
+            return facts
+        return replace(facts, dns=event.servers, dns_known=True)
+    if isinstance(event, AccountsChanged):
+        if event.uids == facts.uids:
+            return facts
+        return replace(facts, uids=MappingProxyType(dict(event.uids)))
+    return facts

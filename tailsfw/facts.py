@@ -2,22 +2,23 @@
 
 The compiler reads only the policy and these facts, so the same facts always
 give the same ruleset.  Gathering them (passwd, netlink, NetworkManager) is
-done by the sources; `updated` folds one source's event in, purely.
+done by the sources; `events.updated` folds one source's event in, purely
+(there, so that the compiler and tailsfwctl import no event classes).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
-
-from .events import AccountsChanged, DnsServers, Event, LinksChanged
 
 
 @dataclass(frozen=True)
 class Facts:
+    """The world the compiler needs besides the policy."""
+
     # account name -> uid, for every account of the account database (the
     # compiler looks up the policy's).
     uids: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
@@ -39,25 +40,3 @@ class Facts:
         for name, uid in self.uids.items():
             names.setdefault(uid, name)
         return MappingProxyType(names)
-
-
-def updated(facts: Facts, event: Event) -> Facts:
-    """`facts` with one event folded in; the same object if nothing changed."""
-    if isinstance(event, LinksChanged):
-        snapshot = event.snapshot
-        names = snapshot.names
-        if snapshot.connected == facts.connected and names == facts.interfaces:
-            return facts
-        return replace(
-            facts, connected=snapshot.connected, interfaces=MappingProxyType(dict(names))
-        )
-    if isinstance(event, DnsServers):
-        # While NetworkManager is gone, the last good list stays.
-        if not event.available or (facts.dns_known and event.servers == facts.dns):
-            return facts
-        return replace(facts, dns=event.servers, dns_known=True)
-    if isinstance(event, AccountsChanged):
-        if event.uids == facts.uids:
-            return facts
-        return replace(facts, uids=MappingProxyType(dict(event.uids)))
-    return facts

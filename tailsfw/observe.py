@@ -172,7 +172,7 @@ def kernel(wanted: Ruleset | None) -> tuple[summary.Kernel | None, str]:
     for holds, ruleset in ((summary.POLICY, wanted), (summary.LOCKDOWN, compiler.lockdown())):
         if ruleset is None:
             continue
-        differences = verify.differences(listing, ruleset)
+        differences = verify.tables_differences(held, verify.canonical(ruleset.objects))
         if not differences:
             return summary.Kernel(families, holds), how
         found = found or differences

@@ -79,6 +79,8 @@ class DirectRule:
 
 @dataclass(frozen=True)
 class Lan:
+    """[lan]: the local networks, the ports refused on them, and how they are found."""
+
     networks: tuple[ipaddress.IPv4Network, ...]
     reject_tcp_ports: tuple[int, ...]
     reject_udp_ports: tuple[int, ...]
@@ -97,6 +99,8 @@ class Redirect:
 
 @dataclass(frozen=True)
 class Log:
+    """[log]: the prefix and NFLOG group of refused packets."""
+
     prefix: str
     group: int
 
@@ -120,6 +124,8 @@ class Dns:
 
 @dataclass(frozen=True)
 class Policy:
+    """A whole policy file, checked: what the compiler reads besides the facts."""
+
     source: str
     log: Log
     users: tuple[User, ...]

@@ -34,6 +34,8 @@ class Kernel:
 
 @dataclass(frozen=True)
 class Observation:
+    """What `status` saw: the policy, the daemon and the kernel."""
+
     policy_path: str
     expected: str  # digest the policy compiles to ("" when it cannot be compiled)
     policy_error: str

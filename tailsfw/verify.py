@@ -233,7 +233,12 @@ def matches(listing: Iterable[Json], ruleset: Ruleset) -> bool:
 
 def differences(listing: Iterable[Json], ruleset: Ruleset) -> list[str]:
     """What differs between the kernel and the ruleset, readably; [] when equal."""
-    kernel, wanted = canonical(listing), canonical(ruleset.objects)
+    return tables_differences(canonical(listing), canonical(ruleset.objects))
+
+
+def tables_differences(kernel: Tables, wanted: Tables) -> list[str]:
+    """`differences` of tables already in canonical form (a listing that is
+    compared with more than one ruleset is brought to it once)."""
     found = [f"{label}: in the kernel, not in the policy" for label in kernel.foreign]
     order = {kind: i for i, kind in enumerate(KINDS)}
     keys = sorted(kernel.objects.keys() | wanted.objects.keys(), key=lambda k: (order[k[0]], k))

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tailsfw import cli
 
-DEFAULT = Path(__file__).parents[2] / "etc" / "tailsfw" / "policy.toml"
+REPO = Path(__file__).parents[2]
+DEFAULT = REPO / "etc" / "tailsfw" / "policy.toml"
 
 
 def test_render_json_prints_the_document(capsys: pytest.CaptureFixture[str]) -> None:
@@ -35,3 +39,26 @@ def test_a_broken_policy_is_named_and_changes_nothing(
 def test_a_missing_policy_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["render", "--policy", str(tmp_path / "none.toml")]) == 6
     assert "none.toml: cannot read the policy" in capsys.readouterr().err
+
+
+def tailsfwctl(*argv: str) -> subprocess.CompletedProcess[str]:
+    """tailsfwctl as a process of its own, into pipes (stdout block-buffered,
+    as it is unless PYTHONUNBUFFERED says otherwise)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return subprocess.run(
+        [sys.executable, "-m", "tailsfw.cli", *argv],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_the_process_exits_at_once_with_its_output_and_status(tmp_path: Path) -> None:
+    """`run()` skips the interpreter's teardown: all of the output still
+    arrives, on both streams, and the exit status is main()'s."""
+    done = tailsfwctl("render", "--policy", str(DEFAULT))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith("}\n")  # print()'s last write, left in the buffer
+    assert json.loads(done.stdout)["nftables"][0] == {"metainfo": {"json_schema_version": 1}}
+    assert "tailsfwctl: warning: user 'clearnet'" in done.stderr
+    done = tailsfwctl("render", "--policy", str(tmp_path / "none.toml"))
+    assert (done.returncode, done.stdout) == (6, "")
+    assert "none.toml: cannot read the policy" in done.stderr
