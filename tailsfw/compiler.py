@@ -187,7 +187,10 @@ def _cover(spans: list[tuple[int, int]]) -> list[ipaddress.IPv4Network]:
 # -- the compiler ------------------------------------------------------------
 
 
-class _Compiler(Builder):
+class _Common(Builder):
+    """What both tables build: the refuse, related, conntracked and local
+    chains, and the output rule to conntracked."""
+
     def __init__(
         self, policy: Policy, uids: Mapping[str, int], dns: Sequence[ipaddress.IPv4Address]
     ) -> None:
@@ -195,8 +198,6 @@ class _Compiler(Builder):
         self.policy = policy
         self.uids = uids
         self.dns = dns
-
-    # shared pieces
 
     def reject_chain(self) -> None:
         """One place where everything refused is counted, logged and rejected."""
@@ -318,6 +319,21 @@ class _Compiler(Builder):
             self.rule(name, match(mark, uid), match(meta("skuid"), uid), ACCEPT)
         self.rule(name, jump(REFUSE), comment="another user's flow")
 
+    def conntracked_rule(self) -> None:
+        """One comparison sends established and related packets aside.
+
+        A plain comparison, not a verdict map: while a transaction commits,
+        a packet still walking the old rules can miss in the old maps, and
+        established traffic must not be refused for it.
+        """
+        both = match(CT_STATE, ["established", "related"], "in")
+        self.rule("output", both, jump("conntracked"), comment="Tails rule 1")
+
+
+class _Ipv4Paths(_Common):
+    """IPv4's own paths out: the direct users' chains, the LAN's chains and
+    the nat chain (redirects, stray DNS)."""
+
     def direct_chain(self, rule: DirectRule, uid: int) -> str:
         # The key as it is: distinct keys give distinct chains (policy.USER_KEY).
         name = "direct_" + rule.user
@@ -391,7 +407,28 @@ class _Compiler(Builder):
             + [(proto, p) for p in both for proto in PORTED if proto not in ("tcp", "udp")]
         )
 
-    # the two tables
+    def nat_chain(self, direct_uids: Sequence[int]) -> None:
+        self.chain("nat_output", "output", kind="nat")
+        daddr = payload("ip", "daddr")
+        for r in self.policy.redirects:
+            expr = [match(daddr, network(r.destination)), l4proto(r.protocol)]
+            if r.port is not None:
+                expr.append(match(payload("th", "dport"), r.port))
+            self.rule("nat_output", *expr, {"redirect": {"port": r.to_port}})
+        if self.policy.dns.stray == "tor":
+            # Everyone but the direct users: their DNS is theirs to send.
+            expr = [
+                match(payload("udp", "dport"), DNS_PORT),
+                match(daddr, network(ipaddress.IPv4Network("127.0.0.0/8")), "!="),
+            ]
+            if direct_uids:
+                expr.append(match(meta("skuid"), one_or_set(sorted(direct_uids)), "!="))
+            self.rule("nat_output", *expr, {"redirect": {"port": self.policy.dns.tor_port}},
+                      comment="stray DNS to Tor's DNS port")  # fmt: skip
+
+
+class _Compiler(_Ipv4Paths):
+    """The two tables, each in Tails' rule order, from the pieces above."""
 
     def ipv4(self, lan: Sequence[ipaddress.IPv4Network]) -> None:
         """The IPv4 table; its output chain follows Tails' rule order.
@@ -493,32 +530,3 @@ class _Compiler(Builder):
         if has_local:
             self.rule("output", match(payload("ip6", "daddr"), LOOPBACK["ipv6"]), jump("local"))
         self.rule("output", jump(REFUSE))
-
-    def conntracked_rule(self) -> None:
-        """One comparison sends established and related packets aside.
-
-        A plain comparison, not a verdict map: while a transaction commits,
-        a packet still walking the old rules can miss in the old maps, and
-        established traffic must not be refused for it.
-        """
-        both = match(CT_STATE, ["established", "related"], "in")
-        self.rule("output", both, jump("conntracked"), comment="Tails rule 1")
-
-    def nat_chain(self, direct_uids: Sequence[int]) -> None:
-        self.chain("nat_output", "output", kind="nat")
-        daddr = payload("ip", "daddr")
-        for r in self.policy.redirects:
-            expr = [match(daddr, network(r.destination)), l4proto(r.protocol)]
-            if r.port is not None:
-                expr.append(match(payload("th", "dport"), r.port))
-            self.rule("nat_output", *expr, {"redirect": {"port": r.to_port}})
-        if self.policy.dns.stray == "tor":
-            # Everyone but the direct users: their DNS is theirs to send.
-            expr = [
-                match(payload("udp", "dport"), DNS_PORT),
-                match(daddr, network(ipaddress.IPv4Network("127.0.0.0/8")), "!="),
-            ]
-            if direct_uids:
-                expr.append(match(meta("skuid"), one_or_set(sorted(direct_uids)), "!="))
-            self.rule("nat_output", *expr, {"redirect": {"port": self.policy.dns.tor_port}},
-                      comment="stray DNS to Tor's DNS port")  # fmt: skip
