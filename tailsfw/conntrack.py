@@ -26,7 +26,7 @@ log = logging.getLogger("tailsfwd")
 NETLINK_NETFILTER = 12
 # linux/netfilter/nfnetlink.h, nfnetlink_conntrack.h
 CTNL = 1 << 8  # NFNL_SUBSYS_CTNETLINK
-CT_GET, CT_DELETE = CTNL | 1, CTNL | 2
+CT_NEW, CT_GET, CT_DELETE = CTNL, CTNL | 1, CTNL | 2  # a dump answers in CT_NEW
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_MARK = 1, 2, 8
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST = 1, 2
@@ -119,7 +119,7 @@ def _dump(sock: socket.socket) -> list[Entry]:
             if kind == nlsock.NLMSG_ERROR:
                 code = nlsock.error_code(data, (kind, 0, 0, start, end))
                 raise ConntrackError(code, f"conntrack dump refused: {_name(code)}")
-            if kind == CT_GET:
+            if kind == CT_NEW:
                 entry = decode(data[start:end])
                 if entry is not None:
                     entries.append(entry)
