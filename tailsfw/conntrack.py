@@ -105,6 +105,12 @@ def _request(kind: int, flags: int, body: bytes, seq: int) -> bytes:
     return nlsock.HEADER.pack(nlsock.HEADER.size + len(body), kind, flags, seq, 0) + body
 
 
+def dump() -> list[Entry]:
+    """The IPv4 conntrack table's entries."""
+    with nlsock.open_socket(NETLINK_NETFILTER, rcvbuf=1 << 22, blocking=True) as sock:
+        return _dump(sock)
+
+
 def _dump(sock: socket.socket) -> list[Entry]:
     sock.send(_request(CT_GET, nlsock.NLM_F_REQUEST | nlsock.NLM_F_DUMP, NFGEN, 1))
     entries: list[Entry] = []

@@ -31,8 +31,7 @@ def left_after(cuts: list[Cut]) -> tuple[int, list[tuple[str, int, int]]]:
                 code = struct.unpack_from("=i", s.recv(4096), 16)[0]
                 assert code == 0, f"flow {i} refused: {code}"
         deleted = conntrack.delete(cuts)
-        with conntrack.nlsock.open_socket(conntrack.NETLINK_NETFILTER, blocking=True) as s:
-            left = conntrack._dump(s)
+        left = conntrack.dump()
         return deleted, sorted((str(e.addresses[1]), e.dport or 0, e.mark) for e in left)
 
     return run_in_scratch(job, timeout=60)

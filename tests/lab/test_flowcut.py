@@ -18,8 +18,8 @@ from tests.lab import policies
 from tests.lab.command import PYTHON, netns_exec
 from tests.lab.daemon_process import DaemonProcess, run_daemon
 from tests.lab.kernel import lan_networks
-from tests.lab.test_daemon import NEW_IF, NEW_LAN, NEW_PEER_IF, lab_policy, sighup
-from tests.lab.topology import HOST_V4, INTERNET_V4, Lab, stop_process, wait_ready
+from tests.lab.test_daemon import NEW_IF, NEW_LAN, lab_policy, new_lan_peer, sighup
+from tests.lab.topology import HOST_V4, INTERNET_V4, Lab
 from tests.lab.wait import wait_for
 
 pytestmark = pytest.mark.usefixtures("daemon_host")
@@ -108,25 +108,11 @@ def connected_daemon(lab: Lab, tmp_path: Path) -> Iterator[DaemonProcess]:
 
 @pytest.fixture
 def new_lan(lab: Lab) -> Iterator[None]:
-    """A second on-link LAN (the peer's side answers UDP 5000 there); its
-    address is the peer's too, reachable through the gateway."""
-    lab.peer(["ip", "link", "add", NEW_PEER_IF, "type", "veth", "peer", "name", NEW_IF,
-              "netns", lab.host_ns])  # fmt: skip
-    lab.peer(["ip", "addr", "add", f"{NEW_LAN[1]}/24", "dev", NEW_PEER_IF])
-    lab.peer(["ip", "link", "set", NEW_PEER_IF, "up"])
-    lab.host(["ip", "link", "set", NEW_IF, "up"])
-    assert lab.scripts is not None
-    listener = subprocess.Popen(
-        [*netns_exec(lab.peer_ns), PYTHON, "-I", str(lab.scripts / "listeners.py"),
-         "--udp", f"{NEW_LAN[1]}:5000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        wait_ready([listener], timeout=10)
+    """A second LAN, where the peer answers UDP 5000; its address is the
+    peer's too, reachable through the gateway."""
+    with new_lan_peer(lab, "--udp", f"{NEW_LAN[1]}:5000"):
+        lab.host(["ip", "link", "set", NEW_IF, "up"])
         yield
-    finally:
-        stop_process(listener)
-        lab.peer(["ip", "link", "del", NEW_PEER_IF])  # takes the host side with it
 
 
 def test_a_flow_to_an_on_link_lan_gone_stops_at_the_commit(
