@@ -76,9 +76,9 @@ REFUSE = "refuse"
 
 
 def compile_policy(policy: Policy, facts: Facts) -> Ruleset:
-    uids, warnings = _resolve_users(policy, facts)
+    uids, warnings = resolve_users(policy, facts)
     c = _Compiler(policy, uids, facts.dns)
-    c.ipv4(_lan_networks(policy, facts))
+    c.ipv4(lan_networks(policy, facts))
     c.ipv6()
     # nft resolves names as it reads: chains before the maps that jump to
     # them, maps before the rules that look them up.
@@ -105,7 +105,7 @@ def lockdown() -> Ruleset:
     return Ruleset(objects=tuple(c.objects), warnings=(warning,))
 
 
-def _resolve_users(policy: Policy, facts: Facts) -> tuple[dict[str, int], list[str]]:
+def resolve_users(policy: Policy, facts: Facts) -> tuple[dict[str, int], list[str]]:
     """User key -> uid.  A user with no uid is left out, with a warning."""
     taken = {facts.uids[u.account]: u.key for u in policy.users if u.account in facts.uids}
     uids: dict[str, int] = {}
@@ -142,7 +142,7 @@ def _resolve_users(policy: Policy, facts: Facts) -> tuple[dict[str, int], list[s
     return uids, warnings
 
 
-def _lan_networks(policy: Policy, facts: Facts) -> list[ipaddress.IPv4Network]:
+def lan_networks(policy: Policy, facts: Facts) -> list[ipaddress.IPv4Network]:
     """The policy's LAN networks; in "connected" mode only their on-link parts.
 
     In integers, not ipaddress' subnet_of and collapse_addresses: with 2,000

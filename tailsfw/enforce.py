@@ -14,6 +14,9 @@ holds, undo tampering, and fail closed.
 - The reaction to tampering: another process changed our tables
   (`RulesetTouched`), or a check asked by a lost-notifications notice found
   the kernel different: forget, and converge at once.
+- After a commit, the flows conntrack holds that the new ruleset forbids
+  (`flowcut.cuts`) are handed to `cut_flows` (the daemon's deletes them
+  with ctnetlink away from the loop): never before the commit.
 - `fail_closed` is what a start that cannot load the policy leaves behind.
 """
 
@@ -22,11 +25,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from enum import Enum
 from typing import Any, Protocol
 
-from . import compiler, verify
+from . import compiler, flowcut, verify
 from .desired import Desired
 from .events import KernelChecked, RulesetTouched
 from .nft import NftError
@@ -36,6 +39,7 @@ log = logging.getLogger("tailsfwd")
 
 Listing = list[dict[str, Any]]  # `nft -j list ruleset`'s objects
 Lister = Callable[[], Awaitable[Listing]]  # the ruleset, listed away from the loop
+FlowCutter = Callable[[Sequence[flowcut.Cut]], None]  # deletes conntrack entries, off the loop
 # The status says what the kernel holds: asked at most this often, and at
 # most a tenth of the time (listing costs more as interfaces grow: libnftables
 # reads every link to name `iif`, ~50 ms with 2,000 interfaces; comparing the
@@ -61,8 +65,12 @@ class Outcome(Enum):
 class RulesetEffect:
     name = "ruleset"
 
-    def __init__(self, nft: NftApi, list_ruleset: Lister) -> None:
+    def __init__(
+        self, nft: NftApi, list_ruleset: Lister, cut_flows: FlowCutter | None = None
+    ) -> None:
         self.nft = nft
+        self.cut_flows = cut_flows
+        self.committed: Desired | None = None  # what the ruleset in force was made for
         self.in_force: compiler.Ruleset | None = None
         self.counters = RulesetCounters()
         self.generation = 0  # commits so far: a listing older than the last is stale
@@ -105,6 +113,7 @@ class RulesetEffect:
         changes = None if old is None else ruleset.changes_since(old)
         if changes == []:
             self.counters.unchanged += 1
+            self.committed = desired
             return False
         outcome = Outcome.REPLACED
         if changes is not None:
@@ -127,6 +136,10 @@ class RulesetEffect:
             log.warning("%s", warning)
         self.in_force, self._trusted = ruleset, True
         self.truth.committed(outcome)
+        cuts = flowcut.cuts(self.committed, desired)
+        self.committed = desired
+        if cuts and self.cut_flows is not None:
+            self.cut_flows(cuts)
         return True
 
     def touched(self, event: RulesetTouched) -> bool:

@@ -14,7 +14,7 @@ from typing import Protocol
 from .coalesce import MAX_DELAY, QUIET
 from .dropaudit import AuditEffect, DropAudit
 from .effects import Effects
-from .enforce import Lister, NftApi, RulesetEffect
+from .enforce import FlowCutter, Lister, NftApi, RulesetEffect
 from .events import Source
 from .resolv import ResolvFiles
 from .sysctl import Sysctl
@@ -47,9 +47,10 @@ class Parts:
     sources: Sequence[Source] = ()  # the others
     files: ResolvFiles | None = None
     audit: Callable[[int], DropAudit] | None = None  # an audit of an NFLOG group
+    cut_flows: FlowCutter | None = None  # deletes the flows a commit forbids
 
 
 def effects_of(parts: Parts) -> Effects:
     audit = AuditEffect(parts.audit) if parts.audit is not None else None
-    ruleset = RulesetEffect(parts.nft, parts.list_ruleset)
+    ruleset = RulesetEffect(parts.nft, parts.list_ruleset, parts.cut_flows)
     return Effects(ruleset, parts.sysctl, parts.files, audit)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .accounts import PASSWD, AccountsSource
 from .coalesce import MAX_DELAY, QUIET
+from .conntrack import cut_in_background
 from .daemon import Daemon, Service
 from .dropaudit import DropAudit
 from .logflood import RateLimit
@@ -111,6 +112,7 @@ def real_parts(options: Options, notify: Notifier) -> Parts:
         sources=[ResolvWatch(files), NetworkManagerSource(options.nm_bus), NftMonitor()],
         files=ResolvFiles(*files),
         audit=lambda group: DropAudit(group=group),
+        cut_flows=cut_in_background,
     )
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -140,26 +141,37 @@ def test_a_broken_policy_at_start_locks_down(lab: Lab, tmp_path: Path) -> None:
 # -- links and addresses -----------------------------------------------------
 
 
+@contextmanager
+def new_lan_peer(lab: Lab, *listen: str) -> Iterator[None]:
+    """The new LAN's veth pair (the host side down, no address), the peer
+    listening there with listeners.py's `listen` arguments."""
+    lab.peer(["ip", "link", "add", NEW_PEER_IF, "type", "veth", "peer", "name", NEW_IF,
+              "netns", lab.host_ns])  # fmt: skip
+    try:
+        lab.peer(["ip", "addr", "add", f"{NEW_LAN[1]}/24", "dev", NEW_PEER_IF])
+        lab.peer(["ip", "link", "set", NEW_PEER_IF, "up"])
+        assert lab.scripts is not None
+        listener = subprocess.Popen(
+            [*netns_exec(lab.peer_ns), PYTHON, "-I", str(lab.scripts / "listeners.py"), *listen],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            wait_ready([listener], timeout=10)
+            yield
+        finally:
+            stop_process(listener)
+    finally:
+        lab.peer(["ip", "link", "del", NEW_PEER_IF])  # takes the host side with it
+
+
 @pytest.fixture
 def peer_listener(lab: Lab) -> Iterator[None]:
     """TCP 5000 on the new LAN's peer address and on a routed private one."""
     lab.peer(["ip", "addr", "add", f"{ROUTED_PRIVATE}/32", "dev", "inet0"])
-    lab.peer(["ip", "link", "add", NEW_PEER_IF, "type", "veth", "peer", "name", NEW_IF,
-              "netns", lab.host_ns])  # fmt: skip
-    lab.peer(["ip", "addr", "add", f"{NEW_LAN[1]}/24", "dev", NEW_PEER_IF])
-    lab.peer(["ip", "link", "set", NEW_PEER_IF, "up"])
-    assert lab.scripts is not None
-    listener = subprocess.Popen(
-        [*netns_exec(lab.peer_ns), PYTHON, "-I", str(lab.scripts / "listeners.py"),
-         "--tcp", f"{NEW_LAN[1]}:5000", "--tcp", f"{ROUTED_PRIVATE}:5000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
     try:
-        wait_ready([listener], timeout=10)
-        yield
+        with new_lan_peer(lab, "--tcp", f"{NEW_LAN[1]}:5000", "--tcp", f"{ROUTED_PRIVATE}:5000"):
+            yield
     finally:
-        stop_process(listener)
-        lab.peer(["ip", "link", "del", NEW_PEER_IF])  # takes the host side with it
         lab.peer(["ip", "addr", "del", f"{ROUTED_PRIVATE}/32", "dev", "inet0"])
 
 

@@ -1,0 +1,132 @@
+"""Flows cut when their permission goes (issue 15): a UDP flow keeps
+sending across the change that forbids it (a reload that takes a direct
+user's port back; an on-link LAN gone in `connected` mode), and the peer
+counts that nothing of it arrives after the commit (it did before)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.lab import policies
+from tests.lab.command import PYTHON, netns_exec
+from tests.lab.daemon_process import DaemonProcess, run_daemon
+from tests.lab.kernel import lan_networks
+from tests.lab.test_daemon import NEW_IF, NEW_LAN, lab_policy, new_lan_peer, sighup
+from tests.lab.topology import HOST_V4, INTERNET_V4, Lab
+from tests.lab.wait import wait_for
+
+pytestmark = pytest.mark.usefixtures("daemon_host")
+
+PORT = 123  # a UDP port the peer answers on, granted to clearnet, then taken back
+# One socket, one flow: a datagram every 10 ms; prints how many were tried.
+SENDER = """
+import socket, sys, time
+end = time.monotonic() + float(sys.argv[3])
+sent = 0
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s.setblocking(False)
+    s.bind((sys.argv[4], 40123))
+    while time.monotonic() < end:
+        sent += 1
+        try:
+            s.sendto(b"still here?", (sys.argv[1], int(sys.argv[2])))
+            s.recv(100)
+        except OSError:
+            pass
+        time.sleep(0.01)
+print(sent)
+"""
+
+
+def udp_ports(lab: Lab, path: Path, ports: list[int]) -> Path:
+    def edit(data: dict[str, Any]) -> None:
+        for rule in data["direct"]:
+            if rule["user"] == "clearnet":
+                rule["udp_ports"] = ports
+
+    return policies.lab_policy(lab, path, edit)
+
+
+@pytest.fixture
+def daemon(lab: Lab, tmp_path: Path) -> Iterator[DaemonProcess]:
+    policy = udp_ports(lab, tmp_path / "policy.toml", [53, PORT])
+    with run_daemon(lab.host_ns, policy, tmp_path / "daemon") as started:
+        started.wait_ready()
+        yield started
+
+
+@contextmanager
+def sending(lab: Lab, role: str, to: tuple[str, int], source: str = "0.0.0.0") -> Iterator[None]:
+    """`role` sends one UDP flow to `to` for 3 s; it kept trying all along."""
+    sender = subprocess.Popen(
+        [*netns_exec(lab.host_ns), *lab.setpriv(role), PYTHON, "-c", SENDER,
+         to[0], str(to[1]), "3", source],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        out, _ = sender.communicate(timeout=30)
+    assert int(out) > 150
+
+
+def arriving_after_commit(lab: Lab) -> int:
+    """What reaches the peer's lan0 in the second after the commit."""
+    time.sleep(0.3)  # the deletion runs beside the loop, right after the commit
+    after = lab.peer_packets()
+    time.sleep(1.0)
+    return lab.peer_packets() - after
+
+
+def test_a_flow_whose_port_is_taken_back_stops_at_the_commit(
+    lab: Lab, daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    with sending(lab, "clearnet", (INTERNET_V4[0], PORT)):
+        start = lab.peer_packets()
+        wait_for(lambda: lab.peer_packets() - start > 20, 2, what="the flow reaching the peer")
+        udp_ports(lab, tmp_path / "policy.toml", [53])
+        sighup(daemon)
+        arrived = arriving_after_commit(lab)
+    assert arrived == 0, f"{arrived} packets of a forbidden flow reached the peer"
+    assert "deleted 1 conntrack entries the new ruleset forbids" in daemon.log()
+
+
+@pytest.fixture
+def connected_daemon(lab: Lab, tmp_path: Path) -> Iterator[DaemonProcess]:
+    policy = lab_policy(lab, tmp_path / "policy.toml")
+    with run_daemon(lab.host_ns, policy, tmp_path / "daemon") as started:
+        started.wait_ready()
+        yield started
+
+
+@pytest.fixture
+def new_lan(lab: Lab) -> Iterator[None]:
+    """A second LAN, where the peer answers UDP 5000; its address is the
+    peer's too, reachable through the gateway."""
+    with new_lan_peer(lab, "--udp", f"{NEW_LAN[1]}:5000"):
+        lab.host(["ip", "link", "set", NEW_IF, "up"])
+        yield
+
+
+def test_a_flow_to_an_on_link_lan_gone_stops_at_the_commit(
+    lab: Lab, connected_daemon: DaemonProcess, new_lan: None
+) -> None:
+    """From the host's own address, so that the flow stays one flow once the
+    LAN's address goes; it then leaves through the gateway, counted there."""
+    lab.host(["ip", "addr", "add", f"{NEW_LAN[2]}/24", "dev", NEW_IF])
+    wait_for(lambda: NEW_LAN in lan_networks(lab.host_ns), 2, what="the new LAN in force")
+    with sending(lab, "amnesia", (str(NEW_LAN[1]), 5000), HOST_V4):
+        time.sleep(0.3)
+        commits = connected_daemon.commits()
+        lab.host(["ip", "addr", "del", f"{NEW_LAN[2]}/24", "dev", NEW_IF])
+        wait_for(lambda: connected_daemon.commits() > commits, 2, what="the commit")
+        arrived = arriving_after_commit(lab)
+    assert arrived == 0, f"{arrived} packets of a forbidden flow reached the peer"
+    assert f"LAN network {NEW_LAN} gone" in connected_daemon.log()
