@@ -74,7 +74,23 @@ class KernelChecked:
     notice: str = ""
 
 
-Event = LinksChanged | DnsServers | FileChanged | RulesetTouched | AccountsChanged | KernelChecked
+@dataclass(frozen=True)
+class NamespacesPresent:
+    """The network namespaces named in /run/netns, whole: (name, (dev, inode))
+    of each namespace file, sorted by name."""
+
+    namespaces: tuple[tuple[str, tuple[int, int]], ...] = ()
+
+
+Event = (
+    LinksChanged
+    | DnsServers
+    | FileChanged
+    | RulesetTouched
+    | AccountsChanged
+    | KernelChecked
+    | NamespacesPresent
+)
 
 
 class Source(Protocol):

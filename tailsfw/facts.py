@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from types import MappingProxyType
 
-from .events import AccountsChanged, DnsServers, Event, LinksChanged
+from .events import AccountsChanged, DnsServers, Event, LinksChanged, NamespacesPresent
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,8 @@ class Facts:
     dns_known: bool = False
     # The interfaces, by index (each gets its IPv6 setting).
     interfaces: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
+    # The network namespaces in /run/netns: (name, (dev, inode)), by name.
+    netns: tuple[tuple[str, tuple[int, int]], ...] = ()
 
     @cached_property
     def user_names(self) -> Mapping[int, str]:
@@ -60,4 +62,8 @@ def updated(facts: Facts, event: Event) -> Facts:
         if event.uids == facts.uids:
             return facts
         return replace(facts, uids=MappingProxyType(dict(event.uids)))
+    if isinstance(event, NamespacesPresent):
+        if event.namespaces == facts.netns:
+            return facts
+        return replace(facts, netns=event.namespaces)
     return facts

@@ -16,6 +16,7 @@ from .dropaudit import AuditEffect, DropAudit
 from .effects import Effects
 from .enforce import Lister, NftApi, RulesetEffect
 from .events import Source
+from .guests import GuestsEffect
 from .resolv import ResolvFiles
 from .sysctl import Sysctl
 
@@ -47,9 +48,10 @@ class Parts:
     sources: Sequence[Source] = ()  # the others
     files: ResolvFiles | None = None
     audit: Callable[[int], DropAudit] | None = None  # an audit of an NFLOG group
+    guests: GuestsEffect | None = None  # the application namespaces' guest sides
 
 
 def effects_of(parts: Parts) -> Effects:
     audit = AuditEffect(parts.audit) if parts.audit is not None else None
     ruleset = RulesetEffect(parts.nft, parts.list_ruleset)
-    return Effects(ruleset, parts.sysctl, parts.files, audit)
+    return Effects(ruleset, parts.sysctl, parts.files, audit, parts.guests)
