@@ -1,9 +1,9 @@
 """tailsfwd's loop: sources -> one queue -> facts -> effects.
 
-Every source (netlink, accounts, NetworkManager, the watched files, nftables'
-notifications, the kernel's listing of our tables) is pumped into one queue;
-each event is folded into the `Facts`; the cheap effects (sysctls, files,
-the drops' audit) converge at once; a change of what the ruleset reads is
+Every source (netlink, accounts, NetworkManager, the watched files, /run/netns,
+nftables' notifications, the kernel's listing of our tables) is pumped into one
+queue; each event is folded into the `Facts`; the cheap effects (sysctls, files,
+the drops' audit, the namespaces' guests) converge at once; a change of what the ruleset reads is
 coalesced (tailsfw/coalesce.py), then the ruleset converges; tampering is
 undone at once; an effect whose converge failed is retried every RETRY_DELAY.
 

@@ -1,7 +1,8 @@
 """The desired state, pure: what the policy and the facts ask of each effect.
 
 `Desired(policy, facts)` is the whole of it: the ruleset, the interfaces'
-IPv6 settings, the resolv files' text and the NFLOG group audited.  Each
+IPv6 and forwarding settings, the application namespaces'
+guest sides, the resolv files' text and the NFLOG group audited.  Each
 part is made when an effect first asks for it, so that a change of
 interfaces costs no compile; the ruleset is carried over from the previous
 `Desired` while what the compiler reads of the facts (`ruleset_facts`) is
@@ -10,10 +11,10 @@ the same.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from functools import cached_property
 
-from . import compiler
+from . import compiler, nsrules
 from .facts import Facts
 from .policy import Policy
 from .resolv import ResolvTexts, resolv_texts
@@ -48,6 +49,24 @@ class Desired:
     @cached_property
     def files(self) -> ResolvTexts:
         return resolv_texts(self.facts.dns if self.facts.dns_known else None)
+
+    @cached_property
+    def guests(self) -> Mapping[str, nsrules.Guest]:
+        """The policy's namespaces present in /run/netns, by name."""
+        present = dict(self.facts.netns)
+        return {
+            ns.name: nsrules.Guest(ns, present[ns.name])
+            for ns in self.policy.namespaces
+            if ns.name in present
+        }
+
+    @cached_property
+    def host_settings(self) -> tuple[nsrules.Setting, ...]:
+        """The host's forwarding settings for the namespaces' veths present
+        (none without namespaces in the policy: then they are not ours)."""
+        if not self.policy.namespaces:
+            return ()
+        return nsrules.host_sysctls(self.policy.namespaces, set(self.facts.interfaces.values()))
 
     @property
     def log_group(self) -> int:

@@ -17,6 +17,7 @@ from typing import Protocol
 from .desired import Desired
 from .dropaudit import AuditEffect
 from .enforce import RulesetEffect
+from .guests import GuestsEffect
 from .resolv import ResolvFiles
 from .sysctl import Sysctl
 
@@ -41,10 +42,11 @@ class Effects:
     sysctl: Sysctl
     files: ResolvFiles | None = None
     audit: AuditEffect | None = None
+    guests: GuestsEffect | None = None
 
     @property
     def cheap(self) -> list[Effect]:
-        return [e for e in (self.sysctl, self.files, self.audit) if e is not None]
+        return [e for e in (self.sysctl, self.files, self.audit, self.guests) if e is not None]
 
     def named(self, name: str) -> Effect:
         return next(e for e in (self.ruleset, *self.cheap) if e.name == name)

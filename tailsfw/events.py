@@ -76,7 +76,23 @@ class KernelChecked:
     notice: str = ""
 
 
-Event = LinksChanged | DnsServers | FileChanged | RulesetTouched | AccountsChanged | KernelChecked
+@dataclass(frozen=True)
+class NamespacesPresent:
+    """The network namespaces named in /run/netns, whole: (name, (dev, inode))
+    of each namespace file, sorted by name."""
+
+    namespaces: tuple[tuple[str, tuple[int, int]], ...] = ()
+
+
+Event = (
+    LinksChanged
+    | DnsServers
+    | FileChanged
+    | RulesetTouched
+    | AccountsChanged
+    | KernelChecked
+    | NamespacesPresent
+)
 
 
 class Source(Protocol):
@@ -108,4 +124,8 @@ def updated(facts: Facts, event: Event) -> Facts:
         if event.uids == facts.uids:
             return facts
         return replace(facts, uids=MappingProxyType(dict(event.uids)))
+    if isinstance(event, NamespacesPresent):
+        if event.namespaces == facts.netns:
+            return facts
+        return replace(facts, netns=event.namespaces)
     return facts

@@ -31,6 +31,8 @@ class Facts:
     dns_known: bool = False
     # The interfaces, by index (each gets its IPv6 setting).
     interfaces: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
+    # The network namespaces in /run/netns: (name, (dev, inode)), by name.
+    netns: tuple[tuple[str, tuple[int, int]], ...] = ()
 
     @cached_property
     def user_names(self) -> Mapping[int, str]:

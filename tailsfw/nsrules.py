@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from .nftjson import (
     ACCEPT,
@@ -48,6 +49,15 @@ LOOPBACK_NET = ipaddress.IPv4Network("127.0.0.0/8")
 FORWARDED_TTL = 64
 DROP: Json = {"drop": None}
 REJECT: Json = {"reject": None}  # ICMP port unreachable: the application fails at once
+
+
+@dataclass(frozen=True)
+class Guest:
+    """A policy namespace that is present, and its namespace file's identity
+    (device, inode): one made again under the same name is another guest."""
+
+    ns: Namespace
+    identity: tuple[int, int]
 
 
 def _names(values: Iterable[str]) -> object:

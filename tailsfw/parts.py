@@ -16,6 +16,7 @@ from .dropaudit import AuditEffect, DropAudit
 from .effects import Effects
 from .enforce import FlowCutter, Lister, NftApi, RulesetEffect
 from .events import Source
+from .guests import GuestsEffect
 from .resolv import ResolvFiles
 from .sysctl import Sysctl
 
@@ -48,9 +49,10 @@ class Parts:
     files: ResolvFiles | None = None
     audit: Callable[[int], DropAudit] | None = None  # an audit of an NFLOG group
     cut_flows: FlowCutter | None = None  # deletes the flows a commit forbids
+    guests: GuestsEffect | None = None  # the application namespaces' guest sides
 
 
 def effects_of(parts: Parts) -> Effects:
     audit = AuditEffect(parts.audit) if parts.audit is not None else None
     ruleset = RulesetEffect(parts.nft, parts.list_ruleset, parts.cut_flows)
-    return Effects(ruleset, parts.sysctl, parts.files, audit)
+    return Effects(ruleset, parts.sysctl, parts.files, audit, parts.guests)

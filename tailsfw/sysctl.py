@@ -72,6 +72,7 @@ class Sysctl:
         self.root = root
         self._states: dict[str, SysctlState] = {}
         self._interfaces: set[tuple[int, str]] = set()  # (index, name) done
+        self._forwarding: tuple[tuple[tuple[str, ...], str], ...] = ()  # written last
 
     @property
     def states(self) -> tuple[SysctlState, ...]:
@@ -138,16 +139,31 @@ class Sysctl:
             self._interfaces.add((index, name))
         return new
 
+    def converge_forwarding(
+        self, settings: tuple[tuple[tuple[str, ...], str], ...]
+    ) -> list[SysctlState]:
+        """The host's forwarding settings (nsrules.host_sysctls), all in
+        order when they changed; the ones of veths gone are forgotten."""
+        if settings == self._forwarding:
+            return []
+        for parts, _ in self._forwarding:
+            self._states.pop(sysctl_name(parts), None)
+        self._forwarding = settings
+        return [self.set(parts, value) for parts, value in settings]
+
     def converge(self, desired: Desired) -> bool:
-        """Each interface's IPv6 setting; True if one was written.  A write that
-        fails is recorded and logged, not raised: the ruleset drops IPv6."""
+        """Each interface's IPv6 setting and the forwarding ones; True if one
+        was written.  A write that fails is recorded and logged, not raised:
+        the ruleset drops IPv6 and forwards only what it allows."""
         new = self.converge_interfaces(desired.interfaces)
+        new += self.converge_forwarding(desired.host_settings)
         _warn(new)
         return bool(new)
 
     def forget(self) -> None:
-        """The next converge writes every interface's setting again."""
+        """The next converge writes every setting again."""
         self._interfaces.clear()
+        self._forwarding = ()
 
 
 def _warn(states: list[SysctlState]) -> None:

@@ -16,8 +16,10 @@ from .coalesce import MAX_DELAY, QUIET
 from .conntrack import cut_in_background
 from .daemon import Daemon, Service
 from .dropaudit import DropAudit
+from .guests import GuestsEffect
 from .logflood import RateLimit
 from .netlink import RCVBUF, NetlinkSource
+from .netnswatch import NETNS_DIR, NetnsWatch
 from .nft import Nft, list_in_child
 from .nftmonitor import NftMonitor
 from .nm import NetworkManagerSource
@@ -49,6 +51,8 @@ class Options:
     nm_bus: str | None = None  # NetworkManager's bus address; None: the system bus
     bus: str | None = None  # where our D-Bus service is; None: the system bus
     serve_bus: bool = True
+    netns_dir: Path = NETNS_DIR
+    netns_prefix: str = ""  # the lab's namespaces are NAME with a run's prefix
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -82,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     )
     # Tests shrink it to make the kernel drop events (ENOBUFS) on purpose.
     p.add_argument("--netlink-rcvbuf", type=int, default=RCVBUF, help=argparse.SUPPRESS)
+    # The lab's namespaces live in this machine's /run/netns, under a prefix.
+    p.add_argument("--netns-dir", type=Path, default=NETNS_DIR, help=argparse.SUPPRESS)
+    p.add_argument("--netns-prefix", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     return Options(
         policy=args.policy,
@@ -96,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         nm_bus=args.nm_bus,
         bus=None if args.bus == "none" else args.bus,
         serve_bus=args.bus != "none",
+        netns_dir=args.netns_dir,
+        netns_prefix=args.netns_prefix,
     )
 
 
@@ -109,10 +118,16 @@ def real_parts(options: Options, notify: Notifier) -> Parts:
         sysctl=Sysctl(options.proc_sys),
         notify=notify,
         accounts=AccountsSource(options.passwd),
-        sources=[ResolvWatch(files), NetworkManagerSource(options.nm_bus), NftMonitor()],
+        sources=[
+            ResolvWatch(files),
+            NetworkManagerSource(options.nm_bus),
+            NftMonitor(),
+            NetnsWatch(options.netns_dir, options.netns_prefix),
+        ],
         files=ResolvFiles(*files),
         audit=lambda group: DropAudit(group=group),
         cut_flows=cut_in_background,
+        guests=GuestsEffect(options.netns_dir, options.netns_prefix),
     )
 
 

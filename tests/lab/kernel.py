@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 # What tailsfwd changes in the lab's host: the settings, its own and eth0's.
 LAB_HOST_SYSCTLS = (
     "net.ipv4.tcp_mtu_probing",
+    "net.ipv4.ip_forward",  # the namespaces: tailsfwd sets it while a clearnet veth exists
     *(f"net.ipv6.conf.{i}.disable_ipv6" for i in ("all", "default", "lo", HOST_IF)),
 )
 

@@ -107,6 +107,7 @@ def test_ready_only_once_the_ruleset_is_in_force(lab: Lab, policy: Path, tmp_pat
         assert status["ruleset"].startswith(ready["STATUS"].split()[1])
     assert read_sysctls(lab.host_ns, LAB_HOST_SYSCTLS) == {
         "net.ipv4.tcp_mtu_probing": "1",
+        "net.ipv4.ip_forward": "0",  # no clearnet veth
         "net.ipv6.conf.all.disable_ipv6": "1",
         "net.ipv6.conf.default.disable_ipv6": "1",
         "net.ipv6.conf.lo.disable_ipv6": "0",
