@@ -251,6 +251,24 @@ class EventLog(Generic[T]):
                     raise AssertionError(f"no such event within {timeout} s; last:\n{history}")
                 self._changed.wait(left)
 
+    def settled(
+        self, predicate: Callable[[T], bool], quiet: float = 1.0, timeout: float = 20.0
+    ) -> T:
+        """The last event, once it satisfies `predicate` and none has come for
+        `quiet` seconds (a source still churning is not settled)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                if self.events:
+                    arrived, last = self.events[-1]
+                    if predicate(last) and now - arrived >= quiet:
+                        return last
+                if now >= deadline:
+                    history = "\n".join(repr(e) for _, e in self.events[-10:])
+                    raise AssertionError(f"not settled within {timeout} s; last:\n{history}")
+                self._changed.wait(min(quiet, deadline - now))
+
     def timed(self, predicate: Callable[[T], bool], timeout: float = 5.0, since: int = 0) -> float:
         """The arrival time of the first such event from `since` on."""
         event = self.wait(predicate, timeout, since)

@@ -46,6 +46,9 @@ def test_leases_carrier_and_restarts_are_followed(nm_lab: NetworkManagerLab) -> 
         log.wait(has(()), timeout=20, since=mark)
         nm_lab.carrier(True)
         log.wait(has(RELEASED), timeout=20, since=mark)
+        # NetworkManager may still be re-activating (an ActiveConnection gone,
+        # then none for a moment): the kill must find it settled.
+        log.settled(has(RELEASED), timeout=20)
 
         # Killed: the last servers stay, marked unavailable.  Restarted, it
         # takes its device back with the lease it kept, and is read again.
