@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-from tailsfw import nsrules
+from tailsfw import nsrules, verify
 from tailsfw.nspolicy import GUEST_VETH, Namespace
 from tailsfw.sysctl import sysctl_name
 from tests.lab.command import netns_exec, run
 from tests.lab.names import LAB_NS
-from tests.lab.netns import delete_namespace
+from tests.lab.netns import delete_if_present
 from tests.lab.topology import HOST_V4, Lab, ProbeResult, endpoint, stop_process, wait_ready
+from tests.lab.wait import wait_for
 
 # Host ports listened on at each host address: the exposed ones and two
 # that no namespace is given (the raw ControlPort, another SocksPort).
@@ -44,6 +45,52 @@ table netdev {SEEN_TABLE} {{
     }}
 }}
 """
+
+
+def make_namespace(
+    ns: Namespace, netns: str, host_ns: str | None = None, via: Sequence[str] = ()
+) -> None:
+    """As tails-create-netns: the namespace `netns`, lo up, the veth pair
+    with `veth0` inside, the addresses, clearnet's default route; no rule,
+    no setting.  Run through `via` (nothing: on this machine; a container's
+    way in), with the host side in `host_ns` (None: where `via` runs)."""
+
+    def batch(where: Sequence[str], commands: list[str]) -> None:
+        run([*via, "ip", *where, "-batch", "-"], input="\n".join(commands) + "\n")
+
+    run([*via, "ip", "netns", "add", netns])
+    batch(["-n", host_ns] if host_ns else [], [
+        f"link add {ns.veth} type veth peer name {GUEST_VETH} netns {netns}",
+        f"addr add {ns.host}/30 dev {ns.veth}",
+        f"link set {ns.veth} up",
+    ])  # fmt: skip
+    batch(["-n", netns], [
+        "link set lo up",
+        f"addr add {ns.guest}/30 dev {GUEST_VETH}",
+        f"link set {GUEST_VETH} up",
+        *([f"route add default via {ns.host}"] if ns.clearnet else []),
+    ])  # fmt: skip
+
+
+def guest_differences(ns: Namespace, inside: Sequence[str]) -> list[str] | None:
+    """What the tailsfw table listed through `inside` (the way into the
+    namespace) lacks or has more than `ns`'s guest ruleset (None: no such table)."""
+    done = subprocess.run([*inside, "nft", "-j", "list", "table", "ip", "tailsfw"],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if done.returncode != 0:
+        return None
+    return verify.differences(json.loads(done.stdout)["nftables"], nsrules.guest_ruleset(ns))
+
+
+def wait_guest(
+    ns: Namespace,
+    inside: Sequence[str],
+    timeout: float = 5.0,
+    why: Callable[[], str] | None = None,
+) -> None:
+    """Until tailsfwd has put `ns`'s guest ruleset in force, exactly."""
+    wait_for(lambda: guest_differences(ns, inside) == [], timeout, 0.01,
+             what=f"the guest ruleset of {ns.name} ({' '.join(inside)})", why=why)  # fmt: skip
 
 
 @dataclass
@@ -75,28 +122,14 @@ class AppNamespaces:
         self._stack.close()
 
     def create(self, ns: Namespace) -> None:
-        """As tails-create-netns: the namespace, lo, the veth pair, the addresses."""
+        """As tails-create-netns, with the lab's counter inside."""
         name = self.netns(ns)
-        run(["ip", "netns", "add", name])
-        self._stack.callback(delete_namespace, name)
-        self._batch(self.lab.host_ns, [
-            f"link add {ns.veth} type veth peer name {GUEST_VETH} netns {name}",
-            f"addr add {ns.host}/30 dev {ns.veth}",
-            f"link set {ns.veth} up",
-        ])  # fmt: skip
-        self._batch(name, [
-            "link set lo up",
-            f"addr add {ns.guest}/30 dev {GUEST_VETH}",
-            f"link set {GUEST_VETH} up",
-            *([f"route add default via {ns.host}"] if ns.clearnet else []),
-        ])  # fmt: skip
+        self._stack.callback(delete_if_present, name)
+        make_namespace(ns, name, host_ns=self.lab.host_ns)
         # What arrives inside, counted (not ARP): see guest_packets.
         self.run_in(ns, ["nft", "-f", "-"], input=SEEN_RULESET)
         # Lets probe.py use ICMP echo sockets inside.
         self.run_in(ns, ["sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"])
-
-    def _batch(self, namespace: str, commands: list[str]) -> None:
-        run(["ip", "-n", namespace, "-batch", "-"], input="\n".join(commands) + "\n")
 
     def _listen(self) -> None:
         host_args = [

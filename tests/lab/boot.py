@@ -111,11 +111,16 @@ class Container:
     init: int  # the container's PID 1, as this machine numbers it
     console: Path
 
+    @property
+    def way_in(self) -> list[str]:
+        """The prefix that runs a command inside, in all its namespaces."""
+        return ["nsenter", "-t", str(self.init), "-a"]
+
     def run(
         self, *argv: str, check: bool = True, timeout: float = 30, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
-            ["nsenter", "-t", str(self.init), "-a", *argv],
+            [*self.way_in, *argv],
             capture_output=True, text=True, timeout=timeout, check=False, input=input,
         )  # fmt: skip
         if check and done.returncode != 0:
@@ -124,7 +129,7 @@ class Container:
 
     def popen(self, *argv: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            ["nsenter", "-t", str(self.init), "-a", *argv],
+            [*self.way_in, *argv],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
 

@@ -35,6 +35,13 @@ def delete_namespace(namespace: str) -> None:
     run(["ip", "netns", "delete", namespace])
 
 
+def delete_if_present(namespace: str) -> None:
+    """For clean-ups registered before the namespace is made (a command
+    that timed out may still have made it)."""
+    if (NETNS_DIR / namespace).exists():
+        delete_namespace(namespace)
+
+
 @contextlib.contextmanager
 def scratch_namespace(prefix: str = SCRATCH_NS) -> Iterator[str]:
     """A namespace of our own with loopback up, deleted on exit with
@@ -47,8 +54,7 @@ def scratch_namespace(prefix: str = SCRATCH_NS) -> Iterator[str]:
         run(["ip", "-n", name, "link", "set", "lo", "up"])
         yield name
     finally:
-        if (NETNS_DIR / name).exists():
-            delete_namespace(name)
+        delete_if_present(name)
 
 
 def enter_netns(namespace: str) -> None:

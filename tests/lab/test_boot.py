@@ -16,8 +16,11 @@ from typing import Any
 
 import pytest
 
-from tailsfw import summary, verify
+from tailsfw import nsrules, policy, summary, verify
 from tailsfw.droplog import DROP_MESSAGE_ID
+from tailsfw.nspolicy import Namespace
+from tailsfw.sysctl import sysctl_name
+from tests.lab.appns import make_namespace, wait_guest
 from tests.lab.boot import (
     INSTALLED,
     PROBE_FILE,
@@ -30,6 +33,7 @@ from tests.lab.boot import (
     main_pid,
     restarted,
 )
+from tests.lab.command import REPO, netns_exec
 
 TARGET = "tfwboot.target"
 TEST_UNITS = {
@@ -130,6 +134,57 @@ def test_systemctl_reload_reloads(container: Container) -> None:
     messages = [e["MESSAGE"] for e in container.journal("SYSLOG_IDENTIFIER=tailsfwd")]
     assert any("policy reloaded: ruleset" in m for m in messages), messages
     assert active(container)
+
+
+def test_application_namespaces_made_after_boot_get_their_rules(container: Container) -> None:
+    """Made as tails-create-netns makes them, after tailsfwd started, each of
+    the shipped policy's namespaces gets its guest ruleset and settings from
+    tailsfwd under the shipped unit: its mount namespace sees the new
+    /run/netns mounts, it may setns() into them (CAP_SYS_ADMIN,
+    RestrictNamespaces=net), and /proc/sys/net written from inside shows the
+    guest's settings.  The host gets its forwarding settings; a namespace
+    deleted is not kept alive by tailsfwd and, made again, gets its rules
+    again, also from a tailsfwd restarted after it was made."""
+    c = container
+    namespaces = policy.load(REPO / "etc" / "tailsfw" / "policy.toml").namespaces
+
+    def sysctl(key: str, *where: str) -> str:
+        return c.run(*where, "sysctl", "-n", key).stdout.strip()
+
+    def failing() -> str:
+        return str(json.loads(c.run("cat", "/run/tailsfw/status.json").stdout)["failing"])
+
+    def rules_in_force(ns: Namespace) -> None:
+        wait_guest(ns, [*c.way_in, *netns_exec(ns.name)], timeout=10, why=failing)
+        for parts, value in nsrules.GUEST_SETTINGS:
+            assert sysctl(sysctl_name(parts), *netns_exec(ns.name)) == value, (ns.name, parts)
+
+    try:
+        for ns in namespaces:
+            make_namespace(ns, ns.name, via=c.way_in)
+        for ns in namespaces:
+            rules_in_force(ns)
+        present = {ns.veth for ns in namespaces}
+        host = {sysctl_name(parts): v for parts, v in nsrules.host_sysctls(namespaces, present)}
+        c.wait(f"the host's {host}", lambda: {key: sysctl(key) for key in host} == host)
+        # The guests' writes went to the guests, not to the host.
+        assert sysctl("net.ipv4.conf.all.route_localnet") == "0"
+        code, data = tailsfwctl_status(c)
+        assert code == summary.OK and data["daemon"]["properties"]["Failing"] == {}, data
+
+        tbb = next(ns for ns in namespaces if ns.name == "tbb")
+        c.run("ip", "netns", "delete", "tbb")
+        gone = ("ip", "link", "show", tbb.veth)  # its veth with it: tailsfwd does not hold it
+        c.wait("tbb gone", lambda: c.run(*gone, check=False).returncode != 0)
+        make_namespace(tbb, "tbb", via=c.way_in)
+        rules_in_force(tbb)
+        c.run("ip", "netns", "exec", "tbb", "nft", "delete", "table", "ip", "tailsfw")
+        c.run("systemctl", "restart", "tailsfwd.service")
+        rules_in_force(tbb)
+        assert tailsfwctl_status(c)[1]["daemon"]["properties"]["Failing"] == {}
+    finally:
+        for ns in namespaces:
+            c.run("ip", "netns", "delete", ns.name, check=False)
 
 
 def test_kill_9_is_restarted_and_the_rules_are_never_absent(container: Container) -> None:

@@ -5,17 +5,15 @@ Nothing here puts a rule in force by hand."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tailsfw import nsrules, policy, verify
-from tailsfw.nspolicy import Namespace
+from tailsfw import policy
 from tests.lab import policies
-from tests.lab.appns import GUEST_PORT, AppNamespaces
+from tests.lab.appns import GUEST_PORT, AppNamespaces, guest_differences, wait_guest
 from tests.lab.command import netns_exec
 from tests.lab.daemon_process import DaemonProcess, run_daemon
 from tests.lab.kernel import remove_tailsfw_tables
@@ -40,26 +38,11 @@ def daemon(lab: Lab, tmp_path: Path) -> Iterator[DaemonProcess]:
         yield d
 
 
-def guest_differences(netns: str, ns: Namespace) -> list[str] | None:
-    """What the namespace's tailsfw table lacks or has more than the guest
-    ruleset (None: no such table)."""
-    done = subprocess.run([*netns_exec(netns), "nft", "-j", "list", "table", "ip", "tailsfw"],
-                          capture_output=True, text=True, check=False)  # fmt: skip
-    if done.returncode != 0:
-        return None
-    return verify.differences(json.loads(done.stdout)["nftables"], nsrules.guest_ruleset(ns))
-
-
-def wait_guest(netns: str, ns: Namespace) -> None:
-    wait_for(lambda: guest_differences(netns, ns) == [], 5.0, 0.01,
-             what=f"the guest ruleset in {netns}")  # fmt: skip
-
-
 def test_namespaces_made_after_the_start_get_their_rules(lab: Lab, daemon: DaemonProcess) -> None:
     namespaces = policy.load(daemon.policy).namespaces
     with AppNamespaces(lab, namespaces) as apps:
         for ns in namespaces:
-            wait_guest(apps.netns(ns), ns)
+            wait_guest(ns, netns_exec(apps.netns(ns)))
         tbb = apps.named("tbb")
         got = apps.probe(tbb, "tcp", "127.0.0.1", 9050)
         assert got.result == "open" and f"{tbb.host}:9050" in got.detail, got  # the DNAT
@@ -89,13 +72,13 @@ def test_a_namespace_made_again_gets_its_rules_again(lab: Lab, daemon: DaemonPro
     try:
         for _ in range(3):
             subprocess.run(["ip", "netns", "add", netns], check=True)
-            wait_guest(netns, tbb)
+            wait_guest(tbb, netns_exec(netns))
             delete_namespace(netns)
         # A name the policy does not know is not ours to touch.
         subprocess.run(["ip", "netns", "add", other], check=True)
         subprocess.run(["ip", "netns", "add", netns], check=True)
-        wait_guest(netns, tbb)
-        assert guest_differences(other, tbb) is None
+        wait_guest(tbb, netns_exec(netns))
+        assert guest_differences(tbb, netns_exec(other)) is None
         assert daemon.status()["failing"] == {}
     finally:
         for name in (netns, other):
