@@ -54,11 +54,9 @@ DEB = "/var/tmp/tailsfw.deb"  # where the container sees the package
 # What the upper layer may gain between before the install and after the
 # purge without being the package's: dpkg's and the boot's own bookkeeping,
 # the package's mount point, and /etc/resolv.conf, which tailsfwd rewrote in
-# place (it stays on Tor's DNS: fail closed); /root/.ssh, which systemd's
-# tmpfiles (provision.conf, sysinit.target) makes at boot when this machine's
-# root has none.
+# place (it stays on Tor's DNS: fail closed). What booting made besides
+# (Installed.boot_made) is excused too.
 NOT_THE_PACKAGES = (
-    "root/.ssh",
     "var/lib/dpkg/",
     "var/log/",
     "var/cache/",
