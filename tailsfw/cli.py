@@ -154,15 +154,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for line in differences:
         print(line)
     count = len(differences)
+    absent = [g.name for g in guests if not g.present]
     print(
         f"tailsfwctl: the kernel holds {'another ruleset' if differences else 'the policy'}: "
         f"{count} difference{'s' * (count != 1)}"
-        + "".join(f"; namespace {g.name} absent" for g in guests if not g.present),
+        + (f"; absent: {', '.join(absent)}" if absent else ""),
         file=sys.stderr,
     )
-    if unread := [g for g in guests if g.note]:
+    if differences:
+        return 1
+    if unread := [g for g in guests if g.note]:  # present, not entered: cannot tell
         return fail(CANNOT_TELL, "; ".join(f"namespace {g.name}: {g.note}" for g in unread))
-    return 1 if differences else 0
+    return 0
 
 
 # -- the arguments: added for the command in hand only ---------------------------

@@ -198,3 +198,6 @@ def test_status_verify_and_the_bus_list_the_namespaces_and_a_tampered_guest(
         code, text = ctl("status")
         assert code == summary.OK, text
         assert "Namespace: tbb: absent" in text
+        done = tailsfwctl_in(lab.host_ns, "verify", "--policy", str(path), *where)
+        assert (done.returncode, done.stdout) == (0, ""), done.stderr
+        assert done.stderr.endswith(f"0 differences; absent: {', '.join(absent)}\n"), done.stderr
