@@ -20,6 +20,7 @@ from pathlib import Path
 TYPE_CHECKING = False  # as typing's, without importing typing (4 ms) for --help
 if TYPE_CHECKING:
     from .compiler import Ruleset
+    from .observe import NetnsPlace
 
 DEFAULT_POLICY = Path("/etc/tailsfw/policy.toml")
 DEFAULT_STATE_FILE = Path("/run/tailsfw/status.json")
@@ -100,7 +101,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from . import observe, summary
 
-    seen = observe.observe(args.policy, DEFAULT_POLICY, args.bus, args.state_file)
+    seen = observe.observe(args.policy, DEFAULT_POLICY, args.bus, args.state_file, netns(args))
     if args.json:
         print(json.dumps(summary.to_json(seen), indent=1, sort_keys=True))
     else:
@@ -140,22 +141,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     found, _ = observe.daemon(args.bus, args.state_file)
     try:
-        ruleset = observe.expected(args.policy, found)
+        ruleset, namespaces = observe.expected(args.policy, found)
         differences = verify.differences(Nft().list_ruleset(), ruleset)
+        guests = observe.guests(namespaces, netns(args))
     except PolicyError:
         raise
     except Exception as e:  # libnftables, netlink, a listing nft wrote wrongly: one line
         return fail(CANNOT_TELL, f"cannot verify: {type(e).__name__}: {e}")
     warn(ruleset)
+    # Each present namespace's guest side, rule by rule, named by namespace.
+    differences += [f"namespace {g.name}: {line}" for g in guests for line in g.differences]
     for line in differences:
         print(line)
     count = len(differences)
+    absent = [g.name for g in guests if not g.present]
     print(
         f"tailsfwctl: the kernel holds {'another ruleset' if differences else 'the policy'}: "
-        f"{count} difference{'s' * (count != 1)}",
+        f"{count} difference{'s' * (count != 1)}"
+        + (f"; absent: {', '.join(absent)}" if absent else ""),
         file=sys.stderr,
     )
-    return 1 if differences else 0
+    if differences:
+        return 1
+    if unread := [g for g in guests if g.note]:  # present, not entered: cannot tell
+        return fail(CANNOT_TELL, "; ".join(f"namespace {g.name}: {g.note}" for g in unread))
+    return 0
 
 
 # -- the arguments: added for the command in hand only ---------------------------
@@ -182,15 +192,29 @@ def daemon_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def netns_arguments(p: argparse.ArgumentParser) -> None:
+    # As tailsfwd's: the lab's namespaces live in /run/netns under a prefix.
+    p.add_argument("--netns-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--netns-prefix", default="", help=argparse.SUPPRESS)
+
+
+def netns(args: argparse.Namespace) -> NetnsPlace:
+    from .observe import NetnsPlace
+
+    return NetnsPlace(args.netns_dir, args.netns_prefix)
+
+
 def verify_arguments(p: argparse.ArgumentParser) -> None:
     policy_arguments(p)
     daemon_arguments(p)
+    netns_arguments(p)
 
 
 def status_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", type=Path, help="policy to compare with (default: the daemon's)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     daemon_arguments(p)
+    netns_arguments(p)
 
 
 def drops_arguments(p: argparse.ArgumentParser) -> None:

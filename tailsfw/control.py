@@ -29,7 +29,7 @@ from .policy import Policy, PolicyError
 from .policy import load as load_policy
 from .report import Reporter
 from .resolv import NotRight
-from .status import Counters, Status
+from .status import Counters, NamespaceState, Status
 
 log = logging.getLogger("tailsfwd")
 
@@ -113,6 +113,8 @@ class Control:
                 if self.started:  # the start publishes its own
                     self.reporter.publish_soon()
         self.facts = updated(self.facts, event)
+        if self.started and self.facts.netns != before.netns:
+            self.reporter.publish_soon()  # a namespace came or went: the status lists them
         return before
 
     def enforce(self, policy: Policy, cause: str) -> None:
@@ -142,6 +144,8 @@ class Control:
                 self._applied(cause)
                 self.report.last_error = ""
                 self.reporter.publish_soon()
+            elif changed and effect is self.effects.guests:
+                self.reporter.publish_soon()  # a namespace's guest side now in force
 
     def _applied(self, cause: str) -> None:
         self.report.last_apply, self.report.last_apply_cause = time.time(), cause
@@ -242,7 +246,12 @@ class Control:
             dns_refused=list(self.report.dns_refused),
             networkmanager=self.report.networkmanager,
             failing=dict(sorted(self.failing.items())),
+            namespaces=self._namespaces(),
         )
+
+    def _namespaces(self) -> list[NamespaceState]:
+        guests = self.effects.guests
+        return guests.states(self.desired()) if guests and self.policy else []
 
     def _drops(self) -> DropCounters:
         audit = self.effects.audit

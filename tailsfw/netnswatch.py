@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -29,43 +27,13 @@ from .inotify import (
     LOST_EVENTS,
     Inotify,
 )
+from .netnsfiles import NETNS_DIR, present
 
 log = logging.getLogger("tailsfwd")
 
-NETNS_DIR = Path("/run/netns")
 ENTRY_MASK = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_ONLYDIR
 RETRY = 1.0
 PENDING_FIRST = 0.002  # ip netns add mounts its file right after making it
-
-
-def present(directory: Path, prefix: str = "") -> tuple[dict[str, tuple[int, int]], bool]:
-    """name -> (dev, inode) of each namespace file in `directory` whose name
-    starts with `prefix` (stripped), and whether an entry is not one yet.
-
-    A namespace file is on nsfs (the device of our own namespace's file);
-    `ip netns add` first makes an empty file on tmpfs, then mounts the
-    namespace on it, and the mount makes no inotify event: such an entry is
-    said to be pending, and looked at again shortly.
-    """
-    found: dict[str, tuple[int, int]] = {}
-    pending = False
-    try:
-        nsfs = os.stat("/proc/self/ns/net").st_dev
-        entries = os.listdir(directory)
-    except OSError:
-        return found, pending
-    for entry in entries:
-        if not entry.startswith(prefix):
-            continue
-        try:
-            st = os.stat(directory / entry, follow_symlinks=False)
-        except OSError:
-            continue
-        if st.st_dev == nsfs and stat.S_ISREG(st.st_mode):
-            found[entry[len(prefix) :]] = (st.st_dev, st.st_ino)
-        elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
-            pending = True
-    return found, pending
 
 
 class NetnsWatch:

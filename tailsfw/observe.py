@@ -6,7 +6,8 @@
   running daemon, and its file is not read;
 - the kernel (root only): the tailsfw tables, compared with the policy's
   ruleset and the lockdown ruleset by tailsfw/verify.py (the comparison the
-  daemon and `verify` make too);
+  daemon and `verify` make too); and inside each policy namespace present,
+  its guest ruleset and settings compared the same way;
 - the policy: compiled with the facts of now (tailsfw/now.py).
 
 Each piece is imported only when it is needed: the D-Bus library when there
@@ -16,6 +17,8 @@ is a bus to ask, the compiler when there is something to compare with.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +28,7 @@ if TYPE_CHECKING:
     from dbus_fast import Message
 
     from .compiler import Ruleset
+    from .nspolicy import Namespace
 
 BUS_TIMEOUT = 3.0
 SYSTEM_BUS = "unix:path=/var/run/dbus/system_bus_socket"  # as D-Bus defines it
@@ -144,12 +148,53 @@ def daemon(address: str | None, state_file: Path) -> tuple[dict[str, Any] | None
 # -- the policy and the kernel -------------------------------------------------
 
 
-def expected(path: Path, found: dict[str, Any] | None) -> Ruleset:
+def expected(path: Path, found: dict[str, Any] | None) -> tuple[Ruleset, Sequence[Namespace]]:
     """The policy's ruleset with the facts of now, and the running daemon's
-    DNS servers; PolicyError if the policy is broken."""
-    from .now import compile_now
+    DNS servers, and its namespaces; PolicyError if the policy is broken."""
+    from . import compiler, now, policy
 
-    return compile_now(path, found["ClearnetDns"] if found else ())
+    pol = policy.load(path)
+    return compiler.compile_policy(pol, now.facts(pol, found["ClearnetDns"] if found else ())), (
+        pol.namespaces
+    )
+
+
+@dataclass(frozen=True)
+class NetnsPlace:
+    """Where the namespace files are: `directory`/`prefix`NAME (as tailsfwd's options)."""
+
+    directory: Path | None = None  # None: /run/netns
+    prefix: str = ""
+
+
+def guests(namespaces: Sequence[Namespace], place: NetnsPlace) -> tuple[summary.Guest, ...]:
+    """Each policy namespace, and if present its guest side read from inside
+    it (root only: a thread enters it; this thread never does) and compared
+    with nsrules' as verify compares the host's tables."""
+    from . import nsrules, verify
+    from .guests import read_guest
+    from .netnsfiles import NETNS_DIR, in_threads, present
+    from .sysctl import sysctl_name
+
+    directory = place.directory or NETNS_DIR
+    files, _ = present(directory, place.prefix)
+    here = [ns for ns in namespaces if ns.name in files]
+    read = in_threads(lambda ns: read_guest(directory / (place.prefix + ns.name)), here)
+    inside = dict(zip((ns.name for ns in here), read, strict=True))
+    wanted = [(sysctl_name(parts), value) for parts, value in nsrules.GUEST_SETTINGS]
+    found: list[summary.Guest] = []
+    for ns in namespaces:
+        got = inside.get(ns.name)
+        if got is None:
+            found.append(summary.Guest(ns.name, present=False, in_force=False))
+        elif isinstance(got, Exception):
+            found.append(summary.Guest(ns.name, True, False, note=f"cannot look inside: {got}"))
+        else:
+            listing, values = got
+            differs = verify.differences(listing, nsrules.guest_ruleset(ns))
+            differs += verify.settings_differences(wanted, values)
+            found.append(summary.Guest(ns.name, True, not differs, tuple(differs)))
+    return tuple(found)
 
 
 def kernel(wanted: Ruleset | None) -> tuple[summary.Kernel | None, str]:
@@ -180,21 +225,27 @@ def kernel(wanted: Ruleset | None) -> tuple[summary.Kernel | None, str]:
 
 
 def observe(
-    policy_path: Path | None, default_policy: Path, address: str | None, state_file: Path
+    policy_path: Path | None,
+    default_policy: Path,
+    address: str | None,
+    state_file: Path,
+    place: NetnsPlace,
 ) -> summary.Observation:
     """Without --policy, the policy the daemon runs (or the default one) is compared."""
     found, source = daemon(address, state_file)
     path = policy_path or (Path(found["PolicyPath"]) if found else default_policy)
     wanted: Ruleset | None = None
+    namespaces: Sequence[Namespace] = ()
     error = ""
     if found is not None or os.geteuid() == 0:  # else nothing to compare it with
         from . import policy
 
         try:
-            wanted = expected(path, found)
+            wanted, namespaces = expected(path, found)
         except policy.PolicyError as e:
             error = str(e)
     held, note = kernel(wanted)
+    inside = guests(namespaces, place) if held is not None and wanted is not None else None
     return summary.Observation(
         policy_path=str(path),
         expected=wanted.digest() if wanted else "",
@@ -203,4 +254,5 @@ def observe(
         daemon_source=source,
         kernel=held,
         kernel_note=note,
+        guests=inside,
     )

@@ -98,6 +98,7 @@ def properties(status: Status) -> dict[str, Any]:
         "DropsByUser": dict(status.drops.by_user),
         "DropsByReason": dict(status.drops.by_reason),
         "Failing": dict(status.failing),
+        "Namespaces": [[n.name, n.present, n.in_force, n.note] for n in status.namespaces],
     }
 
 
@@ -243,6 +244,12 @@ class FirewallInterface(ServiceInterface):
     @signature("a{ss}")
     def Failing(self) -> dict[str, str]:
         return dict(self._get("Failing"))
+
+    @dbus_property(access=READ)
+    # name, present, guest side in force, why not ("" when in force or absent)
+    @signature("a(sbbs)")
+    def Namespaces(self) -> list[list[Any]]:
+        return list(self._get("Namespaces"))
 
 
 @dataclass

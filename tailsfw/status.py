@@ -41,6 +41,18 @@ class Counters(RulesetCounters):
 
 
 @dataclass(frozen=True)
+class NamespaceState:
+    """A policy namespace as the daemon sees it: present in /run/netns or
+    not, and if present whether its guest side (ruleset committed, settings
+    written) is in force for the namespace there now, or why not."""
+
+    name: str
+    present: bool
+    in_force: bool = False
+    note: str = ""  # present and not in force: the failure, or "being set up"
+
+
+@dataclass(frozen=True)
 class Status:
     """What tailsfwd reports, in its state file and (shorter) to systemd."""
 
@@ -67,6 +79,8 @@ class Status:
     kernel_differences: list[str] = field(default_factory=list)
     # The effects whose last converge failed, and why (retried until they succeed).
     failing: dict[str, str] = field(default_factory=dict)
+    # The policy's application namespaces, in its order (tailsfw/guests.py).
+    namespaces: list[NamespaceState] = field(default_factory=list)
     # Wall-clock time the status was made and written (every HEARTBEAT at least).
     updated: float = field(default_factory=time.time)
 

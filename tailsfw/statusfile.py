@@ -136,7 +136,7 @@ def _check_shapes(path: Path, data: dict[str, Any]) -> None:
 def status_from_json(data: dict[str, Any]) -> Status:
     """A Status from its status.json form; fields unknown to this version are left out."""
     from .droplog import DropCounters
-    from .status import Counters, Status
+    from .status import Counters, NamespaceState, Status
     from .sysctl import SysctlState
 
     names = {f.name for f in dataclasses.fields(Status)}
@@ -145,6 +145,7 @@ def status_from_json(data: dict[str, Any]) -> Status:
     values["sysctls"] = [SysctlState(**s) for s in data.get("sysctls", [])]
     values["interfaces"] = {int(k): v for k, v in data.get("interfaces", {}).items()}
     values["drops"] = DropCounters(**data.get("drops", {}))
+    values["namespaces"] = [NamespaceState(**n) for n in data.get("namespaces", [])]
     return Status(**values)
 
 

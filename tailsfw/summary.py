@@ -33,6 +33,18 @@ class Kernel:
 
 
 @dataclass(frozen=True)
+class Guest:
+    """A policy namespace: present or not, and whether its guest side (the
+    ruleset and settings tailsfwd puts inside it) is in force."""
+
+    name: str
+    present: bool
+    in_force: bool
+    differences: tuple[str, ...] = ()  # found in the namespace: rule by rule, settings
+    note: str = ""  # why not in force, when no difference says it
+
+
+@dataclass(frozen=True)
 class Observation:
     """What `status` saw: the policy, the daemon and the kernel."""
 
@@ -44,6 +56,26 @@ class Observation:
     daemon_source: str  # "D-Bus", "status.json", or why it is not running
     kernel: Kernel | None  # None when the kernel could not be read
     kernel_note: str  # why not, or how the comparison was made
+    # The policy's namespaces as root found them inside each (None: not looked at).
+    guests: tuple[Guest, ...] | None = None
+
+
+def guests(obs: Observation) -> tuple[tuple[Guest, ...], str]:
+    """The namespaces, and who says so: the kernel (root looked inside each),
+    else what the daemon reports."""
+    if obs.guests is not None:
+        return obs.guests, "checked inside it"
+    reported = (obs.daemon or {}).get("Namespaces", [])
+    return tuple(Guest(n, p, f, note=why) for n, p, f, why in reported), "as tailsfwd reports"
+
+
+def guests_verdict(obs: Observation) -> tuple[int, str] | None:
+    """Not on while a present namespace's guest side is not in force."""
+    wrong = [g.name for g in guests(obs)[0] if g.present and not g.in_force]
+    if not wrong:
+        return None
+    names = f"namespace{'s' * (len(wrong) > 1)} {', '.join(wrong)}"
+    return NOT_IN_FORCE, f"not the policy: the guest rules of {names} are not in force"
 
 
 def verdict(obs: Observation) -> tuple[int, str]:
@@ -58,7 +90,7 @@ def verdict(obs: Observation) -> tuple[int, str]:
             return BAD_POLICY, "unknown: the policy cannot be compiled to compare"
         if holds == OTHER:
             return NOT_IN_FORCE, "not the policy: the kernel holds another tailsfw ruleset"
-        return OK, "on: the policy's ruleset is in force"
+        return guests_verdict(obs) or (OK, "on: the policy's ruleset is in force")
     daemon = obs.daemon
     if daemon is None:
         why = "does not answer" if obs.daemon_source.startswith(NO_ANSWER) else "is not running"
@@ -72,7 +104,7 @@ def verdict(obs: Observation) -> tuple[int, str]:
         return BAD_POLICY, "unknown: the policy cannot be compiled to compare"
     if daemon["RulesetDigest"] != obs.expected:
         return NOT_IN_FORCE, "not the policy: tailsfwd reports another ruleset"
-    return OK, "on: the policy's ruleset is in force"
+    return guests_verdict(obs) or (OK, "on: the policy's ruleset is in force")
 
 
 # What a daemon's state other than enforcing means, for the status line.
@@ -123,6 +155,7 @@ def render(obs: Observation, color: bool = False) -> str:
     rows.append(("Policy", obs.policy_path + (f": {obs.policy_error}" if obs.policy_error else "")))
     rows.append(("Ruleset", ruleset_line(obs)))
     rows.extend(difference_rows(obs.kernel.differences if obs.kernel else ()))
+    rows.extend(namespace_rows(obs))
     if d is not None:
         if d["LastApply"]:
             cause = f" ({d['LastApplyCause']})" if d["LastApplyCause"] else ""
@@ -176,6 +209,26 @@ def difference_rows(found: tuple[str, ...]) -> list[tuple[str, str]]:
     return rows
 
 
+def namespace_rows(obs: Observation) -> list[tuple[str, str]]:
+    """One line per policy namespace, then how each present one differs."""
+    found, how = guests(obs)
+    rows: list[tuple[str, str]] = []
+    for g in found:
+        if not g.present:
+            rows.append(("Namespace", f"{g.name}: absent"))
+            continue
+        if g.in_force:
+            state = "guest rules in force"
+        elif g.differences:
+            count = len(g.differences)
+            state = f"guest rules not in force: {count} difference{'s' * (count != 1)}"
+        else:
+            state = f"guest rules not in force: {g.note or '?'}"
+        rows.append(("Namespace", f"{g.name}: present, {state} ({how})"))
+        rows.extend((k, f"{g.name}: {v}" if k else v) for k, v in difference_rows(g.differences))
+    return rows
+
+
 def dns_rows(d: dict[str, Any]) -> list[tuple[str, str]]:
     servers = ", ".join(d["ClearnetDns"]) or "no clearnet DNS server"
     manager = d["NetworkManager"]
@@ -219,4 +272,6 @@ def to_json(obs: Observation) -> dict[str, Any]:
             "differences": list(obs.kernel.differences),
         },
         "kernel_note": obs.kernel_note,
+        "namespaces": [dict(vars(g), differences=list(g.differences), source=guests(obs)[1])
+                       for g in guests(obs)[0]],
     }  # fmt: skip

@@ -19,7 +19,8 @@ from .dropaudit import DropAudit
 from .guests import GuestsEffect
 from .logflood import RateLimit
 from .netlink import RCVBUF, NetlinkSource
-from .netnswatch import NETNS_DIR, NetnsWatch
+from .netnsfiles import NETNS_DIR
+from .netnswatch import NetnsWatch
 from .nft import Nft, list_in_child
 from .nftmonitor import NftMonitor
 from .nm import NetworkManagerSource

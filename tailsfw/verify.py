@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -234,6 +234,15 @@ def matches(listing: Iterable[Json], ruleset: Ruleset) -> bool:
 def differences(listing: Iterable[Json], ruleset: Ruleset) -> list[str]:
     """What differs between the kernel and the ruleset, readably; [] when equal."""
     return tables_differences(canonical(listing), canonical(ruleset.objects))
+
+
+def settings_differences(wanted: Iterable[tuple[str, str]], found: Mapping[str, str]) -> list[str]:
+    """Kernel settings (sysctl name, value wanted) that `found` holds otherwise."""
+    return [
+        f"setting {name}: is {found.get(name, 'missing')}, the policy wants {value}"
+        for name, value in wanted
+        if found.get(name) != value
+    ]
 
 
 def tables_differences(kernel: Tables, wanted: Tables) -> list[str]:

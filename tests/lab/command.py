@@ -68,3 +68,18 @@ def ns_run(
 ) -> subprocess.CompletedProcess[str]:
     """`run` inside a named network namespace."""
     return run([*netns_exec(namespace), *argv], input=input, timeout=timeout)
+
+
+AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+
+
+def tailsfwctl_in(
+    namespace: str, *argv: str, nobody: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """This tree's tailsfwctl in a named namespace, as root or as `nobody`
+    (never raises on exit codes)."""
+    return subprocess.run(
+        [*netns_exec(namespace), *(AS_NOBODY if nobody else ()), VENV_PYTHON, "-m",
+         "tailsfw.cli", *argv],
+        capture_output=True, text=True, timeout=60, check=False, cwd=REPO, env=command_env(),
+    )  # fmt: skip

@@ -1,20 +1,25 @@
 """tailsfwd follows the application namespaces live (issue 15): made after it
 started, each gets its guest ruleset and settings from the daemon, and the
 host its forwarding settings; one deleted and made again gets them again.
-Nothing here puts a rule in force by hand."""
+Nothing here puts a rule in force by hand.  The status lists them (the
+daemon's, over D-Bus, and root's tailsfwctl looking inside each), and a
+tampered guest is found by namespace, rule by rule."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tailsfw import policy
+from tailsfw import policy, service, summary
 from tests.lab import policies
 from tests.lab.appns import GUEST_PORT, AppNamespaces, guest_differences, wait_guest
-from tests.lab.command import netns_exec
+from tests.lab.bus import PrivateBus, private_system_bus
+from tests.lab.command import AS_NOBODY, netns_exec, run, tailsfwctl_in
 from tests.lab.daemon_process import DaemonProcess, run_daemon
 from tests.lab.kernel import remove_tailsfw_tables
 from tests.lab.names import LAB_NS
@@ -83,3 +88,100 @@ def test_a_namespace_made_again_gets_its_rules_again(lab: Lab, daemon: DaemonPro
     finally:
         for name in (netns, other):
             subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
+
+
+def reported(status: dict[str, Any]) -> dict[str, list[Any]]:
+    """The daemon's namespaces, as status.json has them."""
+    return {n["name"]: [n["present"], n["in_force"], n["note"]] for n in status["namespaces"]}
+
+
+def on_the_bus(bus: PrivateBus) -> list[list[Any]]:
+    """The Namespaces property, read by `nobody` with busctl."""
+    done = run([*AS_NOBODY, "busctl", f"--address={bus.address}", "--json=short",
+                "get-property", service.BUS_NAME, service.OBJECT_PATH, service.INTERFACE,
+                "Namespaces"])  # fmt: skip
+    got = json.loads(done.stdout)
+    assert got["type"] == "a(sbbs)", got
+    return list(got["data"])
+
+
+def test_status_verify_and_the_bus_list_the_namespaces_and_a_tampered_guest(
+    lab: Lab, tmp_path: Path
+) -> None:
+    path = policies.lab_policy(lab, tmp_path / "policy.toml")
+    namespaces = policy.load(path).namespaces
+    remove_tailsfw_tables(lab.host_ns)
+    where = ("--netns-prefix", prefix(lab))
+    with (
+        private_system_bus() as bus,
+        run_daemon(lab.host_ns, path, tmp_path / "d", [*where, "--bus", bus.address]) as daemon,
+    ):
+        daemon.wait_ready()
+
+        def ctl(*args: str, nobody: bool = False) -> tuple[int, str]:
+            done = tailsfwctl_in(lab.host_ns, *args, "--bus", bus.address, *where, nobody=nobody)
+            assert "Traceback" not in done.stderr, done.stderr
+            return done.returncode, done.stdout
+
+        def status(nobody: bool = False) -> tuple[int, dict[str, Any]]:
+            code, out = ctl("status", "--json", nobody=nobody)
+            data: dict[str, Any] = json.loads(out)
+            assert data["daemon"]["source"] == "D-Bus" and data["exit_status"] == code, data
+            return code, data
+
+        absent = {ns.name: [False, False, ""] for ns in namespaces}
+        wait_for(lambda: reported(daemon.status()) == absent, 5.0, 0.05, what="all absent")
+        with AppNamespaces(lab, namespaces) as apps:
+            in_force = {ns.name: [True, True, ""] for ns in namespaces}
+            daemon.wait_status(lambda s: reported(s) == in_force)
+            wait_for(lambda: on_the_bus(bus) == [[n, *v] for n, v in in_force.items()],
+                     5.0, 0.05, what="the Namespaces property")  # fmt: skip
+            code, data = status()
+            assert code == summary.OK, data
+            assert {(g["name"], g["in_force"], g["source"]) for g in data["namespaces"]} == {
+                (ns.name, True, "checked inside it") for ns in namespaces
+            }
+            assert ctl("verify", "--policy", str(path)) == (0, "")
+
+            # Behind the daemon's back: one guest's anti-spoofing, another's setting.
+            tbb, clearnet = apps.named("tbb"), apps.named("clearnet")
+            apps.run_in(tbb, ["nft", "flush", "chain", "ip", "tailsfw", "postrouting"])
+            apps.run_in(clearnet, ["sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=0"])
+            code, data = status()
+            assert code == summary.NOT_IN_FORCE, data
+            assert data["summary"] == (
+                "not the policy: the guest rules of namespaces tbb, clearnet are not in force"
+            )
+            found = {g["name"]: g for g in data["namespaces"]}
+            (spoof,) = found["tbb"]["differences"]
+            assert spoof == (
+                "chain ip tailsfw postrouting: rule `meta oifname veth0 ip saddr != 10.200.1.2"
+                ' counter drop comment "no spoofing"` (rule 1 of the policy) is missing from the'
+                " kernel"
+            )
+            localnet = "setting net.ipv4.conf.all.route_localnet: is 0, the policy wants 1"
+            assert found["clearnet"]["differences"] == [localnet]
+            assert found["tca"]["in_force"] and not found["tca"]["differences"]
+            code, text = ctl("status")
+            assert "Namespace: tbb: present, guest rules not in force: 1 difference" in text
+            assert f"Differs: tbb: {spoof}" in text
+            code, out = ctl("verify", "--policy", str(path))
+            assert code == 1 and out.splitlines() == [
+                f"namespace tbb: {spoof}",
+                f"namespace clearnet: {localnet}",
+            ], out
+            # A user asks the daemon, which reports what it put in force.
+            code, data = status(nobody=True)
+            assert {(g["name"], g["present"], g["source"]) for g in data["namespaces"]} == {
+                (ns.name, True, "as tailsfwd reports") for ns in namespaces
+            }
+        # Gone: published at once, with nothing else changing.
+        daemon.wait_status(lambda s: reported(s) == absent)
+        wait_for(lambda: on_the_bus(bus) == [[n, *v] for n, v in absent.items()],
+                 5.0, 0.05, what="the Namespaces property, all absent")  # fmt: skip
+        code, text = ctl("status")
+        assert code == summary.OK, text
+        assert "Namespace: tbb: absent" in text
+        done = tailsfwctl_in(lab.host_ns, "verify", "--policy", str(path), *where)
+        assert (done.returncode, done.stdout) == (0, ""), done.stderr
+        assert done.stderr.endswith(f"0 differences; absent: {', '.join(absent)}\n"), done.stderr

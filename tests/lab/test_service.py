@@ -21,7 +21,7 @@ from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from tailsfw import cli, service, summary
-from tailsfw.status import Counters, Status
+from tailsfw.status import Counters, NamespaceState, Status
 from tailsfw.sysctl import SysctlState
 from tests.lab.bus import PrivateBus, private_system_bus, stall, system_policy
 from tests.lab.command import REPO, VENV_PYTHON
@@ -40,6 +40,7 @@ STATUS = Status(
     counters=Counters(commits=3),
     sysctls=[SysctlState("net.ipv4.tcp_mtu_probing", "1", "1")],
     netlink_reads=1,
+    namespaces=[NamespaceState("tbb", True, True), NamespaceState("tca", True, False, "no setns")],
 )
 
 
@@ -120,6 +121,7 @@ def test_properties_read_by_any_user(bus: PrivateBus) -> None:
         for name, user in [
             ("State", None), ("RulesetDigest", "nobody"), ("Sysctls", "nobody"),
             ("DropsByUser", "nobody"), ("ClearnetDns", None), ("Counters", None),
+            ("Namespaces", "nobody"),
         ]:  # fmt: skip
             code, out = await busctl(bus, *prop(name), user=user)
             assert code == 0, out
@@ -138,6 +140,10 @@ def test_properties_read_by_any_user(bus: PrivateBus) -> None:
     }
     assert seen["DropsByUser"] == {"type": "a{st}", "data": {}}
     assert seen["Counters"]["data"]["commits"] == 3
+    assert seen["Namespaces"] == {
+        "type": "a(sbbs)",
+        "data": [["tbb", True, True, ""], ["tca", True, False, "no setns"]],
+    }
 
 
 def test_properties_changed_is_signalled(bus: PrivateBus) -> None:
@@ -257,7 +263,10 @@ async def tailsfwctl(bus: PrivateBus, *args: str, user: str | None = None) -> tu
 
 def test_status_as_another_user_reads_the_daemon_over_the_bus(bus: PrivateBus) -> None:
     expected = cli.build(DEFAULT_POLICY).digest()
-    control = FakeControl(dataclasses.replace(STATUS, ruleset=expected, policy=str(DEFAULT_POLICY)))
+    running = dataclasses.replace(
+        STATUS, ruleset=expected, policy=str(DEFAULT_POLICY), namespaces=STATUS.namespaces[:1]
+    )
+    control = FakeControl(running)
     answers: list[tuple[int, dict[str, Any]]] = []
 
     async def status_as_nobody() -> None:
@@ -269,9 +278,11 @@ def test_status_as_another_user_reads_the_daemon_over_the_bus(bus: PrivateBus) -
         await status_as_nobody()
         control.publish(dataclasses.replace(control.current, state="lockdown"))
         await status_as_nobody()
+        control.publish(dataclasses.replace(running, namespaces=STATUS.namespaces))
+        await status_as_nobody()
 
     serving(bus, scenario, control)
-    (code, data), (then, later) = answers
+    (code, data), (then, later), (guest, failing) = answers
     assert code == summary.OK, data
     assert data["daemon"]["source"] == "D-Bus"
     assert data["kernel"] is None and "only root" in data["kernel_note"]
@@ -280,6 +291,12 @@ def test_status_as_another_user_reads_the_daemon_over_the_bus(bus: PrivateBus) -
         summary.NOT_IN_FORCE,
         "lockdown: only loopback traffic passes",
     )
+    # A namespace whose guest side the daemon could not put in force.
+    assert (guest, failing["summary"]) == (
+        summary.NOT_IN_FORCE,
+        "not the policy: the guest rules of namespace tca are not in force",
+    )
+    assert failing["namespaces"][1]["note"] == "no setns"
 
 
 def test_keep_serving_waits_for_the_bus_and_comes_back_after_it_restarts(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from tailsfw import compiler, statusfile, summary
 from tailsfw.status import HEARTBEAT
 from tests.lab import policies
 from tests.lab.bus import private_system_bus
-from tests.lab.command import REPO, VENV_PYTHON, netns_exec
+from tests.lab.command import REPO, VENV_PYTHON, netns_exec, tailsfwctl_in
 from tests.lab.daemon_process import run_daemon, unit_cgroup
 from tests.lab.kernel import remove_tailsfw_tables, tailsfw_tables
 from tests.lab.topology import INTERNET_V4, Lab
@@ -37,10 +37,8 @@ def policy(lab: Lab, tmp_path: Path) -> Path:
 
 
 def tailsfwctl(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*netns_exec(lab.host_ns), VENV_PYTHON, "-m", "tailsfw.cli", *args],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    """This tree's tailsfwctl, in the lab host (never raises on exit codes)."""
+    return tailsfwctl_in(lab.host_ns, *args)
 
 
 def status(lab: Lab, policy: Path, state_file: Path, *extra: str) -> tuple[int, dict[str, Any]]:

@@ -25,7 +25,7 @@ from tailsfw.events import RulesetTouched
 from tailsfw.facts import Facts
 from tailsfw.nft import Nft
 from tests.lab import policies
-from tests.lab.command import REPO, VENV_PYTHON, command_env, netns_exec, ns_run
+from tests.lab.command import command_env, netns_exec, ns_run, tailsfwctl_in
 from tests.lab.daemon_process import run_daemon
 from tests.lab.kernel import lan_networks, tailsfw_tables
 from tests.lab.monitors import CommitClock, MonitorThread
@@ -209,10 +209,7 @@ def test_the_daemon_puts_back_each_tampering(
 
 def tailsfwctl(lab: Lab, *argv: str) -> subprocess.CompletedProcess[str]:
     """This tree's tailsfwctl, in the lab host (never raises on exit codes)."""
-    return subprocess.run(
-        [*netns_exec(lab.host_ns), VENV_PYTHON, "-m", "tailsfw.cli", *argv],
-        capture_output=True, text=True, timeout=60, check=False, cwd=REPO, env=command_env(),
-    )  # fmt: skip
+    return tailsfwctl_in(lab.host_ns, *argv)
 
 
 def handle_of(lab: Lab, chain: str, index: int) -> int:
