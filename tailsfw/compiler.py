@@ -321,11 +321,12 @@ class _Common(Builder):
         self.rule(name, established, match(mark, 0), ACCEPT)
         self.rule(name, match(CT_STATE, "related"), jump("out_related"))
         for uid, rule in owners:
+            # TCP first: Tor's own connections, the bulk of marked traffic.
+            if rule.tcp != "none":
+                self.rule(name, match(mark, uid), l4proto("tcp"), ACCEPT)
             if rule.udp_ports:
                 self.rule(name, match(mark, uid), l4proto("udp"), match(meta("skuid"), uid),
                           ACCEPT)  # fmt: skip
-            if rule.tcp != "none":
-                self.rule(name, match(mark, uid), l4proto("tcp"), ACCEPT)
         self.rule(name, jump(REFUSE), comment="another user's flow")
 
     def conntracked_rule(self) -> None:

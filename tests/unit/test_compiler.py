@@ -162,10 +162,10 @@ def test_a_direct_users_flows_are_its_own_while_its_rights_last(pol: policy.Poli
     assert rules(rs, "ip", "conntracked") == [
         [match(STATE, "established"), match(MARK, 0), ACCEPT],  # nearly all traffic
         [match(STATE, "related"), jump("out_related")],
+        [match(MARK, 107), match(L4PROTO, 6), ACCEPT],  # Tor's connections
         [match(MARK, 107), match(L4PROTO, 17), match(SKUID, 107), ACCEPT],
-        [match(MARK, 107), match(L4PROTO, 6), ACCEPT],
-        [match(MARK, 110), match(L4PROTO, 17), match(SKUID, 110), ACCEPT],
         [match(MARK, 110), match(L4PROTO, 6), ACCEPT],
+        [match(MARK, 110), match(L4PROTO, 17), match(SKUID, 110), ACCEPT],
         [REJECT],
     ]
 
