@@ -292,17 +292,22 @@ class _Common(Builder):
     def _uids(self, users: Iterable[str]) -> list[int]:
         return [self.uids[u] for u in users if u in self.uids]
 
-    def conntracked_chain(self, owners: Sequence[int] | None) -> None:
+    def conntracked_chain(self, owners: Sequence[tuple[int, DirectRule]] | None) -> None:
         """Established and related traffic (Tails rule 1); related only on lo.
 
-        IPv4 adds the owners of direct UDP flows.  Conntrack knows flows, not
-        users: once clearnet's DNS query to a server is answered, any user
-        who sends from the same port to the same server matches that
-        established entry, and a UDP port is free again as soon as its socket
-        closes (and visible in /proc/net/udp).  Direct UDP flows carry their
-        owner's uid in the ct mark; only that user's packets may use them.
-        TCP needs no mark: a new SYN never rides on an old entry, and an
-        unprivileged user cannot send on another's socket.
+        IPv4 adds the owners of direct users' flows, which carry their
+        owner's uid in the ct mark (`direct_chain`), so that a flow is
+        accepted only while its owner still has the right it was opened
+        with, and `flowcut` can find it.  Conntrack knows flows, not users:
+        once clearnet's DNS query to a server is answered, any user who
+        sends from the same port to the same server matches that
+        established entry, and a UDP port is free again as soon as its
+        socket closes (and visible in /proc/net/udp): a marked UDP flow
+        takes only its owner's packets.  A marked TCP flow asks no uid: the
+        kernel sends some of its packets with no owner to read (an orphaned
+        socket's last data and FIN, TIME_WAIT's ACK, a reset; and the local
+        server's replies of a loopback flow carry the server's uid), and no
+        other user's socket can send on a connected TCP 4-tuple.
         """
         name = "conntracked"
         self.chain(name)
@@ -315,8 +320,13 @@ class _Common(Builder):
         # Nearly all traffic: decided by the first rule.
         self.rule(name, established, match(mark, 0), ACCEPT)
         self.rule(name, match(CT_STATE, "related"), jump("out_related"))
-        for uid in owners:
-            self.rule(name, match(mark, uid), match(meta("skuid"), uid), ACCEPT)
+        for uid, rule in owners:
+            # TCP first: Tor's own connections, the bulk of marked traffic.
+            if rule.tcp != "none":
+                self.rule(name, match(mark, uid), l4proto("tcp"), ACCEPT)
+            if rule.udp_ports:
+                self.rule(name, match(mark, uid), l4proto("udp"), match(meta("skuid"), uid),
+                          ACCEPT)  # fmt: skip
         self.rule(name, jump(REFUSE), comment="another user's flow")
 
     def conntracked_rule(self) -> None:
@@ -340,9 +350,11 @@ class _Ipv4Paths(_Common):
         self.chain(name)
         if not rule.loopback:
             self.rule(name, match(meta("oif"), "lo"), RETURN, comment="never loopback")
-        # The flow is marked with its owner: see `conntracked_chain`.
+        # Every flow accepted here is marked with its owner: see `conntracked_chain`.
         owner = {"mangle": {"key": {"ct": {"key": "mark"}}, "value": uid}}
         tcp = {"any": [l4proto("tcp")], "new": [flags(SYN_MASK, "syn")], "none": None}[rule.tcp]
+        if tcp is not None:
+            tcp.append(owner)
         udp_ports = rule.udp_ports
         if self.policy.dns.clearnet == "nm":
             # DNS only to NetworkManager's servers.  A miss in the set (none
@@ -452,7 +464,7 @@ class _Compiler(_Ipv4Paths):
         self.reject_chain()
         self.related_chain("out_related", "oif", jump(REFUSE), also=nsrules.related_out(namespaces))
         direct = [(self.uids[r.user], r) for r in self.policy.direct if r.user in self.uids]
-        self.conntracked_chain(sorted(uid for uid, r in direct if r.udp_ports))
+        self.conntracked_chain(sorted(direct, key=lambda owner: owner[0]))
         has_local = self.local_chain("ipv4")
         # Rules 3 and 4: one read of the uid, one lookup, whatever the count.
         by_uid = sorted((uid, jump(self.direct_chain(rule, uid))) for uid, rule in direct)

@@ -6,15 +6,18 @@ its permission.  `cuts(old, new)` names, for a commit from `old` to `new`,
 the conntrack entries to delete (`tailsfw.conntrack.delete` deletes them,
 after the commit: never before, so nothing is ever less enforced):
 
-- a direct user's UDP flows, marked with the owner's uid (see the
-  compiler's `conntracked_chain`), when the user loses direct UDP, or the
-  ones to the UDP ports it lost;
+- a direct user's flows, marked with the owner's uid (see the compiler's
+  `conntracked_chain`): all of them when the uid is no longer a direct
+  user's (its entry removed, its account gone), its TCP flows when it loses
+  direct TCP, its UDP flows when it loses direct UDP, or the ones to the
+  UDP ports it lost;
 - in `lan.mode = "connected"`, the flows to or from an on-link LAN network
   that is gone;
 - the flows to or from a namespace's addresses when the namespace is gone.
 
-Direct users' TCP flows carry no mark: they are not cut (a new connection
-is refused at once; an established one ends when it ends).
+`tcp = "any"` and `"new"` cut nothing from each other: a connection opened
+by a SYN is what both allow (a flow "any" picked up midway is not told
+apart).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from .compiler import lan_networks, resolve_users
 from .desired import Desired
 
-UDP = 17
+TCP, UDP = 6, 17
 Network = ipaddress.IPv4Network
 
 
@@ -45,26 +48,40 @@ def cuts(old: Desired | None, new: Desired) -> list[Cut]:
     """The flows `old` allowed that `new` forbids (nothing known before: none)."""
     if old is None:
         return []
-    return [*_direct_udp(old, new), *_lans(old, new), *_namespaces(old, new)]
+    return [*_direct(old, new), *_lans(old, new), *_namespaces(old, new)]
 
 
-def _udp_rights(d: Desired) -> dict[int, frozenset[int]]:
-    """uid -> the UDP ports its direct flows (marked with it) may use."""
+@dataclass(frozen=True)
+class _Rights:
+    """What a direct user's marked flows may be."""
+
+    tcp: bool
+    udp_ports: frozenset[int]
+
+
+def _rights(d: Desired) -> dict[int, _Rights]:
+    """uid -> what its direct flows (marked with it) may be."""
     uids, _ = resolve_users(d.policy, d.facts)
-    rights: dict[int, frozenset[int]] = {}
+    rights: dict[int, _Rights] = {}
     for rule in d.policy.direct:
-        if rule.user in uids and rule.udp_ports:
-            rights[uids[rule.user]] = frozenset(rule.udp_ports)
+        if rule.user in uids and (rule.tcp != "none" or rule.udp_ports):
+            rights[uids[rule.user]] = _Rights(rule.tcp != "none", frozenset(rule.udp_ports))
     return rights
 
 
-def _direct_udp(old: Desired, new: Desired) -> list[Cut]:
-    before, after = _udp_rights(old), _udp_rights(new)
+def _direct(old: Desired, new: Desired) -> list[Cut]:
+    before, after = _rights(old), _rights(new)
     found = []
-    for uid, ports in sorted(before.items()):
-        if uid not in after:
-            found.append(Cut(f"uid {uid} lost direct UDP", mark=uid))
-        elif lost := ports - after[uid]:
+    for uid, had in sorted(before.items()):
+        has = after.get(uid)
+        if has is None:
+            found.append(Cut(f"uid {uid} is no longer a direct user", mark=uid))
+            continue
+        if had.tcp and not has.tcp:
+            found.append(Cut(f"uid {uid} lost direct TCP", mark=uid, proto=TCP))
+        if had.udp_ports and not has.udp_ports:
+            found.append(Cut(f"uid {uid} lost direct UDP", mark=uid, proto=UDP))
+        elif lost := had.udp_ports - has.udp_ports:
             found.append(Cut(f"uid {uid} lost direct UDP ports {sorted(lost)}", mark=uid,
                              proto=UDP, dports=frozenset(lost)))  # fmt: skip
     return found

@@ -75,8 +75,9 @@ STRAY_TOR = (
 )
 # docs/how-it-works.md, "Riding another user's conntrack entry": stricter than Tails.
 OWNED_FLOW = (
-    "docs/how-it-works.md: Direct users' UDP flows now carry their owner's uid in the ct "
-    "mark, and only that user's packets may use them."
+    "docs/how-it-works.md: Direct users' flows carry their owner's uid in the ct mark. A "
+    "marked UDP flow takes only its owner's packets, while its owner has direct UDP; a "
+    "marked TCP flow goes on while its owner has direct TCP."
 )
 OTHER_PORTED = {33, 132, 136}  # DCCP, SCTP, UDP-Lite
 LOOPBACK_NET = ipaddress.ip_network("127.0.0.0/8")
@@ -187,15 +188,16 @@ def decide(world: World, p: Packet) -> Decision:
 
 
 def _established(world: World, p: Packet) -> Decision:
-    """Rule 1, and the owners of direct users' flows: a flow marked with a uid
-    is its owner's alone, and only a direct user with UDP ports owns flows."""
+    """Rule 1, and the owners of direct users' flows: a UDP flow marked with
+    a uid is its owner's alone, a TCP flow's mark asks no uid; either lasts
+    only while its owner has that protocol."""
     inbound = "accepted" if p.oif == "lo" else None
     if p.family == "ipv6" or p.mark == 0:
         return Decision("accepted", "Tails rule 1", RULE_1, inbound=inbound)
-    owners = {
-        world.uids[r.user] for r in world.policy.direct if r.udp_ports and r.user in world.uids
-    }
-    if p.mark == p.uid and p.uid in owners:
+    rights = [(world.uids[r.user], r) for r in world.policy.direct if r.user in world.uids]
+    udp = {uid for uid, r in rights if r.udp_ports}
+    tcp = {uid for uid, r in rights if r.tcp != "none"}
+    if (p.proto == UDP and p.mark == p.uid and p.uid in udp) or (p.proto == TCP and p.mark in tcp):
         return Decision("accepted", "Tails rule 1, the flow's owner", OWNED_FLOW, inbound=inbound)
     return Decision("refused", "Tails rule 1, another user's flow", OWNED_FLOW)
 

@@ -1,7 +1,7 @@
-"""Flows cut when their permission goes (issue 15): a UDP flow keeps
-sending across the change that forbids it (a reload that takes a direct
-user's port back; an on-link LAN gone in `connected` mode), and the peer
-counts that nothing of it arrives after the commit (it did before)."""
+"""Flows cut when their permission goes (issue 15): a flow keeps sending
+across the change that forbids it (a reload that takes a direct user's UDP
+port or its TCP back; an on-link LAN gone in `connected` mode), and the
+peer counts that nothing of it arrives after the commit (it did before)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.lab.command import PYTHON, netns_exec
 from tests.lab.daemon_process import DaemonProcess, run_daemon
 from tests.lab.kernel import lan_networks
 from tests.lab.test_daemon import NEW_IF, NEW_LAN, lab_policy, new_lan_peer, sighup
-from tests.lab.topology import HOST_V4, INTERNET_V4, Lab
+from tests.lab.topology import HOST_V4, INTERNET_V4, Lab, stop_process, wait_ready
 from tests.lab.wait import wait_for
 
 pytestmark = pytest.mark.usefixtures("daemon_host")
@@ -43,38 +43,94 @@ with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         time.sleep(0.01)
 print(sent)
 """
+SINK_PORT = 5001  # the peer's TCP sink, on INTERNET_V4[0]
+# One connection, one flow: 1,000 bytes every 10 ms (what the socket takes).
+TCP_SENDER = """
+import socket, sys, time
+end = time.monotonic() + float(sys.argv[3])
+sent = 0
+with socket.socket() as s:
+    s.settimeout(5)
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    s.setblocking(False)
+    while time.monotonic() < end:
+        sent += 1
+        try:
+            s.send(b"x" * 1000)
+        except OSError:
+            pass
+        time.sleep(0.01)
+print(sent)
+"""
+# Reads every connection to the end; its reading is not what is counted
+# (lan0's ingress counter is).
+SINK = """
+import socket, sys, threading
+listener = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+def drain(conn):
+    with conn:
+        while conn.recv(65536):
+            pass
+while True:
+    threading.Thread(target=drain, args=(listener.accept()[0],), daemon=True).start()
+"""
 
 
-def udp_ports(lab: Lab, path: Path, ports: list[int]) -> Path:
+def clearnet_direct(lab: Lab, path: Path, **values: Any) -> Path:
+    """The shipped policy, with clearnet's [[direct]] entry changed."""
+
     def edit(data: dict[str, Any]) -> None:
         for rule in data["direct"]:
             if rule["user"] == "clearnet":
-                rule["udp_ports"] = ports
+                rule.update(values)
 
     return policies.lab_policy(lab, path, edit)
 
 
 @pytest.fixture
 def daemon(lab: Lab, tmp_path: Path) -> Iterator[DaemonProcess]:
-    policy = udp_ports(lab, tmp_path / "policy.toml", [53, PORT])
+    policy = clearnet_direct(lab, tmp_path / "policy.toml", udp_ports=[53, PORT])
     with run_daemon(lab.host_ns, policy, tmp_path / "daemon") as started:
         started.wait_ready()
         yield started
 
 
 @contextmanager
-def sending(lab: Lab, role: str, to: tuple[str, int], source: str = "0.0.0.0") -> Iterator[None]:
-    """`role` sends one UDP flow to `to` for 3 s; it kept trying all along."""
+def sending(
+    lab: Lab, role: str, to: tuple[str, int], source: str = "0.0.0.0", script: str = SENDER
+) -> Iterator[None]:
+    """`role` sends one flow (UDP, or TCP with TCP_SENDER) to `to` for 3 s;
+    it kept trying all along."""
     sender = subprocess.Popen(
-        [*netns_exec(lab.host_ns), *lab.setpriv(role), PYTHON, "-c", SENDER,
+        [*netns_exec(lab.host_ns), *lab.setpriv(role), PYTHON, "-c", script,
          to[0], str(to[1]), "3", source],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         yield
     finally:
-        out, _ = sender.communicate(timeout=30)
-    assert int(out) > 150
+        out, err = sender.communicate(timeout=30)
+    assert out.strip().isdigit() and int(out) > 150, (out, err)
+
+
+@pytest.fixture
+def tcp_sink(lab: Lab) -> Iterator[tuple[str, int]]:
+    """The peer reads TCP streams at INTERNET_V4[0]:SINK_PORT."""
+    sink = subprocess.Popen(
+        [*netns_exec(lab.peer_ns), PYTHON, "-c", SINK, INTERNET_V4[0], str(SINK_PORT)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_ready([sink], timeout=10)
+        yield INTERNET_V4[0], SINK_PORT
+    finally:
+        stop_process(sink)
+
+
+def wait_arriving(lab: Lab) -> None:
+    start = lab.peer_packets()
+    wait_for(lambda: lab.peer_packets() - start > 20, 2, what="the flow reaching the peer")
 
 
 def arriving_after_commit(lab: Lab) -> int:
@@ -89,9 +145,8 @@ def test_a_flow_whose_port_is_taken_back_stops_at_the_commit(
     lab: Lab, daemon: DaemonProcess, tmp_path: Path
 ) -> None:
     with sending(lab, "clearnet", (INTERNET_V4[0], PORT)):
-        start = lab.peer_packets()
-        wait_for(lambda: lab.peer_packets() - start > 20, 2, what="the flow reaching the peer")
-        udp_ports(lab, tmp_path / "policy.toml", [53])
+        wait_arriving(lab)
+        clearnet_direct(lab, tmp_path / "policy.toml", udp_ports=[53])
         sighup(daemon)
         arrived = arriving_after_commit(lab)
     assert arrived == 0, f"{arrived} packets of a forbidden flow reached the peer"
@@ -130,3 +185,34 @@ def test_a_flow_to_an_on_link_lan_gone_stops_at_the_commit(
         arrived = arriving_after_commit(lab)
     assert arrived == 0, f"{arrived} packets of a forbidden flow reached the peer"
     assert f"LAN network {NEW_LAN} gone" in connected_daemon.log()
+
+
+def test_a_tcp_flow_whose_user_loses_direct_tcp_stops_at_the_commit(
+    lab: Lab, daemon: DaemonProcess, tmp_path: Path, tcp_sink: tuple[str, int]
+) -> None:
+    """clearnet streams to the Internet; a reload takes its TCP away: the
+    ruleset refuses the flow's next packet, and its entry is deleted."""
+    with sending(lab, "clearnet", tcp_sink, script=TCP_SENDER):
+        wait_arriving(lab)
+        clearnet_direct(lab, tmp_path / "policy.toml", udp_ports=[53, PORT], tcp="none")
+        sighup(daemon)
+        arrived = arriving_after_commit(lab)
+    assert arrived == 0, f"{arrived} packets of a forbidden flow reached the peer"
+    uid = lab.account("clearnet").uid
+    deleted = f"deleted 1 conntrack entries the new ruleset forbids: uid {uid} lost direct TCP"
+    assert deleted in daemon.log()
+
+
+def test_the_ruleset_alone_refuses_a_tcp_flow_whose_user_lost_direct_tcp(
+    lab: Lab, tmp_path: Path, tcp_sink: tuple[str, int]
+) -> None:
+    """`tailsfwctl apply` deletes no conntrack entry: the marked flow meets
+    the new ruleset's refusal in the transaction that takes TCP away."""
+    policy = clearnet_direct(lab, tmp_path / "policy.toml")
+    assert policies.apply(lab, policy).returncode == 0
+    with sending(lab, "clearnet", tcp_sink, script=TCP_SENDER):
+        wait_arriving(lab)
+        done = policies.apply(lab, clearnet_direct(lab, policy, tcp="none"))
+        assert done.returncode == 0, done.stderr
+        arrived = arriving_after_commit(lab)
+    assert arrived == 0, f"{arrived} packets of a forbidden flow reached the peer"

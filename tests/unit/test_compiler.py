@@ -115,6 +115,11 @@ SKUID = {"meta": {"key": "skuid"}}
 DADDR = {"payload": {"protocol": "ip", "field": "daddr"}}
 
 
+def owner(uid: int) -> dict[str, Any]:
+    """`ct mark set UID`: the flow is the direct user's own."""
+    return {"mangle": {"key": MARK, "value": uid}}
+
+
 def prefix(net: str) -> dict[str, Any]:
     addr, length = net.split("/")
     return {"prefix": {"addr": addr, "len": int(length)}}
@@ -146,19 +151,37 @@ DIRECT_DISPATCH = {
 }
 
 
-def test_a_direct_users_udp_flow_is_only_its_own(pol: policy.Policy) -> None:
+def test_a_direct_users_flows_are_its_own_while_its_rights_last(pol: policy.Policy) -> None:
     """Conntrack knows flows, not users: clearnet's answered DNS flow must
-    not carry another user's datagrams from the same port."""
+    not carry another user's datagrams from the same port.  A marked flow is
+    accepted only by the protocol its owner still has; TCP asks no uid (an
+    orphaned socket's FIN, TIME_WAIT's ACK and a loopback server's replies
+    have none of the owner's)."""
     rs = build(pol)
-    assert [UDP_DPORT_53, {"mangle": {"key": MARK, "value": 107}}, ACCEPT] in rules(
-        rs, "ip", "direct_debian-tor"
-    )
+    assert [UDP_DPORT_53, owner(107), ACCEPT] in rules(rs, "ip", "direct_debian-tor")
     assert rules(rs, "ip", "conntracked") == [
         [match(STATE, "established"), match(MARK, 0), ACCEPT],  # nearly all traffic
         [match(STATE, "related"), jump("out_related")],
-        [match(MARK, 107), match(SKUID, 107), ACCEPT],
-        [match(MARK, 110), match(SKUID, 110), ACCEPT],
+        [match(MARK, 107), match(L4PROTO, 6), ACCEPT],  # Tor's connections
+        [match(MARK, 107), match(L4PROTO, 17), match(SKUID, 107), ACCEPT],
+        [match(MARK, 110), match(L4PROTO, 6), ACCEPT],
+        [match(MARK, 110), match(L4PROTO, 17), match(SKUID, 110), ACCEPT],
         [REJECT],
+    ]
+
+
+def test_a_user_without_direct_tcp_owns_no_tcp_flow(pol: policy.Policy) -> None:
+    """Its marked TCP flows (opened before a reload took TCP away) meet the
+    final refuse at the commit itself."""
+    direct = tuple(dataclasses.replace(r, tcp="none") if r.user == "clearnet" else r
+                   for r in pol.direct)  # fmt: skip
+    rs = build(dataclasses.replace(pol, direct=direct))
+    conntracked = rules(rs, "ip", "conntracked")
+    assert [match(MARK, 110), match(L4PROTO, 6), ACCEPT] not in conntracked
+    assert [match(MARK, 110), match(L4PROTO, 17), match(SKUID, 110), ACCEPT] in conntracked
+    assert rules(rs, "ip", "direct_clearnet") == [
+        [OIF_LO, RETURN],
+        [UDP_DPORT_53, owner(110), ACCEPT],
     ]
 
 
@@ -190,12 +213,12 @@ def test_only_clearnet_and_debian_tor_leave_by_themselves(pol: policy.Policy) ->
     # clearnet never on loopback; Tor only new TCP connections and DNS.
     assert rules(rs, "ip", "direct_clearnet") == [
         [OIF_LO, RETURN],
-        [UDP_DPORT_53, {"mangle": {"key": MARK, "value": 110}}, ACCEPT],
-        [match(L4PROTO, 6), ACCEPT],
+        [UDP_DPORT_53, owner(110), ACCEPT],
+        [match(L4PROTO, 6), owner(110), ACCEPT],
     ]
     assert rules(rs, "ip", "direct_debian-tor") == [
-        [UDP_DPORT_53, {"mangle": {"key": MARK, "value": 107}}, ACCEPT],
-        [SYN_ONLY, ACCEPT],
+        [UDP_DPORT_53, owner(107), ACCEPT],
+        [SYN_ONLY, owner(107), ACCEPT],
     ]
     direct = [c["name"] for c in objects(rs, "chain", "ip") if c["name"].startswith("direct")]
     assert sorted(direct) == ["direct_clearnet", "direct_debian-tor"]
@@ -398,10 +421,9 @@ def test_chain_names_are_distinct_for_distinct_user_keys(pol: policy.Policy) -> 
               policy.DirectRule("a.b", False, "new", ()))  # fmt: skip
     p = policy.Policy(pol.source, pol.log, users, (), direct, pol.lan, ())
     rs = compile_policy(p, Facts(uids=MappingProxyType({"acct1": 1, "acct2": 2, "acct3": 3})))
-    assert rules(rs, "ip", "direct_a-b")[-1] == [match(L4PROTO, 6), ACCEPT]
-    assert rules(rs, "ip", "direct_a_b")[-1] == [UDP_DPORT_53, {"mangle": {"key": MARK,
-                                                 "value": 2}}, ACCEPT]  # fmt: skip
-    assert rules(rs, "ip", "direct_a.b")[-1] == [SYN_ONLY, ACCEPT]
+    assert rules(rs, "ip", "direct_a-b")[-1] == [match(L4PROTO, 6), owner(1), ACCEPT]
+    assert rules(rs, "ip", "direct_a_b")[-1] == [UDP_DPORT_53, owner(2), ACCEPT]
+    assert rules(rs, "ip", "direct_a.b")[-1] == [SYN_ONLY, owner(3), ACCEPT]
 
 
 def with_dns(pol: policy.Policy, dns: policy.Dns) -> policy.Policy:
@@ -427,16 +449,16 @@ def test_clearnet_dns_nm_sends_the_direct_users_dns_only_to_networkmanagers_serv
     only_theirs = [match(TH_DPORT, 53), RETURN]
     assert rules(rs, "ip", "direct_clearnet") == [
         [OIF_LO, RETURN],
-        [UDP_DPORT_53, servers, {"mangle": {"key": MARK, "value": 110}}, ACCEPT],
-        [TCP_DPORT_53, servers, match(L4PROTO, 6), ACCEPT],
+        [UDP_DPORT_53, servers, owner(110), ACCEPT],
+        [TCP_DPORT_53, servers, match(L4PROTO, 6), owner(110), ACCEPT],
         only_theirs,
-        [match(L4PROTO, 6), ACCEPT],
+        [match(L4PROTO, 6), owner(110), ACCEPT],
     ]
     assert rules(rs, "ip", "direct_debian-tor") == [
-        [UDP_DPORT_53, servers, {"mangle": {"key": MARK, "value": 107}}, ACCEPT],
-        [TCP_DPORT_53, servers, SYN_ONLY, ACCEPT],
+        [UDP_DPORT_53, servers, owner(107), ACCEPT],
+        [TCP_DPORT_53, servers, SYN_ONLY, owner(107), ACCEPT],
         only_theirs,
-        [SYN_ONLY, ACCEPT],
+        [SYN_ONLY, owner(107), ACCEPT],
     ]
 
 

@@ -15,7 +15,7 @@ from tailsfw import conntrack, policy
 from tailsfw.desired import Desired
 from tailsfw.enforce import RulesetEffect
 from tailsfw.facts import Facts
-from tailsfw.flowcut import UDP, Cut, cuts
+from tailsfw.flowcut import TCP, UDP, Cut, cuts
 from tailsfw.nft import NftError
 
 from .fakekernel import FakeKernel
@@ -49,9 +49,46 @@ def test_the_same_policy_cuts_nothing() -> None:
     assert cuts(Desired(SHIPPED, FACTS), Desired(SHIPPED, FACTS)) == []
 
 
+def with_tcp(pol: policy.Policy, user: str, tcp: policy.TcpMode) -> policy.Policy:
+    direct = tuple(dataclasses.replace(r, tcp=tcp) if r.user == user else r for r in pol.direct)
+    return dataclasses.replace(pol, direct=direct)
+
+
 def test_a_direct_user_removed_loses_its_marked_flows() -> None:
+    """TCP and UDP alike: every flow marked with its uid."""
     found = cuts(Desired(SHIPPED, FACTS), Desired(without_direct(SHIPPED, "clearnet"), FACTS))
-    assert found == [Cut(f"uid {CLEARNET} lost direct UDP", mark=CLEARNET)]
+    assert found == [Cut(f"uid {CLEARNET} is no longer a direct user", mark=CLEARNET)]
+
+
+def test_tcp_taken_away_cuts_only_its_tcp_flows() -> None:
+    found = cuts(Desired(SHIPPED, FACTS), Desired(with_tcp(SHIPPED, "clearnet", "none"), FACTS))
+    assert found == [Cut(f"uid {CLEARNET} lost direct TCP", mark=CLEARNET, proto=TCP)]
+
+
+def test_udp_taken_away_cuts_only_its_udp_flows() -> None:
+    found = cuts(Desired(SHIPPED, FACTS), Desired(with_udp_ports(SHIPPED, "debian-tor", ()), FACTS))
+    assert found == [Cut(f"uid {TOR} lost direct UDP", mark=TOR, proto=UDP)]
+
+
+def test_tcp_and_udp_taken_away_leave_no_direct_user() -> None:
+    after = with_udp_ports(with_tcp(SHIPPED, "clearnet", "none"), "clearnet", ())
+    found = cuts(Desired(SHIPPED, FACTS), Desired(after, FACTS))
+    assert found == [Cut(f"uid {CLEARNET} is no longer a direct user", mark=CLEARNET)]
+
+
+@pytest.mark.parametrize(("before", "after"), [("any", "new"), ("new", "any"), ("none", "new")])
+def test_tcp_any_and_new_cut_nothing_from_each_other(
+    before: policy.TcpMode, after: policy.TcpMode
+) -> None:
+    """A connection opened by a SYN is what both allow; nothing granted, nothing cut."""
+    old = Desired(with_tcp(SHIPPED, "clearnet", before), FACTS)
+    assert cuts(old, Desired(with_tcp(SHIPPED, "clearnet", after), FACTS)) == []
+
+
+def test_an_account_whose_uid_changed_loses_the_old_uids_flows() -> None:
+    moved = Facts(uids=MappingProxyType({**UIDS, "clearnet": 4242}))
+    found = cuts(Desired(SHIPPED, FACTS), Desired(SHIPPED, moved))
+    assert found == [Cut(f"uid {CLEARNET} is no longer a direct user", mark=CLEARNET)]
 
 
 def test_a_port_removed_cuts_only_that_port() -> None:
@@ -131,6 +168,15 @@ def test_an_entry_is_decoded_and_matched() -> None:
     assert not entry.matches(Cut("", network=net("10.200.1.0/30")))
 
 
+def test_a_tcp_cut_takes_the_owners_tcp_flows_and_leaves_its_udp() -> None:
+    cut = Cut("", mark=110, proto=TCP)
+    tcp = conntrack.decode(entry_message("10.0.0.2", "192.0.2.7", TCP, 443, 110))
+    udp = conntrack.decode(entry_message("10.0.0.2", "192.0.2.7", UDP, 53, 110))
+    others = conntrack.decode(entry_message("10.0.0.2", "192.0.2.7", TCP, 443, 107))
+    assert tcp is not None and udp is not None and others is not None
+    assert tcp.matches(cut) and not udp.matches(cut) and not others.matches(cut)
+
+
 def test_an_unmarked_entry_has_mark_0_and_a_truncated_one_is_none() -> None:
     message = entry_message("10.0.0.1", "10.0.0.2", 6, 80, None)
     entry = conntrack.decode(message)
@@ -159,5 +205,5 @@ def test_the_ruleset_effect_cuts_after_a_commit_never_after_a_refusal() -> None:
     assert handed == []  # the old ruleset is in force: its flows stay allowed
     kernel.refuse = lambda doc: None
     effect.converge(Desired(without_direct(SHIPPED, "clearnet"), FACTS))
-    assert handed == [[Cut(f"uid {CLEARNET} lost direct UDP", mark=CLEARNET)]]
+    assert handed == [[Cut(f"uid {CLEARNET} is no longer a direct user", mark=CLEARNET)]]
     assert kernel.documents  # committed before they were handed over
