@@ -19,11 +19,13 @@ matches; it knows nothing of the compiler.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 Json = dict[str, Any]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Protocol names nft may list instead of numbers.
 PROTOCOLS = {
     "icmp": 1,
@@ -69,11 +71,11 @@ class Packet:
     proto: int
     dport: int | None  # bytes 2-3 of the transport header; None: the kernel writes them
     syn: bool = True  # TCP: SYN alone of FIN, SYN, RST, ACK (a new connection); else ACK
-    oif: str = "lo"  # the interface the route takes: "lo" or OTHER_INTERFACE
+    oif: str = "lo"  # the interface the route takes: "lo" or OTHER_INTERFACE; inbound: in on
     saddr: str | None = None  # None: the kernel's choice
     established: bool = False  # a flow conntrack has seen both ways
     mark: int = 0  # the flow's ct mark (established only)
-    inbound: bool = False  # arriving on OTHER_INTERFACE from saddr, to this host's daddr
+    inbound: bool = False  # arriving on oif from saddr, to daddr (here, or forwarded)
 
     def describe(self) -> str:
         proto = NAMES.get(self.proto, f"protocol {self.proto}")
@@ -81,9 +83,10 @@ class Packet:
             proto += " SYN" if self.syn else " ACK"
         where = self.daddr if self.dport is None else f"{self.daddr} port {self.dport}"
         source = f" from {self.saddr}" if self.saddr else ""
-        if self.inbound:
-            return f"{proto} from {self.saddr} to {where} in on {self.oif}"
         flow = f", established (ct mark {self.mark})" if self.established else ""
+        if self.inbound:
+            flow = ", a reply" if self.established else ""
+            return f"{proto} from {self.saddr} to {where} in on {self.oif}{flow}"
         return f"uid {self.uid} {proto} to {where}{source} on {self.oif}{flow}"
 
 
@@ -136,24 +139,109 @@ def _implied_proto(left: Any) -> int | None:
     return None
 
 
+@dataclass(frozen=True)
+class Link:
+    """An interface of the scratch namespace besides `lo` and `eth0`: an
+    application namespace's host veth, holding `host`, with the namespace's
+    /30 `network` routed through it (its guest at `guest`)."""
+
+    name: str
+    host: str
+    guest: str
+    network: str
+
+
+@dataclass(frozen=True)
+class _Rule:
+    table_family: str
+    hooks: frozenset[str]  # the hooks whose base chains reach its chain
+    iifs: frozenset[str] | None  # the input interfaces it can match (None: any)
+    expr: tuple[Json, ...]
+
+
+OUT_HOOKS = frozenset({"output", "postrouting"})
+BACK_HOOKS = frozenset({"prerouting", "input"})  # what lo brings back
+IN_HOOKS = frozenset({"prerouting", "input", "forward", "postrouting"})
+
+
+def _iifs(expr: Iterable[Json]) -> frozenset[str] | None:
+    """The input interfaces a rule's `iifname ==`/`iif ==` matches allow."""
+    found: frozenset[str] | None = None
+    for e in expr:
+        m = e.get("match") if isinstance(e, dict) else None
+        if not isinstance(m, dict) or m.get("op", "==") != "==":
+            continue
+        left, right = m["left"], m["right"]
+        if not (isinstance(left, dict) and left.get("meta", {}).get("key") in ("iif", "iifname")):
+            continue
+        names = frozenset(right["set"] if isinstance(right, dict) and "set" in right else [right])
+        found = names if found is None else found & names
+    return found
+
+
+def _targets(value: Any, named: dict[tuple[str, str], list[Any]], family: str) -> Iterator[str]:
+    """The chains a rule's verdicts (and its verdict maps') jump or go to."""
+    if isinstance(value, dict):
+        for kind in ("jump", "goto"):
+            if isinstance(value.get(kind), dict):
+                yield value[kind]["target"]
+        for item in value.values():
+            yield from _targets(item, named, family)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _targets(item, named, family)
+    elif isinstance(value, str) and value.startswith("@"):
+        yield from _targets(named.get((family, value[1:]), []), named, family)
+
+
 class _Reader:
-    """Walks every rule and map of a ruleset (compiled or listed) for constants."""
+    """Walks every rule and map of a ruleset (compiled or listed) for
+    constants, each rule with the hooks that reach it and the input
+    interfaces it can match: a rule that cannot see a packet cuts none of
+    its fields."""
 
     def __init__(self, objects: Iterable[Json]) -> None:
-        self.objects = [o for o in objects if "metainfo" not in o]
-        self.fields = {"ipv4": Fields(), "ipv6": Fields()}
+        objects = [o for o in objects if "metainfo" not in o]
         self.named: dict[tuple[str, str], list[Any]] = {}
-        for obj in self.objects:
+        hooks: dict[tuple[str, str, str], set[str]] = {}
+        raw: list[Json] = []
+        for obj in objects:
             kind, body = next(iter(obj.items()))
             if kind in ("set", "map"):
                 self.named[(body["family"], body["name"])] = list(body.get("elem", []))
+            elif kind == "chain":
+                key = (body["family"], body["table"], body["name"])
+                hooks.setdefault(key, set()).update([body["hook"]] if "hook" in body else [])
+            elif kind == "rule":
+                raw.append(body)
+        changed = True
+        while changed:  # the hooks flow down jumps and gotos to a fixed point
+            changed = False
+            for r in raw:
+                mine = hooks.get((r["family"], r["table"], r["chain"]), set())
+                for target in _targets(r["expr"], self.named, r["family"]):
+                    theirs = hooks.setdefault((r["family"], r["table"], target), set())
+                    if not mine <= theirs:
+                        theirs |= mine
+                        changed = True
+        self.rules = [
+            _Rule(
+                r["family"],
+                frozenset(hooks.get((r["family"], r["table"], r["chain"]), ())),
+                _iifs(r["expr"]),
+                tuple(r["expr"]),
+            )
+            for r in raw
+        ]
+        self.fields = {"ipv4": Fields(), "ipv6": Fields()}
 
-    def read(self) -> dict[str, Fields]:
-        for obj in self.objects:
-            if "rule" in obj:
-                rule = obj["rule"]
-                for expr in rule["expr"]:
-                    self.expression(expr, rule["family"])
+    def read(self, sees: Callable[[_Rule], bool]) -> dict[str, Fields]:
+        """The fields the rules `sees` keeps compare."""
+        self.fields = {"ipv4": Fields(), "ipv6": Fields()}
+        for rule in self.rules:
+            if sees(rule):
+                for expr in rule.expr:
+                    self.expression(expr, rule.table_family)
         return self.fields
 
     def expression(self, expr: Json, table_family: str) -> None:
@@ -240,16 +328,22 @@ def cells(spans: Iterable[tuple[int, int]], top: int) -> list[tuple[int, int]]:
     return list(zip(edges, (e - 1 for e in edges[1:]), strict=False))
 
 
-def _addresses(family: str, spans: set[tuple[int, int]]) -> list[str]:
-    """Both ends of every address cell, moved out of the special ranges."""
+def _addresses(family: str, spans: set[tuple[int, int]],
+               avoid: Iterable[IPNetwork] = ()) -> list[str]:  # fmt: skip
+    """Both ends of every address cell, moved out of the special ranges (and
+    out of `avoid`'s)."""
     found: list[str] = []
-    special = [(int(n.network_address), int(n.broadcast_address)) for n in SPECIAL[family]]
+    special = [(int(n.network_address), int(n.broadcast_address))
+               for n in (*SPECIAL[family], *avoid)]  # fmt: skip
     for low, high in cells(spans, (1 << BITS[family]) - 1):
         for end, step in ((low, 1), (high, -1)):
             value = end
-            for s_low, s_high in special:
-                if s_low <= value <= s_high:
-                    value = s_high + 1 if step == 1 else s_low - 1
+            moved = True
+            while moved:  # out of one range may be into another
+                moved = False
+                for s_low, s_high in special:
+                    if s_low <= value <= s_high:
+                        value, moved = (s_high + 1 if step == 1 else s_low - 1), True
             if low <= value <= high:
                 address = str(ADDRESS[family](value))
                 if address not in found:
@@ -278,18 +372,37 @@ def _uids(spans: set[tuple[int, int]]) -> list[int]:
     return [*named, other]
 
 
-def derive(objects: Iterable[Json]) -> list[Packet]:
-    """Every class of outgoing packet the ruleset tells apart, one representative each."""
+def _sees_out(rule: _Rule) -> bool:
+    """A rule an outgoing packet can meet: on its way out, or back in on lo."""
+    back = rule.hooks & BACK_HOOKS and (rule.iifs is None or "lo" in rule.iifs)
+    return bool(rule.hooks & OUT_HOOKS or back)
+
+
+def _sources(family: str, spans: set[tuple[int, int]] | None) -> list[str | None]:
+    """The local sources of outgoing packets: one in each source cell that
+    holds one (None, the kernel's choice, when the ruleset reads no source
+    or every local address falls in one cell)."""
+    if not spans:
+        return [None]
+    found: dict[tuple[int, int], str] = {}
+    for address in LOCAL[family]:
+        value = int(ipaddress.ip_address(address))
+        cell = next(c for c in cells(spans, (1 << BITS[family]) - 1) if c[0] <= value <= c[1])
+        found.setdefault(cell, address)
+    return [None] if len(found) == 1 else list(found.values())
+
+
+def derive(objects: Iterable[Json], links: Iterable[Link] = ()) -> list[Packet]:
+    """Every class of packet the ruleset tells apart, one representative each:
+    outgoing, established, and arriving on eth0 and on each link."""
     found: list[Packet] = []
+    reader = _Reader(objects)
     # A family the ruleset says nothing of is still sent: an empty ruleset
     # lets everything through, and that must show.
-    for family, fields in _Reader(objects).read().items():
+    for family, fields in reader.read(_sees_out).items():
         spans = fields.spans
         daddrs = _addresses(family, spans.get(f"daddr_{family}", set()))
-        saddr_spans = spans.get(f"saddr_{family}")
-        saddrs: list[str | None] = [None]
-        if saddr_spans:
-            saddrs = list(LOCAL[family])  # the only sources a local socket can have
+        saddrs = _sources(family, spans.get(f"saddr_{family}"))
         protos = _one_each(spans.get("proto", set()), 255, AVOID_PROTO)
         ports = _ports(spans.get("dport", set()))
         loopback = LOOPBACK[family]
@@ -306,32 +419,55 @@ def derive(objects: Iterable[Json]) -> list[Packet]:
                     found += _with_ports(family, uid, daddr, oif, saddr, proto, ports, fields.syn)
         if fields.state:
             found += _established(family, spans, daddrs, protos, ports)
-        found += _inbound(family, spans, protos, ports)
+    links = list(links)
+    for interface in [OTHER_INTERFACE, *(link.name for link in links)]:
+        found += _inbound(reader, interface, links)
     return found
 
 
-def _inbound(family: str, spans: dict[str, set[tuple[int, int]]], protos: list[int],
-             ports: list[int]) -> list[Packet]:  # fmt: skip
-    """New packets arriving on the other interface, to this host's address,
-    from both ends of every source address cell."""
-    sources = [a for a in _addresses(family, spans.get(f"saddr_{family}", set()))
-               if ipaddress.ip_address(a) not in LOOPBACK[family]]  # fmt: skip
-    return [
-        Packet(
-            family,
-            0,
-            LOCAL[family][1],
-            p.proto,
-            p.dport,
-            p.syn,
-            OTHER_INTERFACE,
-            saddr,
-            inbound=True,
-        )
-        for saddr in sources
-        for proto in protos
-        for p in _with_ports(family, 0, "", "", None, proto, ports, True)
-    ]
+def _inbound(reader: _Reader, interface: str, links: list[Link]) -> list[Packet]:
+    """New packets arriving on `interface`, as the rules that can see them
+    there cut them: from both ends of every source cell, to both ends of
+    every destination cell and to every address the routing tells apart
+    (each link's host and guest, eth0's own), every protocol and port cell;
+    and, where those rules read conntrack's state, each link's guest
+    receiving a reply.  No source is one of this host's addresses or
+    loopback: the kernel drops those as martians before any chain."""
+
+    def sees(rule: _Rule) -> bool:
+        return bool(rule.hooks & IN_HOOKS) and (rule.iifs is None or interface in rule.iifs)
+
+    found: list[Packet] = []
+    for family, fields in reader.read(sees).items():
+        spans = fields.spans
+        hosts = [LOCAL[family][1]]
+        routed = []  # each link's host (input) and guest (forwarded out on it)
+        if family == "ipv4":
+            hosts += [link.host for link in links]
+            routed = [a for link in links for a in (link.host, link.guest)]
+        martian = [LOOPBACK[family], *(ipaddress.ip_network(a) for a in hosts)]
+        sources = _addresses(family, spans.get(f"saddr_{family}", set()), martian)
+        targets = _addresses(family, spans.get(f"daddr_{family}", set()), [LOOPBACK[family]])
+        targets += [a for a in [*routed, LOCAL[family][1]] if a not in targets]
+        # TCP, UDP and ICMP besides: conntrack and nat tell them apart.
+        kernel = {(TCP, TCP), (UDP, UDP), (1, 1)} if family == "ipv4" else set()
+        protos = _one_each(spans.get("proto", set()) | kernel, 255, AVOID_PROTO)
+        ports = _ports(spans.get("dport", set()))
+        for saddr, daddr, proto in itertools.product(sources, targets, protos):
+            # An echo request, well formed: th dport would read its checksum.
+            dports: list[int | None] = [None] if proto in (1, ICMPV6) else list(ports)
+            found += [
+                Packet(family, 0, daddr, proto, dport, syn, interface, saddr, inbound=True)
+                for dport in dports
+                for syn in ((True, False) if proto == TCP and fields.syn else (True,))
+            ]
+        if fields.state and family == "ipv4" and interface == OTHER_INTERFACE:
+            port = ports[len(ports) // 2]
+            for link in links:  # replies to each link's guest, from the network
+                for proto in (TCP, UDP):
+                    found.append(Packet(family, 0, link.guest, proto, port, False, interface,
+                                        sources[0], established=True, inbound=True))  # fmt: skip
+    return found
 
 
 def _established(family: str, spans: dict[str, set[tuple[int, int]]], daddrs: list[str],

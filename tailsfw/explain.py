@@ -14,13 +14,13 @@ import argparse
 import ipaddress
 import re
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import oracle, scratch
-from .classes import NAMES, OTHER_INTERFACE, TCP, Packet
+from .classes import NAMES, OTHER_INTERFACE, TCP, Link, Packet
 from .nft import Nft, NftError, listing_text
 
 Json = dict[str, Any]
@@ -57,6 +57,7 @@ class Seen:
     path: tuple[str, ...]  # the chains, in order
     deciding: str  # the deciding rule, in nft's words
     comment: str  # the last "Tails rule N" met on the way
+    forwarded: str = ""  # arrived and forwarded: "out on IFACE from SADDR ttl N"
 
 
 def as_document(listing: Iterable[Json]) -> Json:
@@ -142,7 +143,7 @@ def kernel_verdict(
         text = f"policy {deciding.verdict} of chain {deciding.chain}"
     else:
         text = rule.text if rule else f"rule handle {deciding.handle}"
-    return Seen(verdict, redirect, logged, back, tuple(path), text, comment)
+    return Seen(verdict, redirect, logged, back, tuple(path), text, comment, outcome.left)
 
 
 def agrees(seen: Seen, decision: oracle.Decision) -> bool:
@@ -153,15 +154,19 @@ def agrees(seen: Seen, decision: oracle.Decision) -> bool:
         decision.logged,
     )
     # Back in on lo: compared when the kernel brought the packet back.
-    return same and (seen.inbound is None or seen.inbound == (decision.inbound or "dropped"))
+    back = seen.inbound is None or seen.inbound == (decision.inbound or "dropped")
+    return same and back and seen.forwarded == decision.forwarded
 
 
-def verdict_text(verdict: str, redirect: int | None, inbound: str | None) -> str:
+def verdict_text(verdict: str, redirect: int | None, inbound: str | None,
+                 forwarded: str = "") -> str:  # fmt: skip
     text = verdict
     if redirect is not None:
         text = f"redirected to 127.0.0.1:{redirect}, then {verdict}"
     if inbound is not None and verdict == "accepted":
         text += f" (back in on lo: {inbound})"
+    if forwarded:
+        text += f", forwarded {forwarded}"
     return text
 
 
@@ -169,25 +174,28 @@ def detail(packet: Packet, seen: Seen, decision: oracle.Decision | None) -> list
     """explain's text, also prove's for each difference."""
     lines = [
         f"packet:    {packet.describe()}",
-        f"kernel:    {verdict_text(seen.verdict, seen.redirect, seen.inbound)}"
+        f"kernel:    {verdict_text(seen.verdict, seen.redirect, seen.inbound, seen.forwarded)}"
         + (" (logged)" if seen.logged else ""),
         f"path:      {' -> '.join(seen.path) or '(no chain)'}",
         f"decided by: {seen.deciding}" + (f"   [{seen.comment}]" if seen.comment else ""),
     ]
     if decision is not None:
         lines += [
-            f"spec:      {verdict_text(decision.verdict, decision.redirect, decision.inbound)}"
-            f" by {decision.rule}",
+            "spec:      "
+            + verdict_text(
+                decision.verdict, decision.redirect, decision.inbound, decision.forwarded
+            )
+            + f" by {decision.rule}",
             f'           "{decision.sentence}"',
         ]
     return lines
 
 
-def probe(document: Json, packets: list[Packet]) -> list[Seen]:
-    """The kernel's verdict on each packet, in a scratch namespace."""
+def probe(document: Json, packets: list[Packet], links: Sequence[Link] = ()) -> list[Seen]:
+    """The kernel's verdict on each packet, in a scratch namespace with these links."""
 
     def job() -> tuple[list[scratch.Outcome], list[Json], str]:
-        lab = scratch.Scratch(document)
+        lab = scratch.Scratch(document, links)
         outcomes = lab.send(packets)
         return outcomes, lab.nft.list_ruleset(), listing_text()
 

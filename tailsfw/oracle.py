@@ -16,7 +16,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .classes import TCP, UDP, Packet
+from .classes import LOCAL, OTHER_INTERFACE, TCP, UDP, Packet
 from .policy import Policy
 
 # The specification's sentences (tails-network-filter.md), word for word.
@@ -79,6 +79,43 @@ OWNED_FLOW = (
     "marked UDP flow takes only its owner's packets, while its owner has direct UDP; a "
     "marked TCP flow goes on while its owner has direct TCP."
 )
+# "Application network namespaces", word for word.
+NS_HOST = (
+    "Host side (Tails' ferm.conf, 6.x), IPv4 input: from `veth-tbb`, source 10.200.1.2 to "
+    "10.200.1.1, TCP 9050 and 951: accept; likewise [each namespace's veth, guest, host and "
+    "exposed ports]. Nothing else from a namespace reaches the host."
+)
+NS_CLEARNET = (
+    "from `veth-clearnet` to 10.200.1.0/24: reject (the Unsafe Browser must not reach "
+    "Tor's or onion-grater's listeners)."
+)
+NS_FORWARD = (
+    "Host side for `clearnet`: forward: accept in from `veth-clearnet` [...]; nat "
+    "postrouting: masquerade source 10.200.1.16/30; Tails 7.9 [...] also resets the TTL of "
+    "packets forwarded from `veth-clearnet` to 64."
+)
+NS_REPLIES = (
+    "Host side for `clearnet`: forward: accept [...] out to `veth-clearnet`; docs/how-it-works.md: "
+    "out to `veth-clearnet` only established and related packets."
+)
+NS_DROPPED = (
+    "Forward: policy drop; forward: accept in from `veth-clearnet` and out to `veth-clearnet` "
+    "(everything else forwarded stays dropped); docs/how-it-works.md: here no new connection "
+    "goes into the clearnet namespace, even through the host."
+)
+NS_APART = (
+    "docs/how-it-works.md: forward (policy drop): in from `veth-clearnet` only, never to a "
+    "namespace's /30 and never out to a namespace's veth (rejected)"
+)
+# docs/how-it-works.md: how tailsfw refuses what a namespace may not reach.
+NS_REJECTED = (
+    "docs/how-it-works.md: Everything else coming in on a namespace's veth is rejected "
+    "(ICMP port unreachable, counted)"
+)
+# The spec's "10.200.1.0/24", in its list of the host's input rules: what
+# clearnet sends there through the host (not to it) is forwarded like any
+# other address but the namespaces' own (see docs/proof.md).
+SPEC_NAMESPACES = ipaddress.IPv4Network("10.200.1.0/24")
 OTHER_PORTED = {33, 132, 136}  # DCCP, SCTP, UDP-Lite
 LOOPBACK_NET = ipaddress.ip_network("127.0.0.0/8")
 
@@ -90,10 +127,12 @@ class Decision:
     sentence: str
     redirect: int | None = None  # redirected to 127.0.0.1:PORT first
     inbound: str | None = None  # back in on `lo`: "accepted" or "dropped"
+    forwarded: str = ""  # arrived and forwarded: "out on IFACE from SADDR ttl N"
+    log: bool | None = None  # None: a refusal is logged ("reject" means: log, then reject)
 
     @property
     def logged(self) -> bool:
-        return self.verdict == "refused"
+        return self.verdict == "refused" if self.log is None else self.log
 
 
 @dataclass(frozen=True)
@@ -124,8 +163,8 @@ def user_uids(policy: Policy, accounts: Mapping[str, int]) -> dict[str, int]:
 
 def decide(world: World, p: Packet) -> Decision:
     """The specification's verdict for a packet of this class."""
-    if p.inbound:  # from another interface: neither established nor on lo
-        return Decision("dropped", "Tails input", IPV6 if p.family == "ipv6" else INPUT_4)
+    if p.inbound:  # arriving on eth0 or a namespace's veth
+        return _arriving(world, p)
     if p.established:
         return _established(world, p)
     if p.family == "ipv6":
@@ -215,6 +254,39 @@ def _redirect(world: World, p: Packet, users: set[str]) -> int | None:
     if dns.stray == "tor" and stray and not users & direct:
         return dns.tor_port
     return None
+
+
+def _arriving(world: World, p: Packet) -> Decision:
+    """A packet arriving from the network or from a namespace's veth: to the
+    host (input) or through it (forward)."""
+    if p.family == "ipv6":  # "Input and output policy drop"; "Forward: drop"
+        return Decision("dropped", "Tails IPv6 rule", IPV6)
+    namespaces = world.policy.namespaces
+    daddr, saddr = ipaddress.IPv4Address(p.daddr), ipaddress.IPv4Address(p.saddr or "0.0.0.0")
+    here = daddr in {ns.host for ns in namespaces} or str(daddr) == LOCAL["ipv4"][1]
+    into = next((ns for ns in namespaces if daddr in ns.network), None)  # the route's veth
+    ns = next((ns for ns in namespaces if ns.veth == p.oif), None)
+    if ns is None:  # from the network
+        if p.established and into is not None and into.clearnet and not here:
+            out = f"out on {into.veth} from {saddr} ttl 63"
+            return Decision("accepted", "namespaces, clearnet's replies", NS_REPLIES, forwarded=out)
+        if here:
+            return Decision("dropped", "Tails input", INPUT_4)
+        return Decision("dropped", "Tails forward", NS_DROPPED)
+    rule = f"namespace {ns.name}"
+    if here:
+        exposed = p.proto == TCP and p.dport in ns.expose
+        if not ns.clearnet and (saddr, daddr) == (ns.guest, ns.host) and exposed:
+            return Decision("accepted", f"{rule}, host side", NS_HOST)
+        why = NS_CLEARNET if ns.clearnet and daddr in SPEC_NAMESPACES else NS_HOST
+        return Decision("refused", f"{rule}, host side", f"{why} {NS_REJECTED}", log=False)
+    if not ns.clearnet:
+        return Decision("dropped", f"{rule}, forward", NS_DROPPED)
+    if into is not None:
+        return Decision("refused", f"{rule}, forward", NS_APART, log=False)
+    source = LOCAL["ipv4"][1] if saddr in ns.network else str(saddr)  # masqueraded
+    out = f"out on {OTHER_INTERFACE} from {source} ttl 64"
+    return Decision("accepted", f"{rule}, forward", NS_FORWARD, forwarded=out)
 
 
 def _on_lan(world: World, daddr: ipaddress.IPv4Address) -> bool:

@@ -64,14 +64,22 @@ def prove(
 ) -> Report:
     """Send one packet of every class (or of those `select` keeps) and compare."""
     start = time.monotonic()
-    packets = list(select(classes.derive(objects(document))))
-    seen = explain.probe(document, packets)
+    links = links_of(world.policy)
+    packets = list(select(classes.derive(objects(document), links)))
+    seen = explain.probe(document, packets, links)
     differences = tuple(
         Difference(packet, kernel, decision)
         for packet, kernel in zip(packets, seen, strict=True)
         if not explain.agrees(kernel, decision := oracle.decide(world, packet))
     )
     return Report(len(packets), time.monotonic() - start, differences)
+
+
+def links_of(pol: Policy) -> list[classes.Link]:
+    """The scratch namespace's links: each application namespace's host veth."""
+    return [
+        classes.Link(ns.veth, str(ns.host), str(ns.guest), str(ns.network)) for ns in pol.namespaces
+    ]
 
 
 def world_of(pol: Policy, connected: frozenset[ipaddress.IPv4Network]) -> oracle.World:

@@ -2,16 +2,23 @@
 
 `run_in_scratch(job)` forks a child that moves into a new network namespace
 of its own (the caller's is never touched: the child checks it left before
-it changes anything), gives it `lo` and one other interface (`eth0`, a tun
-device: what is routed there is only counted, never sent anywhere), loads
-the ruleset, adds `meta nftrace set 1` in front (its own table, hooked
-before every other chain), and runs the job.  The namespace goes when the
+it changes anything), and runs the job there.  The namespace goes when the
 child exits.
 
-`Scratch.send(packets)` sends each packet class's representative from a raw
-socket opened as the class's uid (the kernel's `meta skuid` reads the
-socket's opener), and reads the traces back: which chains and rules each
-packet met, on its way out and, on `lo`, on its way back in.
+`Scratch(document, links)` gives the namespace `lo`, `eth0` and one
+interface per link (each application namespace's host veth, `veth-NAME`),
+all tun devices: what is written to one arrives on it, what the kernel
+sends through one is read back, never sent anywhere.  The namespace
+forwards (its own `ip_forward`), so that the forward chain decides what
+arrives from a link.  It loads the ruleset and adds `meta nftrace set 1`
+in front (its own table, hooked before every other chain).
+
+`Scratch.send(packets)` sends each packet class's representative: from a
+raw socket opened as the class's uid (the kernel's `meta skuid` reads the
+socket's opener), or written to the tun device it arrives on; and reads
+the traces back: which chains and rules each packet met, on its way out
+and, on `lo`, on its way back in; and, for what it forwarded, how the
+packet left (interface, source, TTL).
 """
 
 from __future__ import annotations
@@ -26,12 +33,13 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from . import nftrace
-from .classes import ICMPV6, TCP, UDP, Packet
+from .classes import ICMPV6, OTHER_INTERFACE, TCP, UDP, Link, Packet
 from .nft import Nft
 
 T = TypeVar("T")
@@ -85,6 +93,37 @@ TRACE = [
 ]
 
 
+FORWARDING = (
+    ("ipv4/ip_forward", "1"),
+    ("ipv4/conf/all/rp_filter", "0"),
+    ("ipv4/conf/default/rp_filter", "0"),
+    ("ipv6/conf/all/forwarding", "1"),  # the ip6 forward chain decides, not the routing
+)
+
+
+def _link_setup(links: Sequence[Link]) -> str:
+    """Each link up with its host address; its /30 routed through it (as a
+    route, not the address's prefix: no broadcast address, every address
+    of the /30 is a class like the others)."""
+    return "".join(
+        f"link set {k.name} up\naddress add {k.host}/32 dev {k.name}\n"
+        f"route add {k.network} dev {k.name}\n"
+        for k in links
+    )
+
+
+def _tun(name: str) -> int:
+    """A tun device: what is written to it arrives on it; what the kernel
+    sends through it is read back (never sent anywhere)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 class ScratchError(RuntimeError):
     """The scratch namespace could not be made, or the job in it failed."""
 
@@ -110,6 +149,7 @@ class Outcome:
     output: tuple[Step, ...]
     input: tuple[Step, ...]
     arrived: bool = False  # it came in (from lo or the network), whatever chains it met
+    left: str = ""  # arrived and forwarded: "out on IFACE from SADDR ttl N"
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -173,14 +213,19 @@ def run_in_scratch(job: Callable[[], T], timeout: float = 900.0) -> T:
 class Scratch:
     """Inside the scratch namespace: the ruleset loaded and traced, packets sent."""
 
-    def __init__(self, document: Json) -> None:
+    def __init__(self, document: Json, links: Sequence[Link] = ()) -> None:
         if not _left or _netns_inode() == _left:
             raise ScratchError("a scratch namespace is made only by run_in_scratch")
-        self.tun = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
-        fcntl.ioctl(self.tun, TUNSETIFF, struct.pack("16sH", b"eth0", IFF_TUN | IFF_NO_PI))
-        subprocess.run(
-            ["ip", "-batch", "-"], input=SETUP, text=True, check=True, capture_output=True
-        )
+        # This namespace's own settings (never the caller's: checked above).
+        # It forwards, so that the forward chain decides what the links
+        # send; no reverse-path filter: spoofed sources are classes too.
+        for name, value in FORWARDING:
+            Path("/proc/sys/net", name).write_text(value)
+        self.tuns = {name: _tun(name) for name in [OTHER_INTERFACE, *(k.name for k in links)]}
+        self.tun = self.tuns[OTHER_INTERFACE]
+        subprocess.run(["ip", "-batch", "-"], input=SETUP + _link_setup(links), text=True,
+                       check=True, capture_output=True)  # fmt: skip
+        self.left: dict[int, str] = {}
         self.nft = Nft()
         self.nft.apply(document)
         self.nft.apply({"nftables": TRACE})
@@ -194,7 +239,7 @@ class Scratch:
         one class's flow must not be another's (a protocol without ports has
         one flow per pair of addresses, whatever the uid)."""
         outcomes: dict[int, Outcome] = {}
-        for kind in ((False, False), (True, False), (False, True)):
+        for kind in ((False, False), (True, False), (False, True), (True, True)):
             indices = [i for i, p in enumerate(packets) if (p.established, p.inbound) == kind]
             for start in range(0, len(indices), BATCH):
                 chunk = indices[start : start + BATCH]
@@ -203,9 +248,12 @@ class Scratch:
         return [outcomes[i] for i in range(len(packets))]
 
     def _batch(self, packets: list[Packet]) -> list[Outcome]:
+        self._drain(0)  # what earlier batches sent through the devices
+        self.left = {}
         errors = [self._send_one(i, p) for i, p in enumerate(packets)]
         if any(p.inbound for p in packets):
             time.sleep(0.05)  # what the tun device received is processed in softirq
+            self._drain(len(packets))
         steps: dict[tuple[int, str], list[Step]] = {}
         current: dict[int, tuple[int, str] | None] = {}
         seen: set[tuple[int, str]] = set()
@@ -240,6 +288,7 @@ class Scratch:
                 tuple(steps.get((i, "output"), ())),
                 tuple(steps.get((i, "input"), ())),
                 (i, "input") in steps,
+                self.left.get(i, ""),
             )
             for i in range(len(packets))
         ]
@@ -264,12 +313,18 @@ class Scratch:
         return sock
 
     def _send_one(self, index: int, p: Packet) -> str:
-        if p.inbound:  # written to the tun device: the kernel receives it on eth0
-            os.write(self.tun, ip_header(p, probe_bytes(index, p)))
-            return ""
-        sock = self._socket(p)
+        if p.inbound:
+            # Each its own flow: two sources masqueraded to one (a protocol
+            # without ports) would clash in conntrack, and the second be dropped.
+            self._flush_conntrack()
         if p.established:
             self._add_flow(index, p)
+        if p.inbound:  # written to a tun device: the kernel receives it on that interface
+            os.write(self.tuns[p.oif], ip_header(p, probe_bytes(index, p)))
+            # Read at once what it sent on (a device holds 500 packets).
+            self._drain(index + 1)
+            return ""
+        sock = self._socket(p)
         # An ICMP error a reject sent to an earlier probe is pending on the
         # socket, and would be this send's answer (the packet unsent).
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -280,6 +335,23 @@ class Scratch:
             if e.errno != errno.EPERM:  # EPERM: a chain dropped it
                 return errno.errorcode.get(e.errno or 0, str(e))
         return ""
+
+    def _drain(self, count: int) -> None:
+        """Read what the kernel sent through the tun devices; each of the
+        first `count` probes' way out is kept: the interface, its source,
+        its TTL."""
+        for name, fd in self.tuns.items():
+            while True:
+                try:
+                    data = os.read(fd, 65536)
+                except BlockingIOError:
+                    break
+                if len(data) < 20 or data[0] >> 4 != 4:
+                    continue
+                index = _index(data[9], data[(data[0] & 15) * 4 :])
+                if index is not None and index < count:
+                    source = socket.inet_ntoa(data[12:16])
+                    self.left[index] = f"out on {name} from {source} ttl {data[8]}"
 
     def _add_flow(self, index: int, p: Packet) -> None:
         """A conntrack entry that has seen the probe's flow both ways, with its mark."""
@@ -327,11 +399,12 @@ NESTED = 0x8000
 
 
 def flow_message(index: int, p: Packet, create: bool) -> bytes:
-    """IPCTNL_MSG_CT_NEW: the probe's flow, seen both ways (TCP: established)."""
+    """IPCTNL_MSG_CT_NEW: the probe's flow, seen both ways (TCP: established).
+    An inbound probe is the reply: the flow was begun by its destination."""
     sport = 20000 + index % BATCH
     attrs = (
-        _nla(1 | NESTED, _tuple(p, sport, False))  # CTA_TUPLE_ORIG
-        + _nla(2 | NESTED, _tuple(p, sport, True))  # CTA_TUPLE_REPLY
+        _nla(1 | NESTED, _tuple(p, sport, p.inbound))  # CTA_TUPLE_ORIG
+        + _nla(2 | NESTED, _tuple(p, sport, not p.inbound))  # CTA_TUPLE_REPLY
         # CTA_STATUS: SEEN_REPLY and ASSURED; with the bits the kernel has
         # set by then (CONFIRMED, SRC_ and DST_NAT_DONE), else it says EBUSY.
         + _nla(3, struct.pack("!I", 0x2 | 0x4 | 0x8 | 0x80 | 0x100))
@@ -348,18 +421,29 @@ def flow_message(index: int, p: Packet, create: bool) -> bytes:
     return struct.pack("=IHHII", 16 + len(body), (1 << 8) | 0, flags, 0, 0) + body
 
 
+def _checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071)."""
+    data += b"\0" * (len(data) % 2)
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
 def ip_header(p: Packet, payload: bytes) -> bytes:
-    """An IP header from p.saddr to p.daddr around the payload (inbound probes)."""
+    """An IP header from p.saddr to p.daddr around the payload (inbound
+    probes), TTL 64; an IPv4 TCP probe gets its checksum (conntrack reads a
+    wrong one as invalid, and nat then leaves the packet alone)."""
     if p.family == "ipv6":
         src, dst = (socket.inet_pton(socket.AF_INET6, a) for a in (p.saddr or "", p.daddr))
         return struct.pack("!IHBB", 6 << 28, len(payload), p.proto, 64) + src + dst + payload
     src, dst = (socket.inet_aton(a) for a in (p.saddr or "", p.daddr))
+    if p.proto == TCP:
+        pseudo = src + dst + struct.pack("!BBH", 0, TCP, len(payload))
+        payload = payload[:16] + struct.pack("!H", _checksum(pseudo + payload)) + payload[18:]
     header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, p.proto, 0,
                          src, dst)  # fmt: skip
-    total = sum(struct.unpack("!10H", header))
-    total = (total & 0xFFFF) + (total >> 16)
-    checksum = ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
-    return header[:10] + struct.pack("!H", checksum) + header[12:] + payload
+    return header[:10] + struct.pack("!H", _checksum(header)) + header[12:] + payload
 
 
 def probe_bytes(index: int, p: Packet) -> bytes:
@@ -372,8 +456,11 @@ def probe_bytes(index: int, p: Packet) -> bytes:
         return struct.pack("!HHI4sBBHHH", sport, dport, index, MAGIC, 5 << 4, flags, 1024, 0, 0)
     if p.family == "ipv6" and p.proto == ICMPV6:
         return struct.pack("!BBHI", 128, 0, 0, index) + tag  # echo request
-    if p.proto == 1:
-        return struct.pack("!BBHI", 8, 0, dport, index) + tag  # echo request
+    if p.proto == 1:  # an echo request; without a port, its own checksum there
+        body = struct.pack("!I", index) + tag
+        if p.dport is None:
+            dport = _checksum(struct.pack("!BBH", 8, 0, 0) + body)
+        return struct.pack("!BBH", 8, 0, dport) + body
     if p.proto == UDP:  # conntrack reads a wrong length as invalid (and nat skips it)
         return struct.pack("!HHHH", sport, dport, 16, 0) + tag
     return struct.pack("!HHI", sport, dport, 0) + tag
@@ -381,13 +468,17 @@ def probe_bytes(index: int, p: Packet) -> bytes:
 
 def _which(event: nftrace.Event, count: int, hook: str) -> tuple[int, str] | None:
     """The probe a traced packet is, by the tag in its transport header."""
-    th = event.transport
+    protocol = event.network[9] if event.family == "ip" else _ipv6_next(event.network)
+    index = _index(protocol, event.transport)
+    return (index, hook) if index is not None and index < count else None
+
+
+def _index(protocol: int, th: bytes) -> int | None:
+    """The probe's index, from the tag in its transport header (nat may
+    rewrite its ports and ICMP's identifier, never the tag)."""
     if len(th) < 16 or th[8:12] != MAGIC:
         return None
-    protocol = event.network[9] if event.family == "ip" else _ipv6_next(event.network)
-    raw = th[4:8] if protocol == TCP else th[12:16]
-    index = int.from_bytes(raw, "big")
-    return (index, hook) if index < count else None
+    return int.from_bytes(th[4:8] if protocol == TCP else th[12:16], "big")
 
 
 def _ipv6_next(header: bytes) -> int:

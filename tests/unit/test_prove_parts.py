@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import pytest
@@ -15,6 +16,12 @@ from tests.prove_world import ACCOUNTS, SHIPPED
 @pytest.fixture(scope="module")
 def world() -> oracle.World:
     return prove_world.shipped()[1]
+
+
+@functools.cache
+def shipped_classes() -> tuple[Packet, ...]:
+    document, world = prove_world.shipped()
+    return tuple(derive(prove.objects(document), prove.links_of(world.policy)))
 
 
 def v4(
@@ -179,14 +186,15 @@ def test_established_classes_cover_every_mark() -> None:
 
 
 def test_inbound_classes_arrive_from_every_source_cell(world: oracle.World) -> None:
-    packets = [p for p in derive(prove.objects(prove_world.shipped()[0])) if p.inbound]
+    packets = [p for p in shipped_classes() if p.inbound and p.oif == "eth0"]
     saddrs = {p.saddr for p in packets if p.family == "ipv4"}
-    # The namespaces' /30s (10.200.1.0/24) cut the space too: a cell each side of every bound.
-    namespaces = {s for s in saddrs if s is not None and s.startswith("10.200.1.")}
-    assert saddrs - namespaces == {"1.0.0.0", "223.255.255.255"}
-    assert {"10.200.1.1", "10.200.1.2", "10.200.1.19", "10.200.1.20"} <= namespaces
-    assert {p.daddr for p in packets} == {"100.64.0.2", "2001:db8::2"}
-    assert {oracle.decide(world, p).verdict for p in packets} == {"dropped"}
+    # Only the masquerade's 10.200.1.16/30 cuts the sources a packet from the
+    # network can have: the namespaces' input rules never see it.
+    assert saddrs == {"1.0.0.0", "10.200.1.15", "10.200.1.16", "10.200.1.19", "10.200.1.20",
+                      "223.255.255.255"}  # fmt: skip
+    assert {"100.64.0.2", "2001:db8::2", "10.200.1.1", "10.200.1.2"} <= {p.daddr for p in packets}
+    new = [p for p in packets if not p.established]
+    assert {oracle.decide(world, p).verdict for p in new} == {"dropped"}
 
 
 def test_an_empty_ruleset_still_has_classes() -> None:
@@ -233,3 +241,90 @@ def test_rules_are_named_in_nfts_words() -> None:
     rule = explain.rules_of(listing, text)[("ip", 19)]
     assert rule.text == 'counter log group 0 reject comment "Tails rule 6"'
     assert (rule.rejects, rule.logs, rule.comment) == (True, True, "Tails rule 6")
+
+
+def test_a_rule_cuts_only_the_packets_it_can_see() -> None:
+    """Each namespace's input rule cuts the packets arriving on its own veth,
+    never another veth's, nor what the host sends."""
+    packets = shipped_classes()
+    out = [p for p in packets if p.family == "ipv4" and not p.inbound]
+    assert not any(p.daddr.startswith("10.200.") for p in out)  # only input and forward read them
+    assert {p.saddr for p in out if not p.established} == {None}  # no rule tells them apart
+
+    def arriving(veth: str) -> list[Packet]:
+        return [p for p in packets if p.inbound and p.oif == veth and p.family == "ipv4"]
+
+    tbb, circuits = arriving("veth-tbb"), arriving("veth-onioncircs")
+    assert {950, 951, 952, 9049, 9050, 9051} <= {p.dport for p in tbb}
+    assert {p.dport for p in circuits} & {9049, 9050, 9051} == set()  # 951 only
+    # Its guest, both sides of it, never a host address (a martian source).
+    assert {"10.200.1.0", "10.200.1.2", "10.200.1.3"} <= {p.saddr for p in tbb}
+    assert "10.200.1.6" not in {p.saddr for p in tbb}
+    assert not {"10.200.1.1", "10.200.1.5", "100.64.0.2"} & {p.saddr for p in packets if p.inbound}
+    # Every address the routing tells apart: each host and guest, eth0's own.
+    guests_hosts = {f"10.200.1.{n}" for n in (1, 2, 5, 6, 9, 10, 13, 14, 17, 18)}
+    assert guests_hosts | {"100.64.0.2", "1.0.0.0"} <= {p.daddr for p in tbb}
+    assert {p.proto for p in arriving("veth-clearnet")} >= {1, 6, 17}
+    replies = [p for p in packets if p.inbound and p.established]
+    assert {(p.oif, p.daddr) for p in replies} == {
+        ("eth0", f"10.200.1.{n}") for n in (2, 6, 10, 14, 18)
+    }
+
+
+def arrive(veth: str, saddr: str, daddr: str, proto: int = TCP, port: int | None = 9050,
+           established: bool = False) -> Packet:  # fmt: skip
+    return Packet("ipv4", 0, daddr, proto, port, True, veth, saddr, established, inbound=True)
+
+
+TBB, CLEARNET = "veth-tbb", "veth-clearnet"
+OUT = "out on eth0 from 100.64.0.2 ttl 64"
+
+
+@pytest.mark.parametrize(
+    ("packet", "verdict", "forwarded"),
+    [
+        (arrive(TBB, "10.200.1.2", "10.200.1.1"), "accepted", ""),
+        (arrive(TBB, "10.200.1.2", "10.200.1.1", port=951), "accepted", ""),
+        (arrive(TBB, "10.200.1.2", "10.200.1.1", port=9051), "refused", ""),
+        (arrive(TBB, "10.200.1.2", "10.200.1.1", UDP, 9050), "refused", ""),
+        (arrive(TBB, "10.200.1.6", "10.200.1.1"), "refused", ""),  # spoofed
+        (arrive(TBB, "10.200.1.2", "10.200.1.5", port=951), "refused", ""),  # another host side
+        (arrive(TBB, "10.200.1.2", "100.64.0.2"), "refused", ""),
+        (arrive("veth-onioncircs", "10.200.1.6", "10.200.1.5"), "refused", ""),  # 951 only
+        (arrive(TBB, "10.200.1.2", "1.2.3.4", port=443), "dropped", ""),
+        (arrive(TBB, "10.200.1.2", "10.200.1.18", port=443), "dropped", ""),
+        (arrive(CLEARNET, "10.200.1.18", "1.2.3.4", port=443), "accepted", OUT),
+        (arrive(CLEARNET, "10.200.1.18", "192.168.1.1", UDP, 53), "accepted", OUT),  # the LAN
+        (arrive(CLEARNET, "10.200.1.18", "1.2.3.4", 1, None), "accepted", OUT),
+        (
+            arrive(CLEARNET, "1.2.3.5", "1.2.3.4", port=443),
+            "accepted",
+            "out on eth0 from 1.2.3.5 ttl 64",
+        ),
+        (arrive(CLEARNET, "10.200.1.18", "10.200.1.2", port=443), "refused", ""),
+        (arrive(CLEARNET, "10.200.1.18", "10.200.1.17"), "refused", ""),
+        (arrive(CLEARNET, "10.200.1.18", "10.200.1.1"), "refused", ""),
+        (arrive(CLEARNET, "10.200.1.18", "100.64.0.2"), "refused", ""),
+        (arrive("eth0", "1.2.3.4", "10.200.1.18", port=443), "dropped", ""),
+        (arrive("eth0", "1.2.3.4", "10.200.1.1"), "dropped", ""),
+        (
+            arrive("eth0", "1.2.3.4", "10.200.1.18", port=443, established=True),
+            "accepted",
+            "out on veth-clearnet from 1.2.3.4 ttl 63",
+        ),
+        (arrive("eth0", "1.2.3.4", "10.200.1.2", port=443, established=True), "dropped", ""),
+    ],
+)
+def test_the_oracle_follows_the_namespaces_section(
+    world: oracle.World, packet: Packet, verdict: str, forwarded: str
+) -> None:
+    decision = oracle.decide(world, packet)
+    assert (decision.verdict, decision.forwarded) == (verdict, forwarded)
+    assert not decision.logged  # counted, not logged: what a namespace sends is not the user's
+    if decision.verdict == "refused" and packet.oif == CLEARNET and packet.daddr == "10.200.1.17":
+        assert "10.200.1.0/24: reject" in decision.sentence
+
+
+def test_ipv6_from_a_namespace_is_dropped(world: oracle.World) -> None:
+    packet = Packet("ipv6", 0, "2001:db8::2", TCP, 9050, True, TBB, "::2", inbound=True)
+    assert oracle.decide(world, packet).verdict == "dropped"
