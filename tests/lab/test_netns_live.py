@@ -5,21 +5,17 @@ Nothing here puts a rule in force by hand."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tailsfw import nsrules, policy, verify
-from tailsfw.nspolicy import Namespace
+from tailsfw import policy
 from tests.lab import policies
-from tests.lab.appns import GUEST_PORT, AppNamespaces
-from tests.lab.command import netns_exec
+from tests.lab.appns import GUEST_PORT, AppNamespaces, guest_differences, netns_prefix, wait_guest
 from tests.lab.daemon_process import DaemonProcess, run_daemon
 from tests.lab.kernel import remove_tailsfw_tables
-from tests.lab.names import LAB_NS
 from tests.lab.netns import delete_namespace
 from tests.lab.topology import Lab
 from tests.lab.wait import wait_for
@@ -27,39 +23,20 @@ from tests.lab.wait import wait_for
 pytestmark = pytest.mark.usefixtures("daemon_host")
 
 
-def prefix(lab: Lab) -> str:
-    return f"{LAB_NS}-{lab.suffix}-"
-
-
 @pytest.fixture
 def daemon(lab: Lab, tmp_path: Path) -> Iterator[DaemonProcess]:
     path = policies.lab_policy(lab, tmp_path / "policy.toml")
     remove_tailsfw_tables(lab.host_ns)
-    with run_daemon(lab.host_ns, path, tmp_path / "d", ["--netns-prefix", prefix(lab)]) as d:
+    with run_daemon(lab.host_ns, path, tmp_path / "d", ["--netns-prefix", netns_prefix(lab)]) as d:
         d.wait_ready()
         yield d
-
-
-def guest_differences(netns: str, ns: Namespace) -> list[str] | None:
-    """What the namespace's tailsfw table lacks or has more than the guest
-    ruleset (None: no such table)."""
-    done = subprocess.run([*netns_exec(netns), "nft", "-j", "list", "table", "ip", "tailsfw"],
-                          capture_output=True, text=True, check=False)  # fmt: skip
-    if done.returncode != 0:
-        return None
-    return verify.differences(json.loads(done.stdout)["nftables"], nsrules.guest_ruleset(ns))
-
-
-def wait_guest(netns: str, ns: Namespace) -> None:
-    wait_for(lambda: guest_differences(netns, ns) == [], 5.0, 0.01,
-             what=f"the guest ruleset in {netns}")  # fmt: skip
 
 
 def test_namespaces_made_after_the_start_get_their_rules(lab: Lab, daemon: DaemonProcess) -> None:
     namespaces = policy.load(daemon.policy).namespaces
     with AppNamespaces(lab, namespaces) as apps:
         for ns in namespaces:
-            wait_guest(apps.netns(ns), ns)
+            apps.wait_guest(ns)
         tbb = apps.named("tbb")
         got = apps.probe(tbb, "tcp", "127.0.0.1", 9050)
         assert got.result == "open" and f"{tbb.host}:9050" in got.detail, got  # the DNAT
@@ -84,8 +61,8 @@ def test_namespaces_made_after_the_start_get_their_rules(lab: Lab, daemon: Daemo
 
 def test_a_namespace_made_again_gets_its_rules_again(lab: Lab, daemon: DaemonProcess) -> None:
     (tbb,) = [ns for ns in policy.load(daemon.policy).namespaces if ns.name == "tbb"]
-    netns = prefix(lab) + "tbb"
-    other = prefix(lab) + "notours"
+    netns = netns_prefix(lab) + "tbb"
+    other = netns_prefix(lab) + "notours"
     try:
         for _ in range(3):
             subprocess.run(["ip", "netns", "add", netns], check=True)
