@@ -173,10 +173,13 @@ def main() -> int:
         policy = lab_policy(lab, tmp / "policy.toml", connected_mode)
         stack.enter_context(lab_host_put_back(lab))
         stack.enter_context(new_link(lab))
+        netns = tmp / "netns"  # /run/netns as the daemon sees it (see Journald.wrap)
+        netns.mkdir()
         daemon = stack.enter_context(
             run_daemon(lab.host_ns, policy, tmp / "tailsfwd",
                        ["--nm-bus", nm.bus.address, "--bus", bus.address,
-                        "--netns-prefix", netns_prefix(lab)], wrap=journald.wrap)
+                        "--netns-prefix", netns_prefix(lab), "--netns-dir", str(netns)],
+                       wrap=lambda argv: journald.wrap(argv, netns_dir=netns))
         )  # fmt: skip
         ready = daemon.wait_ready()
         print(f"    READY after {(time.monotonic() - daemon.started) * 1000:.0f} ms:"
