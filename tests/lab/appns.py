@@ -12,17 +12,21 @@ at Tor's ports (what Tor's ``SocksPort 10.200.1.1:9050`` and onion-grater's
 ``0.0.0.0:951`` are in Tails) and beside them; inside each namespace, TCP
 and UDP on ``GUEST_PORT`` (what the LAN peer or another namespace must never
 reach).
+
+``tor_browser_namespace`` is the Tor lab's: tbb alone, made once the
+firewall is in force, beside a real Tor's ``SocksPort 10.200.1.1:9050``.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from tailsfw import nsrules, verify
+from tailsfw import nsrules, policy, verify
 from tailsfw.nspolicy import GUEST_VETH, Namespace
 from tailsfw.sysctl import sysctl_name
 from tests.lab.command import netns_exec, run
@@ -34,6 +38,8 @@ from tests.lab.wait import wait_for
 # Host ports listened on at each host address: the exposed ones and two
 # that no namespace is given (the raw ControlPort, another SocksPort).
 HOST_PORTS = (951, 9050, 9052, 9062)
+TOR_SOCKS_PORT = 9050
+GUEST_RULES_WITHIN = 5.0  # seconds: a readiness wait for tailsfwd, not a measure
 GUEST_PORT = 7000
 SEEN_TABLE = "tfwseen"
 SEEN_RULESET = f"""
@@ -45,6 +51,12 @@ table netdev {SEEN_TABLE} {{
     }}
 }}
 """
+
+
+def netns_prefix(lab: Lab) -> str:
+    """What the lab puts before a policy namespace's name (tailsfwd's
+    ``--netns-prefix``): /run/netns/PREFIX+NAME is the namespace NAME."""
+    return f"{LAB_NS}-{lab.suffix}-"
 
 
 def make_namespace(
@@ -85,7 +97,7 @@ def guest_differences(ns: Namespace, inside: Sequence[str]) -> list[str] | None:
 def wait_guest(
     ns: Namespace,
     inside: Sequence[str],
-    timeout: float = 5.0,
+    timeout: float = GUEST_RULES_WITHIN,
     why: Callable[[], str] | None = None,
 ) -> None:
     """Until tailsfwd has put `ns`'s guest ruleset in force, exactly."""
@@ -95,14 +107,18 @@ def wait_guest(
 
 @dataclass
 class AppNamespaces:
-    """``with AppNamespaces(lab, namespaces) as apps:``; removed on exit."""
+    """``with AppNamespaces(lab, namespaces) as apps:``; removed on exit.
+
+    host_ports: the stand-in listeners at each host address (without the
+    ports a real service takes there)."""
 
     lab: Lab
     namespaces: Sequence[Namespace]
+    host_ports: Sequence[int] = HOST_PORTS
     _stack: ExitStack = field(init=False, repr=False, default_factory=ExitStack)
 
     def netns(self, ns: Namespace) -> str:
-        return f"{LAB_NS}-{self.lab.suffix}-{ns.name}"
+        return netns_prefix(self.lab) + ns.name
 
     def named(self, name: str) -> Namespace:
         (ns,) = [ns for ns in self.namespaces if ns.name == name]
@@ -135,7 +151,7 @@ class AppNamespaces:
         host_args = [
             arg
             for ns in self.namespaces
-            for port in HOST_PORTS
+            for port in self.host_ports
             for arg in ("--tcp", endpoint(str(ns.host), port))
         ]
         processes = [self.lab.listeners(self.lab.host_ns, host_args)]
@@ -148,6 +164,9 @@ class AppNamespaces:
 
     def run_in(self, ns: Namespace, argv: Sequence[str], input: str | None = None) -> str:
         return run([*netns_exec(self.netns(ns)), *argv], input=input).stdout
+
+    def wait_guest(self, ns: Namespace) -> None:
+        wait_guest(ns, netns_exec(self.netns(ns)))
 
     # -- what tailsfwd does, done here by hand (the daemon does it live) ------
 
@@ -184,3 +203,20 @@ class AppNamespaces:
                 capture_output=True, check=False,
             )
         )  # fmt: skip
+
+
+@contextmanager
+def tor_browser_namespace(lab: Lab, policy_path: Path, by_daemon: bool) -> Iterator[AppNamespaces]:
+    """The policy's tbb namespace, made as tails-create-netns makes it, with
+    the host's stand-ins on every port but Tor's SocksPort (a real Tor binds
+    it there once this returns); its guest side put in force by tailsfwd
+    (running with ``--netns-prefix netns_prefix(lab)``), waited for, or, with
+    `by_daemon` False, by hand.  Removed on exit."""
+    (tbb,) = [ns for ns in policy.load(policy_path).namespaces if ns.name == "tbb"]
+    ports = [port for port in HOST_PORTS if port != TOR_SOCKS_PORT]
+    with AppNamespaces(lab, [tbb], ports) as apps:
+        if by_daemon:
+            apps.wait_guest(tbb)
+        else:
+            apps.apply_guest(tbb)
+        yield apps

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.lab import matrix
+from tests.lab.appns import netns_prefix
 from tests.lab.bus import private_system_bus
 from tests.lab.command import VENV_PYTHON, command_env, netns_exec, run
 from tests.lab.daemon_process import DaemonProcess, run_daemon
@@ -127,7 +128,7 @@ def show(daemon: DaemonProcess, lab: Lab, journald: Journald, bus: str, policy: 
     print(indent("\n".join(drops[-6:]) or "(none)"))
     progress("a link change, followed live")
     print(indent(follow_a_link_change(lab)))
-    progress("a real Tor network behind tailsfwd (docs/tor-lab.md)")
+    progress("a real Tor network behind tailsfwd, and Tor Browser's namespace (docs/tor-lab.md)")
     tor_act(lab, apply=False)
     return not any(c.problem for c in cases)
 
@@ -172,9 +173,13 @@ def main() -> int:
         policy = lab_policy(lab, tmp / "policy.toml", connected_mode)
         stack.enter_context(lab_host_put_back(lab))
         stack.enter_context(new_link(lab))
+        netns = tmp / "netns"  # /run/netns as the daemon sees it (see Journald.wrap)
+        netns.mkdir()
         daemon = stack.enter_context(
             run_daemon(lab.host_ns, policy, tmp / "tailsfwd",
-                       ["--nm-bus", nm.bus.address, "--bus", bus.address], wrap=journald.wrap)
+                       ["--nm-bus", nm.bus.address, "--bus", bus.address,
+                        "--netns-prefix", netns_prefix(lab), "--netns-dir", str(netns)],
+                       wrap=lambda argv: journald.wrap(argv, netns_dir=netns))
         )  # fmt: skip
         ready = daemon.wait_ready()
         print(f"    READY after {(time.monotonic() - daemon.started) * 1000:.0f} ms:"

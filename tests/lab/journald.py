@@ -99,18 +99,26 @@ exec {JOURNALD}
                 self.process.kill()
                 self.process.wait()
 
-    def wrap(self, argv: Sequence[str], files: bool = False) -> list[str]:
+    def wrap(
+        self, argv: Sequence[str], files: bool = False, netns_dir: Path | None = None
+    ) -> list[str]:
         """argv with this journald's socket directory on /run/systemd/journal (and,
-        with `files`, its journal files on /run/log/journal: the system journal)."""
+        with `files`, its journal files on /run/log/journal: the system journal).
+
+        netns_dir: where /run/netns, which the tmpfs on /run hides, stays
+        visible, with the namespaces made later (propagation slave: the
+        machine's new mounts come in, none of ours goes out)."""
+        keep = f"mount --rbind /run/netns {netns_dir}; " if netns_dir else ""
         script = (
-            "set -e; mount -t tmpfs tmpfs /run; mkdir -p /run/systemd/journal;"
+            f"set -e; {keep}mount -t tmpfs tmpfs /run; mkdir -p /run/systemd/journal;"
             f" mount --bind {self.sockets} /run/systemd/journal;"
             + (f" mkdir -p /run/log/journal; mount --bind {self.files} /run/log/journal;"
                " if [ -d /var/log/journal ]; then mount -t tmpfs tmpfs /var/log/journal; fi;"
                if files else "")
             + ' exec "$@"'
         )  # fmt: skip
-        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv]
+        propagation = "slave" if netns_dir else "private"
+        return ["unshare", "--mount", "--propagation", propagation, "sh", "-c", script, "sh", *argv]
 
     def entries(self, *matches: str) -> list[dict[str, Any]]:
         """`journalctl -D FILES -o json [MATCHES]`, decoded."""

@@ -17,12 +17,11 @@ import pytest
 
 from tailsfw import policy, service, summary
 from tests.lab import policies
-from tests.lab.appns import GUEST_PORT, AppNamespaces, guest_differences, wait_guest
+from tests.lab.appns import GUEST_PORT, AppNamespaces, guest_differences, netns_prefix, wait_guest
 from tests.lab.bus import PrivateBus, private_system_bus
 from tests.lab.command import AS_NOBODY, netns_exec, run, tailsfwctl_in
 from tests.lab.daemon_process import DaemonProcess, run_daemon
 from tests.lab.kernel import remove_tailsfw_tables
-from tests.lab.names import LAB_NS
 from tests.lab.netns import delete_namespace
 from tests.lab.topology import Lab
 from tests.lab.wait import wait_for
@@ -30,15 +29,11 @@ from tests.lab.wait import wait_for
 pytestmark = pytest.mark.usefixtures("daemon_host")
 
 
-def prefix(lab: Lab) -> str:
-    return f"{LAB_NS}-{lab.suffix}-"
-
-
 @pytest.fixture
 def daemon(lab: Lab, tmp_path: Path) -> Iterator[DaemonProcess]:
     path = policies.lab_policy(lab, tmp_path / "policy.toml")
     remove_tailsfw_tables(lab.host_ns)
-    with run_daemon(lab.host_ns, path, tmp_path / "d", ["--netns-prefix", prefix(lab)]) as d:
+    with run_daemon(lab.host_ns, path, tmp_path / "d", ["--netns-prefix", netns_prefix(lab)]) as d:
         d.wait_ready()
         yield d
 
@@ -47,7 +42,7 @@ def test_namespaces_made_after_the_start_get_their_rules(lab: Lab, daemon: Daemo
     namespaces = policy.load(daemon.policy).namespaces
     with AppNamespaces(lab, namespaces) as apps:
         for ns in namespaces:
-            wait_guest(ns, netns_exec(apps.netns(ns)))
+            apps.wait_guest(ns)
         tbb = apps.named("tbb")
         got = apps.probe(tbb, "tcp", "127.0.0.1", 9050)
         assert got.result == "open" and f"{tbb.host}:9050" in got.detail, got  # the DNAT
@@ -72,8 +67,8 @@ def test_namespaces_made_after_the_start_get_their_rules(lab: Lab, daemon: Daemo
 
 def test_a_namespace_made_again_gets_its_rules_again(lab: Lab, daemon: DaemonProcess) -> None:
     (tbb,) = [ns for ns in policy.load(daemon.policy).namespaces if ns.name == "tbb"]
-    netns = prefix(lab) + "tbb"
-    other = prefix(lab) + "notours"
+    netns = netns_prefix(lab) + "tbb"
+    other = netns_prefix(lab) + "notours"
     try:
         for _ in range(3):
             subprocess.run(["ip", "netns", "add", netns], check=True)
@@ -111,7 +106,7 @@ def test_status_verify_and_the_bus_list_the_namespaces_and_a_tampered_guest(
     path = policies.lab_policy(lab, tmp_path / "policy.toml")
     namespaces = policy.load(path).namespaces
     remove_tailsfw_tables(lab.host_ns)
-    where = ("--netns-prefix", prefix(lab))
+    where = ("--netns-prefix", netns_prefix(lab))
     with (
         private_system_bus() as bus,
         run_daemon(lab.host_ns, path, tmp_path / "d", [*where, "--bus", bus.address]) as daemon,

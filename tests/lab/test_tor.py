@@ -7,6 +7,10 @@ docs/tor-lab.md). The network is built once for the module; every test runs
 twice, with the default policy loaded by ``tailsfwctl apply`` and by
 ``tailsfwd`` (the client is restarted, and bootstraps, behind each).
 
+As in Tails 7, the Tor Browser's namespace (tbb) is made once the firewall is
+in force (tailsfwd puts its guest side in force itself; after ``tailsfwctl
+apply`` the test does), and the client listens on ``10.200.1.1:9050`` too.
+
 After every test the watch's counters must show no packet from the host but
 Tor's to a relay, none leaving the host's eth0 from another user, and none
 from the Tor network towards an address outside the lab: otherwise the test
@@ -21,6 +25,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.lab.appns import AppNamespaces, netns_prefix, tor_browser_namespace
+from tests.lab.command import run
 from tests.lab.daemon_process import run_daemon
 from tests.lab.kernel import lab_host_put_back, remove_tailsfw_tables
 from tests.lab.policies import CTL, lab_policy
@@ -84,16 +90,25 @@ def firewall(request: pytest.FixtureRequest, lab: Lab, network: TorNetwork) -> I
     else:
         with (
             lab_host_put_back(lab),
-            run_daemon(lab.host_ns, policy, network.base / "tailsfwd") as daemon,
-        ):
+            run_daemon(lab.host_ns, policy, network.base / "tailsfwd",
+                       ["--netns-prefix", netns_prefix(lab)]) as daemon,
+        ):  # fmt: skip
             daemon.wait_ready(timeout=30)  # a readiness wait, not a measure: a loaded CI is slow
             yield request.param
 
 
 @pytest.fixture(scope="module")
-def client(network: TorNetwork, firewall: str) -> Iterator[TorClient]:
-    """The Tor client, bootstrapped behind the firewall."""
-    with tor_client(network) as started:
+def tbb(lab: Lab, network: TorNetwork, firewall: str) -> Iterator[AppNamespaces]:
+    """The Tor Browser's namespace, made after the firewall, its guest side in force."""
+    policy = network.base / "policy.toml"  # the firewall's
+    with tor_browser_namespace(lab, policy, by_daemon=firewall == "tailsfwd") as apps:
+        yield apps
+
+
+@pytest.fixture(scope="module")
+def client(network: TorNetwork, tbb: AppNamespaces) -> Iterator[TorClient]:
+    """The Tor client, bootstrapped behind the firewall, listening in tbb's reach too."""
+    with tor_client(network, namespace_hosts=[str(tbb.named("tbb").host)]) as started:
         yield started
 
 
@@ -138,7 +153,56 @@ def test_a_name_is_resolved_by_the_exit_through_the_lab_dns(lab: Lab, network: T
     assert [q for q in network.dns_queries() if q[0] == name] == [(name, DNS_CLIENT)]
 
 
+def test_tor_browser_in_its_namespace_fetches_a_page_through_tor(
+    lab: Lab, network: TorNetwork, client: TorClient, tbb: AppNamespaces
+) -> None:
+    # As Tor Browser: amnesia inside tbb, 127.0.0.1:9050, which the guest
+    # ruleset DNATs to Tor's SocksPort 10.200.1.1:9050 on the host.
+    ns = tbb.named("tbb")
+    seen, arrived = len(network.web_clients()), tbb.guest_packets(ns)
+    before = network.watch.totals()
+    code, page, _ = through_tor(lab, "amnesia", f"http://{WEB_NAME}/", tbb.netns(ns))
+    assert (code, page) == (0, PAGE), f"{client.log()}\n{network.logs()}"
+    assert tbb.guest_packets(ns) > arrived  # the answer came in by veth0
+    assert network.web_clients()[seen:] == [EXIT.address]
+    # Meanwhile on the uplink: Tor's packets to its relays, nothing else
+    # (nothing forwarded, nothing from 10.200.1.2, nothing to the web server).
+    leaks = network.watch.since(before)
+    assert leaks.tor > 0 and not leaks.any, leaks
+
+
 # -- what is refused ---------------------------------------------------------------
+
+
+def test_from_tor_browsers_namespace_only_tor_and_onion_grater_are_reached(
+    lab: Lab, network: TorNetwork, tbb: AppNamespaces
+) -> None:
+    ns = tbb.named("tbb")
+    netns, host = tbb.netns(ns), str(ns.host)
+    seen = len(network.web_clients())
+    # The web server, straight: no route out of tbb, as Tails builds it.
+    code, error, _ = curl(lab, "amnesia", f"http://{WEB_V4}/", namespace=netns)
+    assert code == 7, error
+    # Nor with one (a namespace gone rogue): the host forwards nothing of it.
+    route = ["ip", "-n", netns, "route", "add", "default", "via", host]
+    run(route)
+    try:
+        got = tbb.probe(ns, "tcp", WEB_V4, 80)
+        assert got.result != "open", got
+    finally:
+        run([*route[:3], "route", "del", "default"])
+    assert network.web_clients()[seen:] == []
+    # The host's listeners at 10.200.1.1 but Tor's and onion-grater's (the
+    # stand-ins on 9052, 9062: their ports are not exposed to tbb), straight
+    # and as 127.0.0.1 (only the exposed ports are DNATed).
+    for address in (host, "127.0.0.1"):
+        for port in (9052, 9062):
+            got = tbb.probe(ns, "tcp", address, port)
+            assert got.result != "open", (address, port, got)
+    # The counterpart: the exposed ports are reached, at the host.
+    for port in (9050, 951):
+        got = tbb.probe(ns, "tcp", "127.0.0.1", port, timeout=PROBE_TIMEOUT)
+        assert got.result == "open", (port, got)
 
 
 def test_the_same_fetch_without_tor_is_refused_fast_and_counted(

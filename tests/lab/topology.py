@@ -422,13 +422,13 @@ class Lab:
         return run([*netns_exec(self.peer_ns), *argv], input=input, timeout=timeout)
 
     def run_as(
-        self, role: str, argv: Sequence[str], timeout: float = 30.0
+        self, role: str, argv: Sequence[str], timeout: float = 30.0, namespace: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Runs argv in the host namespace as the role's account (see
-        ``setpriv``); never raises on a non-zero exit (the caller looks at
-        returncode)."""
+        """Runs argv in the host namespace (or `namespace`) as the role's
+        account (see ``setpriv``); never raises on a non-zero exit (the
+        caller looks at returncode)."""
         return subprocess.run(
-            [*netns_exec(self.host_ns), *self.setpriv(role), *argv],
+            [*netns_exec(namespace or self.host_ns), *self.setpriv(role), *argv],
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -1,10 +1,12 @@
 """The Tor act of `make demo`: a real Tor behind tailsfw (docs/tor-lab.md).
 
 ``tor_act(lab)`` takes a built lab (it loads the default policy itself,
-unless told that tailsfwd keeps it in force;
-without tor, dnsmasq or curl it says so and returns),
-brings up the private Tor network and the Tor client, shows the desktop
-user's fetch through Tor, the same fetch refused without it, the circuit's
+unless told that tailsfwd keeps it in force, following the lab's
+namespaces; without tor, dnsmasq or curl it says so and returns),
+brings up the private Tor network, the Tor Browser's namespace (tbb, as
+Tails 7 makes it once the firewall is up) and the Tor client (also on
+``SocksPort 10.200.1.1:9050``), shows the desktop user's fetch through Tor,
+the same from inside tbb, the same fetch refused without Tor, the circuit's
 relays (from Tor's control port) and the watch's count of what left the
 host; everything it started is gone when it returns.
 
@@ -18,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.lab.appns import AppNamespaces, tor_browser_namespace
 from tests.lab.names import temp_prefix
 from tests.lab.policies import CTL, LAB_ROLES, lab_policy
 from tests.lab.topology import HOST_V4, UNAVAILABLE, Lab
@@ -40,22 +43,45 @@ def say(line: str) -> None:
     print(f"tor: {line}", flush=True)
 
 
+def fetch_in_tbb(lab: Lab, apps: AppNamespaces) -> None:
+    """Tor Browser's fetch, from inside tbb, through 127.0.0.1:9050 (the DNAT)."""
+    ns = apps.named("tbb")
+    code, page, seconds = through_tor(lab, "amnesia", f"http://{WEB_NAME}/", apps.netns(ns))
+    outcome = f"{page.strip()!r}" if code == 0 else f"FAILED (curl {code}: {page})"
+    say(
+        f"amnesia in tbb ({ns.guest}), through 127.0.0.1:9050 -> Tor at {ns.host}:9050:"
+        f" http://{WEB_NAME}/ -> {outcome} in {seconds * 1000:.0f} ms"
+    )
+    code, error, _ = curl(lab, "amnesia", f"http://{WEB_V4}/", namespace=apps.netns(ns))
+    verdict = "fails" if code != 0 else "NOT REFUSED"
+    say(f"amnesia in tbb, without Tor: http://{WEB_V4}/ -> {verdict} ({error.strip()})")
+    ports = [f"{port} {apps.probe(ns, 'tcp', str(ns.host), port).result}" for port in (9052, 9062)]
+    say(f"  tbb to the host's listeners at {ns.host} beside Tor's: {', '.join(ports)}")
+
+
 def tor_act(lab: Lab, apply: bool = True) -> None:
-    """`apply` False: the policy is in force already (tailsfwd runs)."""
+    """`apply` False: the policy is in force already (tailsfwd runs, with
+    ``--netns-prefix appns.netns_prefix(lab)``)."""
     missing = missing_tools()
     if missing:
         say(f"act skipped: missing {', '.join(missing)} (Debian: tor, dnsmasq, curl)")
         return
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=temp_prefix("tor-demo")) as tmp:
+        policy = lab_policy(lab, Path(tmp) / "policy.toml")
         if apply:
-            policy = lab_policy(lab, Path(tmp) / "policy.toml")
             lab.host([*CTL, "apply", "--policy", str(policy)])
-        with tor_lab(lab) as network:
+        with tor_lab(lab) as network, tor_browser_namespace(lab, policy, not apply) as apps:
             relays = ", ".join(f"{r.nick} {r.address}" for r in RELAYS)
             say(f"private Tor network in {lab.peer_ns}: {relays}")
             say(f"the Internet: http://{WEB_V4}/ ({WEB_NAME}), its DNS on the same network")
-            with tor_client(network) as client:
+            tbb = apps.named("tbb")
+            by = "tailsfwd" if not apply else "the demo, by hand (no tailsfwd)"
+            say(
+                f"Tor Browser's namespace {apps.netns(tbb)} made (veth-tbb {tbb.host},"
+                f" veth0 {tbb.guest}); its guest rules put in force by {by}"
+            )
+            with tor_client(network, namespace_hosts=[str(tbb.host)]) as client:
                 say(
                     f"network up, and the Tor client (as {lab.account('debian-tor').name})"
                     f" bootstrapped behind tailsfw, {network.bootstrap_seconds or 0:.1f} s after"
@@ -69,6 +95,7 @@ def tor_act(lab: Lab, apply: bool = True) -> None:
                 clients = network.web_clients()
                 seen = clients[-1] if clients else "nothing"
                 say(f"  the web server logged it from {seen} ({EXIT.nick}), not {HOST_V4}")
+                fetch_in_tbb(lab, apps)
                 refused = refused_packets(lab)
                 code, error, seconds = curl(lab, "amnesia", f"http://{WEB_V4}/")
                 verdict = "refused" if code == 7 else f"NOT REFUSED (curl {code})"
@@ -85,8 +112,9 @@ def tor_act(lab: Lab, apply: bool = True) -> None:
                 leaks = network.watch.since(before)
                 say(
                     f"packets from the host meanwhile: {leaks.tor} Tor to its relays,"
-                    f" {leaks.from_host} to anything else; {leaks.not_tor_user} from other users;"
-                    f" {leaks.outside_lab} from the network to outside the lab"
+                    f" {leaks.from_host} to anything else; {leaks.not_tor_user} from other users,"
+                    f" {leaks.forwarded} forwarded; {leaks.outside_lab} from the network to"
+                    " outside the lab"
                 )
     say(f"(act done, everything removed, in {time.monotonic() - start:.1f} s)")
 

@@ -203,17 +203,23 @@ def relay_torrc(
     return "".join(lines)
 
 
-def client_torrc(datadir: Path, identities: Sequence[Identity]) -> str:
-    """Tails' client settings, pointed at the lab's authorities."""
+def client_torrc(
+    datadir: Path, identities: Sequence[Identity], namespace_hosts: Sequence[str] = ()
+) -> str:
+    """Tails' client settings, pointed at the lab's authorities.
+
+    namespace_hosts: the host addresses of application namespaces where Tor
+    also listens on 9050, as Tails' ``SocksPort 10.200.1.1:9050`` (Tor binds
+    them at its start: the namespaces' veths must exist by then).
+    """
+    socks = [("127.0.0.1", port) for port in SOCKS_PORTS]
+    socks += [(host, SOCKS_PORTS[0]) for host in namespace_hosts]
     return "".join(
         [
             COMMON,
             f"DataDirectory {datadir}\n",
             f"Log notice file {datadir / 'notice.log'}\n",
-            *(
-                f"SocksPort 127.0.0.1:{port} IsolateDestAddr IsolateDestPort\n"
-                for port in SOCKS_PORTS
-            ),
+            *(f"SocksPort {host}:{port} IsolateDestAddr IsolateDestPort\n" for host, port in socks),
             f"TransPort 127.0.0.1:{TRANS_PORT}\n",
             f"DNSPort 127.0.0.1:{DNS_PORT}\n",
             "AutomapHostsOnResolve 1\n",
@@ -333,12 +339,13 @@ class Leaks:
 
     from_host: int  # on the peer's lan0, not to a relay endpoint
     not_tor_user: int  # leaving the host's eth0 owned by another user
+    forwarded: int  # leaving the host's eth0 forwarded (from a namespace, say)
     outside_lab: int  # sent by a peer process to an address outside the lab
     tor: int  # Tor's own packets to relays, for the record
 
     @property
     def any(self) -> bool:
-        return bool(self.from_host or self.not_tor_user or self.outside_lab)
+        return bool(self.from_host or self.not_tor_user or self.forwarded or self.outside_lab)
 
 
 def peer_watch_ruleset(relays: Sequence[Relay]) -> str:
@@ -372,13 +379,20 @@ table inet {WATCH_TABLE} {{
 
 def host_watch_ruleset(tor_uid: int) -> str:
     # A packet without a socket (a kernel reset) has no owner and is not
-    # counted: `meta skuid` does not match then.
+    # counted: `meta skuid` does not match then. Nor has a forwarded one:
+    # counted apart, in forward after tailsfw's filter (priority 0) let it
+    # through.
     return f"""
 table inet {WATCH_TABLE} {{
     counter other {{ }}
+    counter forwarded {{ }}
     chain postrouting {{
         type filter hook postrouting priority 100; policy accept;
         oifname "{HOST_IF}" meta skuid != {tor_uid} counter name "other"
+    }}
+    chain forward {{
+        type filter hook forward priority 100; policy accept;
+        oifname "{HOST_IF}" counter name "forwarded"
     }}
 }}
 """
@@ -413,6 +427,7 @@ class Watch:
         return Leaks(
             from_host=read_counter(self.lab, "peer", "netdev", WATCH_TABLE, "other"),
             not_tor_user=read_counter(self.lab, "host", "inet", WATCH_TABLE, "other"),
+            forwarded=read_counter(self.lab, "host", "inet", WATCH_TABLE, "forwarded"),
             outside_lab=read_counter(self.lab, "peer", "inet", WATCH_TABLE, "outside"),
             tor=read_counter(self.lab, "peer", "netdev", WATCH_TABLE, "tor"),
         )
@@ -422,6 +437,7 @@ class Watch:
         return Leaks(
             now.from_host - before.from_host,
             now.not_tor_user - before.not_tor_user,
+            now.forwarded - before.forwarded,
             now.outside_lab - before.outside_lab,
             now.tor - before.tor,
         )
@@ -718,8 +734,11 @@ class TorClient:
 
 
 @contextmanager
-def tor_client(network: TorNetwork, role: str = "debian-tor") -> Iterator[TorClient]:
-    """The client, once ready (within BOOTSTRAP_TIMEOUT), until the block ends."""
+def tor_client(
+    network: TorNetwork, role: str = "debian-tor", namespace_hosts: Sequence[str] = ()
+) -> Iterator[TorClient]:
+    """The client, once ready (within BOOTSTRAP_TIMEOUT), until the block
+    ends; also listening on 9050 at namespace_hosts (see client_torrc)."""
     lab = network.lab
     account = lab.account(role)
     # Not before there is a usable consensus: asked too early, the
@@ -733,7 +752,7 @@ def tor_client(network: TorNetwork, role: str = "debian-tor") -> Iterator[TorCli
         os.chown(datadir, account.uid, account.gid)
         datadir.chmod(0o700)
         torrc = network.base / f"{datadir.name}.torrc"
-        torrc.write_text(client_torrc(datadir, network.identities))
+        torrc.write_text(client_torrc(datadir, network.identities, namespace_hosts))
         process = start(
             [*netns_exec(lab.host_ns), *lab.setpriv(role), TOR, "-f", str(torrc)],
             stack,
@@ -751,12 +770,15 @@ def tor_client(network: TorNetwork, role: str = "debian-tor") -> Iterator[TorCli
 # -- using it --------------------------------------------------------------------
 
 
-def curl(lab: Lab, role: str, url: str, *options: str) -> tuple[int, str, float]:
-    """curl as the role: its exit code, the page (or its error), and the
-    seconds the transfer took by curl's own clock (not counting the start of
-    the process, which a loaded machine makes slow)."""
+def curl(
+    lab: Lab, role: str, url: str, *options: str, namespace: str | None = None
+) -> tuple[int, str, float]:
+    """curl as the role (in the lab host, or in `namespace`): its exit code,
+    the page (or its error), and the seconds the transfer took by curl's own
+    clock (not counting the start of the process, which a loaded machine
+    makes slow)."""
     argv = [CURL, "-sS", "--max-time", "30", "--write-out", "\n%{time_total}", *options, url]
-    done = lab.run_as(role, argv, timeout=40)
+    done = lab.run_as(role, argv, timeout=40, namespace=namespace)
     page, _, seconds = done.stdout.rpartition("\n")
     try:
         took = float(seconds)
@@ -765,9 +787,13 @@ def curl(lab: Lab, role: str, url: str, *options: str) -> tuple[int, str, float]
     return done.returncode, page if done.returncode == 0 else done.stderr, took
 
 
-def through_tor(lab: Lab, role: str, url: str) -> tuple[int, str, float]:
-    """curl through Tor's SocksPort, the name resolved at the exit."""
-    return curl(lab, role, url, "--socks5-hostname", f"127.0.0.1:{SOCKS_PORTS[0]}")
+def through_tor(
+    lab: Lab, role: str, url: str, namespace: str | None = None
+) -> tuple[int, str, float]:
+    """curl through Tor's SocksPort at 127.0.0.1:9050, the name resolved at
+    the exit (in an application namespace, the DNAT takes it to the host)."""
+    socks = f"127.0.0.1:{SOCKS_PORTS[0]}"
+    return curl(lab, role, url, "--socks5-hostname", socks, namespace=namespace)
 
 
 def dns_query(lab: Lab, role: str, server: str, port: int, name: str) -> dict[str, object]:
