@@ -60,6 +60,9 @@ class Guest:
     identity: tuple[int, int]
 
 
+APP_NETWORK = ipaddress.IPv4Network("10.200.1.0/24")  # Tails' namespaces' network
+
+
 def _names(values: Iterable[str]) -> object:
     ordered = sorted(values)
     return ordered[0] if len(ordered) == 1 else {"set": ordered}
@@ -108,7 +111,9 @@ def host_forward(b: Builder, namespaces: Sequence[Namespace]) -> None:
     if not clearnet:
         return
     iif = match(meta("iifname"), _names(ns.veth for ns in clearnet))
-    for span in _spans(ns.network for ns in namespaces):
+    # The spec's 10.200.1.0/24 whole, not only the namespaces' /30s: what is
+    # not a namespace there now may be one later.
+    for span in _spans([APP_NETWORK, *(ns.network for ns in namespaces)]):
         b.rule("forward", iif, match(payload("ip", "daddr"), span), COUNTER, REJECT,
                comment="clearnet: never to a namespace")  # fmt: skip
     b.rule("forward", iif, match(meta("oifname"), _names(ns.veth for ns in namespaces)),

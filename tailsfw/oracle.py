@@ -112,9 +112,8 @@ NS_REJECTED = (
     "docs/how-it-works.md: Everything else coming in on a namespace's veth is rejected "
     "(ICMP port unreachable, counted)"
 )
-# The spec's "10.200.1.0/24", in its list of the host's input rules: what
-# clearnet sends there through the host (not to it) is forwarded like any
-# other address but the namespaces' own (see docs/proof.md).
+# The spec's "10.200.1.0/24": clearnet reaches none of it, neither the
+# host's addresses there (input) nor through the host (forward).
 SPEC_NAMESPACES = ipaddress.IPv4Network("10.200.1.0/24")
 OTHER_PORTED = {33, 132, 136}  # DCCP, SCTP, UDP-Lite
 LOOPBACK_NET = ipaddress.ip_network("127.0.0.0/8")
@@ -282,8 +281,9 @@ def _arriving(world: World, p: Packet) -> Decision:
         return Decision("refused", f"{rule}, host side", f"{why} {NS_REJECTED}", log=False)
     if not ns.clearnet:
         return Decision("dropped", f"{rule}, forward", NS_DROPPED)
-    if into is not None:
-        return Decision("refused", f"{rule}, forward", NS_APART, log=False)
+    if into is not None or daddr in SPEC_NAMESPACES:
+        why = NS_APART if into is not None else NS_CLEARNET
+        return Decision("refused", f"{rule}, forward", why, log=False)
     source = LOCAL["ipv4"][1] if saddr in ns.network else str(saddr)  # masqueraded
     out = f"out on {OTHER_INTERFACE} from {source} ttl 64"
     return Decision("accepted", f"{rule}, forward", NS_FORWARD, forwarded=out)

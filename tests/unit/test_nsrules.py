@@ -4,6 +4,7 @@ guest's ruleset, and the kernel settings, rule by rule."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from typing import Any
 
 import pytest
@@ -63,8 +64,9 @@ def test_input_from_each_veth_is_exactly_its_guest_to_its_host_and_ports(
 def test_forward_is_clearnet_out_with_ttl_64_and_its_replies_only(pol: policy.Policy) -> None:
     iif = m("iifname", "veth-clearnet")
     got = rules(build(pol), "ip", "forward")
-    # The five /30s, as nft lists them back (verify compares the listing).
-    namespaces = {"range": ["10.200.1.0", "10.200.1.19"]}
+    # Tails' 10.200.1.0/24 whole (the five /30s are in it), as nft lists it
+    # back (verify compares the listing): 10.200.1.20 is never reached either.
+    namespaces = {"prefix": {"addr": "10.200.1.0", "len": 24}}
     assert got == [
         [iif, m(("ip", "daddr"), namespaces), COUNTER, REJECT],
         [iif, m("oifname", VETHS), COUNTER, REJECT],
@@ -99,12 +101,15 @@ def test_no_namespace_no_rule(pol: policy.Policy) -> None:
     assert "veth" not in text and "masquerade" not in text and "ttl" not in text
 
 
-def test_forward_rejects_follow_the_namespaces_spans(pol: policy.Policy) -> None:
-    two = (namespace(pol, "tbb"), namespace(pol, "clearnet"))
+def test_forward_rejects_cover_tails_network_and_every_namespace(pol: policy.Policy) -> None:
+    """10.200.1.0/24 whole, and a namespace a policy puts elsewhere."""
+    tbb = dataclasses.replace(namespace(pol, "tbb"), host=ipaddress.IPv4Address("10.201.0.1"),
+                              guest=ipaddress.IPv4Address("10.201.0.2"))  # fmt: skip
+    two = (tbb, namespace(pol, "clearnet"))
     got = rules(build(dataclasses.replace(pol, namespaces=two)), "ip", "forward")
     assert [r[1] for r in got[:2]] == [
-        m(("ip", "daddr"), {"prefix": {"addr": "10.200.1.0", "len": 30}}),
-        m(("ip", "daddr"), {"prefix": {"addr": "10.200.1.16", "len": 30}}),
+        m(("ip", "daddr"), {"prefix": {"addr": "10.200.1.0", "len": 24}}),
+        m(("ip", "daddr"), {"prefix": {"addr": "10.201.0.0", "len": 30}}),
     ]
 
 
