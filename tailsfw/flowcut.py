@@ -30,6 +30,7 @@ from .compiler import lan_networks, resolve_users
 from .desired import Desired
 
 TCP, UDP = 6, 17
+DNS = frozenset({53})
 Network = ipaddress.IPv4Network
 
 
@@ -48,7 +49,7 @@ def cuts(old: Desired | None, new: Desired) -> list[Cut]:
     """The flows `old` allowed that `new` forbids (nothing known before: none)."""
     if old is None:
         return []
-    return [*_direct(old, new), *_lans(old, new), *_namespaces(old, new)]
+    return [*_direct(old, new), *_lans(old, new), *_dns(old, new), *_namespaces(old, new)]
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,24 @@ def _lans(old: Desired, new: Desired) -> list[Cut]:
         return i >= 0 and spans[i][1] >= int(net.broadcast_address)
 
     return [Cut(f"LAN network {net} gone", network=net) for net in before if not kept(net)]
+
+
+def _dns(old: Desired, new: Desired) -> list[Cut]:
+    """Marked flows to port 53 (the direct chains' DNS rules mark them), per
+    owner that keeps its rights: `_direct` cuts the others whole."""
+    if new.policy.dns.clearnet != "nm":
+        return []
+    owners = sorted(_rights(old).keys() & _rights(new).keys())
+    if old.policy.dns.clearnet != "nm":
+        why = "DNS narrowed to NetworkManager's servers"
+        return [Cut(f"{why}: uid {uid}", mark=uid, dports=DNS) for uid in owners]
+    gone = sorted(set(old.facts.dns) - set(new.facts.dns))
+    return [
+        Cut(f"DNS server {server} no longer NetworkManager's: uid {uid}", mark=uid,
+            dports=DNS, network=Network(server))
+        for server in gone
+        for uid in owners
+    ]  # fmt: skip
 
 
 def _namespaces(old: Desired, new: Desired) -> list[Cut]:

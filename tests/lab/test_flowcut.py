@@ -18,6 +18,7 @@ from tests.lab import policies
 from tests.lab.command import PYTHON, netns_exec
 from tests.lab.daemon_process import DaemonProcess, run_daemon
 from tests.lab.kernel import lan_networks
+from tests.lab.networkmanager import LEASED, NetworkManagerLab
 from tests.lab.test_daemon import NEW_IF, NEW_LAN, lab_policy, new_lan_peer, sighup
 from tests.lab.topology import HOST_V4, INTERNET_V4, Lab, stop_process, wait_ready
 from tests.lab.wait import wait_for
@@ -98,20 +99,25 @@ def daemon(lab: Lab, tmp_path: Path) -> Iterator[DaemonProcess]:
 
 @contextmanager
 def sending(
-    lab: Lab, role: str, to: tuple[str, int], source: str = "0.0.0.0", script: str = SENDER
+    lab: Lab,
+    role: str,
+    to: tuple[str, int],
+    source: str = "0.0.0.0",
+    script: str = SENDER,
+    seconds: int = 3,
 ) -> Iterator[None]:
-    """`role` sends one flow (UDP, or TCP with TCP_SENDER) to `to` for 3 s;
-    it kept trying all along."""
+    """`role` sends one flow (UDP, or TCP with TCP_SENDER) to `to` for
+    `seconds`; it kept trying all along."""
     sender = subprocess.Popen(
         [*netns_exec(lab.host_ns), *lab.setpriv(role), PYTHON, "-c", script,
-         to[0], str(to[1]), "3", source],
+         to[0], str(to[1]), str(seconds), source],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         yield
     finally:
         out, err = sender.communicate(timeout=30)
-    assert out.strip().isdigit() and int(out) > 150, (out, err)
+    assert out.strip().isdigit() and int(out) > 50 * seconds, (out, err)
 
 
 @pytest.fixture
@@ -216,3 +222,34 @@ def test_the_ruleset_alone_refuses_a_tcp_flow_whose_user_lost_direct_tcp(
         assert done.returncode == 0, done.stderr
         arrived = arriving_after_commit(lab)
     assert arrived == 0, f"{arrived} packets of a forbidden flow reached the peer"
+
+
+def test_a_dns_flow_to_a_server_networkmanager_no_longer_gives_stops(
+    lab: Lab, nm_lab: NetworkManagerLab, tmp_path: Path
+) -> None:
+    """`dns.clearnet = "nm"`: clearnet's DNS flow to the leased server goes
+    on until a new lease names another server (a set-only commit), then
+    nothing of it reaches the peer."""
+    leased, other = INTERNET_V4  # both listen on port 53 in the peer
+
+    def nm_mode(data: dict[str, Any]) -> None:
+        data["dns"]["clearnet"] = "nm"
+
+    policy = policies.lab_policy(lab, tmp_path / "policy.toml", nm_mode)
+    nm_lab.lease([leased])
+    try:
+        args = ["--nm-bus", nm_lab.bus.address]
+        with run_daemon(lab.host_ns, policy, tmp_path / "d", args) as daemon:
+            daemon.wait_ready()
+            daemon.wait_status(lambda s: s["clearnet_dns"] == [leased], 15)
+            with sending(lab, "clearnet", (leased, 53), seconds=10):
+                wait_arriving(lab)
+                nm_lab.lease([other])
+                daemon.wait_status(lambda s: s["clearnet_dns"] == [other], 8)
+                arrived = arriving_after_commit(lab)
+            log = daemon.log()
+    finally:
+        nm_lab.lease(LEASED)
+    assert arrived == 0, f"{arrived} packets of a forbidden flow reached the peer"
+    uid = lab.account("clearnet").uid
+    assert f"DNS server {leased} no longer NetworkManager's: uid {uid}" in log

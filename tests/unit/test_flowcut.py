@@ -130,6 +130,48 @@ def test_a_lan_inside_a_wider_one_still_on_link_is_kept() -> None:
     assert cuts(Desired(pol, narrow), Desired(pol, wide)) == []
 
 
+def nm_dns(pol: policy.Policy) -> policy.Policy:
+    return dataclasses.replace(pol, dns=dataclasses.replace(pol.dns, clearnet="nm"))
+
+
+def servers(*addresses: str) -> Facts:
+    return dataclasses.replace(FACTS, dns=tuple(ipaddress.IPv4Address(a) for a in addresses),
+                               dns_known=True)  # fmt: skip
+
+
+def test_a_dns_server_networkmanager_dropped_is_cut_for_each_direct_user() -> None:
+    """Both direct users have DNS (clearnet by UDP 53, Tor by TCP): the
+    flows marked with each, to port 53 of the server gone, and no other."""
+    pol = nm_dns(SHIPPED)
+    found = cuts(Desired(pol, servers("192.0.2.53", "198.51.100.53")),
+                 Desired(pol, servers("198.51.100.53")))  # fmt: skip
+    why = "DNS server 192.0.2.53 no longer NetworkManager's"
+    assert found == [
+        Cut(f"{why}: uid {uid}", mark=uid, dports=frozenset({53}), network=net("192.0.2.53/32"))
+        for uid in sorted((CLEARNET, TOR))
+    ]
+    assert cuts(Desired(pol, servers("198.51.100.53")),
+                Desired(pol, servers("192.0.2.53", "198.51.100.53"))) == []  # fmt: skip
+    # "any": NetworkManager's servers are not read, nothing to cut.
+    assert cuts(Desired(SHIPPED, servers("192.0.2.53")), Desired(SHIPPED, servers())) == []
+
+
+def test_dns_narrowed_to_networkmanagers_servers_cuts_every_dns_flow() -> None:
+    found = cuts(Desired(SHIPPED, servers("192.0.2.53")), Desired(nm_dns(SHIPPED), servers()))
+    assert [(c.mark, c.dports, c.network) for c in found] == [
+        (uid, frozenset({53}), None) for uid in sorted((CLEARNET, TOR))
+    ]
+
+
+def test_a_dns_server_gone_with_its_user_is_cut_once() -> None:
+    """The user's whole marked traffic goes: one cut, not one per server."""
+    pol = nm_dns(SHIPPED)
+    found = cuts(Desired(pol, servers("192.0.2.53")),
+                 Desired(without_direct(pol, "clearnet"), servers()))  # fmt: skip
+    assert [c.mark for c in found] == [CLEARNET, TOR]
+    assert found[0] == Cut(f"uid {CLEARNET} is no longer a direct user", mark=CLEARNET)
+
+
 def test_a_namespace_removed_cuts_its_slash_30() -> None:
     kept = tuple(ns for ns in SHIPPED.namespaces if ns.name != "tbb")
     (tbb,) = [ns for ns in SHIPPED.namespaces if ns.name == "tbb"]
