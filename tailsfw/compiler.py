@@ -321,12 +321,16 @@ class _Common(Builder):
         self.rule(name, established, match(mark, 0), ACCEPT)
         self.rule(name, match(CT_STATE, "related"), jump("out_related"))
         for uid, rule in owners:
+            # On `lo` only while its owner may use it (a flow it opened there
+            # before a reload took `loopback` away).
+            owned = [match(mark, uid)]
+            if not rule.loopback:
+                owned.append(match(meta("oif"), "lo", "!="))
             # TCP first: Tor's own connections, the bulk of marked traffic.
             if rule.tcp != "none":
-                self.rule(name, match(mark, uid), l4proto("tcp"), ACCEPT)
+                self.rule(name, *owned, l4proto("tcp"), ACCEPT)
             if rule.udp_ports:
-                self.rule(name, match(mark, uid), l4proto("udp"), match(meta("skuid"), uid),
-                          ACCEPT)  # fmt: skip
+                self.rule(name, *owned, l4proto("udp"), match(meta("skuid"), uid), ACCEPT)
         self.rule(name, jump(REFUSE), comment="another user's flow")
 
     def conntracked_rule(self) -> None:

@@ -8,11 +8,14 @@ after the commit: never before, so nothing is ever less enforced):
 
 - a direct user's flows, marked with the owner's uid (see the compiler's
   `conntracked_chain`): all of them when the uid is no longer a direct
-  user's (its entry removed, its account gone), its TCP flows when it loses
-  direct TCP, its UDP flows when it loses direct UDP, or the ones to the
-  UDP ports it lost;
+  user's (its entry removed, its account gone), its flows to 127.0.0.0/8
+  when it loses `loopback`, its TCP flows when it loses direct TCP, its UDP
+  flows when it loses direct UDP, or the ones to the UDP ports it lost;
 - in `lan.mode = "connected"`, the flows to or from an on-link LAN network
   that is gone;
+- in `dns.clearnet = "nm"`, a direct user's DNS flows to a server
+  NetworkManager no longer gives (all of its DNS flows when a reload
+  narrows "any" to "nm": "any" named no server);
 - the flows to or from a namespace's addresses when the namespace is gone.
 
 `tcp = "any"` and `"new"` cut nothing from each other: a connection opened
@@ -31,6 +34,7 @@ from .desired import Desired
 
 TCP, UDP = 6, 17
 DNS = frozenset({53})
+LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 Network = ipaddress.IPv4Network
 
 
@@ -58,6 +62,7 @@ class _Rights:
 
     tcp: bool
     udp_ports: frozenset[int]
+    loopback: bool
 
 
 def _rights(d: Desired) -> dict[int, _Rights]:
@@ -66,7 +71,9 @@ def _rights(d: Desired) -> dict[int, _Rights]:
     rights: dict[int, _Rights] = {}
     for rule in d.policy.direct:
         if rule.user in uids and (rule.tcp != "none" or rule.udp_ports):
-            rights[uids[rule.user]] = _Rights(rule.tcp != "none", frozenset(rule.udp_ports))
+            rights[uids[rule.user]] = _Rights(
+                rule.tcp != "none", frozenset(rule.udp_ports), rule.loopback
+            )
     return rights
 
 
@@ -78,6 +85,9 @@ def _direct(old: Desired, new: Desired) -> list[Cut]:
         if has is None:
             found.append(Cut(f"uid {uid} is no longer a direct user", mark=uid))
             continue
+        if had.loopback and not has.loopback:
+            # The ruleset refuses the rest on `lo` (`conntracked_chain`).
+            found.append(Cut(f"uid {uid} lost loopback", mark=uid, network=LOOPBACK))
         if had.tcp and not has.tcp:
             found.append(Cut(f"uid {uid} lost direct TCP", mark=uid, proto=TCP))
         if had.udp_ports and not has.udp_ports:

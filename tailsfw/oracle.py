@@ -77,7 +77,8 @@ STRAY_TOR = (
 OWNED_FLOW = (
     "docs/how-it-works.md: Direct users' flows carry their owner's uid in the ct mark. A "
     "marked UDP flow takes only its owner's packets, while its owner has direct UDP; a "
-    "marked TCP flow goes on while its owner has direct TCP."
+    "marked TCP flow goes on while its owner has direct TCP. On `lo`, either goes on only "
+    "while its owner's `loopback` is true."
 )
 # "Application network namespaces", word for word.
 NS_HOST = (
@@ -228,11 +229,13 @@ def decide(world: World, p: Packet) -> Decision:
 def _established(world: World, p: Packet) -> Decision:
     """Rule 1, and the owners of direct users' flows: a UDP flow marked with
     a uid is its owner's alone, a TCP flow's mark asks no uid; either lasts
-    only while its owner has that protocol."""
+    only while its owner has that protocol (and on `lo`, `loopback`)."""
     inbound = "accepted" if p.oif == "lo" else None
     if p.family == "ipv6" or p.mark == 0:
         return Decision("accepted", "Tails rule 1", RULE_1, inbound=inbound)
     rights = [(world.uids[r.user], r) for r in world.policy.direct if r.user in world.uids]
+    if p.oif == "lo":
+        rights = [(uid, r) for uid, r in rights if r.loopback]
     udp = {uid for uid, r in rights if r.udp_ports}
     tcp = {uid for uid, r in rights if r.tcp != "none"}
     if (p.proto == UDP and p.mark == p.uid and p.uid in udp) or (p.proto == TCP and p.mark in tcp):

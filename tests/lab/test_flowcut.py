@@ -63,27 +63,33 @@ with socket.socket() as s:
         time.sleep(0.01)
 print(sent)
 """
-# Reads every connection to the end; its reading is not what is counted
-# (lan0's ingress counter is).
+# Reads every connection to the end, counting the bytes; a line on its
+# standard input asks for the count so far (on lo no interface counts for
+# the test; on lan0 the peer's ingress counter does).
 SINK = """
 import socket, sys, threading
 listener = socket.create_server((sys.argv[1], int(sys.argv[2])))
+received = [0]
 print("ready", flush=True)
 def drain(conn):
     with conn:
-        while conn.recv(65536):
-            pass
-while True:
-    threading.Thread(target=drain, args=(listener.accept()[0],), daemon=True).start()
+        while data := conn.recv(65536):
+            received[0] += len(data)
+def serve():
+    while True:
+        threading.Thread(target=drain, args=(listener.accept()[0],), daemon=True).start()
+threading.Thread(target=serve, daemon=True).start()
+for _ in sys.stdin:
+    print(received[0], flush=True)
 """
 
 
-def clearnet_direct(lab: Lab, path: Path, **values: Any) -> Path:
-    """The shipped policy, with clearnet's [[direct]] entry changed."""
+def clearnet_direct(lab: Lab, path: Path, user: str = "clearnet", **values: Any) -> Path:
+    """The shipped policy, with `user`'s [[direct]] entry changed."""
 
     def edit(data: dict[str, Any]) -> None:
         for rule in data["direct"]:
-            if rule["user"] == "clearnet":
+            if rule["user"] == user:
                 rule.update(values)
 
     return policies.lab_policy(lab, path, edit)
@@ -120,18 +126,32 @@ def sending(
     assert out.strip().isdigit() and int(out) > 50 * seconds, (out, err)
 
 
+@contextmanager
+def sink(netns: str, address: str) -> Iterator[subprocess.Popen[str]]:
+    """A TCP sink at `address`:SINK_PORT in `netns` (SINK)."""
+    process = subprocess.Popen(
+        [*netns_exec(netns), PYTHON, "-c", SINK, address, str(SINK_PORT)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_ready([process], timeout=10)
+        yield process
+    finally:
+        stop_process(process)
+
+
+def received(process: subprocess.Popen[str]) -> int:
+    assert process.stdin is not None and process.stdout is not None
+    process.stdin.write("?\n")
+    process.stdin.flush()
+    return int(process.stdout.readline())
+
+
 @pytest.fixture
 def tcp_sink(lab: Lab) -> Iterator[tuple[str, int]]:
     """The peer reads TCP streams at INTERNET_V4[0]:SINK_PORT."""
-    sink = subprocess.Popen(
-        [*netns_exec(lab.peer_ns), PYTHON, "-c", SINK, INTERNET_V4[0], str(SINK_PORT)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        wait_ready([sink], timeout=10)
+    with sink(lab.peer_ns, INTERNET_V4[0]):
         yield INTERNET_V4[0], SINK_PORT
-    finally:
-        stop_process(sink)
 
 
 def wait_arriving(lab: Lab) -> None:
@@ -253,3 +273,30 @@ def test_a_dns_flow_to_a_server_networkmanager_no_longer_gives_stops(
     assert arrived == 0, f"{arrived} packets of a forbidden flow reached the peer"
     uid = lab.account("clearnet").uid
     assert f"DNS server {leased} no longer NetworkManager's: uid {uid}" in log
+
+
+def test_a_loopback_flow_whose_user_loses_loopback_stops_at_the_commit(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """Tor (`loopback = true`) streams to a local port no [[local]] rule
+    names, so its direct rules accept and mark it; a reload sets its
+    `loopback = false`: nothing more reaches the local server."""
+    policy = clearnet_direct(lab, tmp_path / "policy.toml", "debian-tor", loopback=True)
+    with (
+        run_daemon(lab.host_ns, policy, tmp_path / "daemon") as daemon,
+        sink(lab.host_ns, "127.0.0.1") as local,
+    ):
+        daemon.wait_ready()
+        with sending(lab, "debian-tor", ("127.0.0.1", SINK_PORT), script=TCP_SENDER):
+            wait_for(lambda: received(local) > 20_000, 2, what="the flow reaching the server")
+            clearnet_direct(lab, policy, "debian-tor", loopback=False)
+            sighup(daemon)
+            time.sleep(0.3)  # the commit, and the deletion beside the loop
+            before = received(local)
+            time.sleep(1.0)
+            arrived = received(local) - before
+    assert arrived == 0, f"{arrived} bytes of a forbidden flow reached the local server"
+    uid = lab.account("debian-tor").uid
+    assert f"deleted 1 conntrack entries the new ruleset forbids: uid {uid} lost loopback" in (
+        daemon.log()
+    )

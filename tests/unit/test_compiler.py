@@ -164,8 +164,9 @@ def test_a_direct_users_flows_are_its_own_while_its_rights_last(pol: policy.Poli
         [match(STATE, "related"), jump("out_related")],
         [match(MARK, 107), match(L4PROTO, 6), ACCEPT],  # Tor's connections
         [match(MARK, 107), match(L4PROTO, 17), match(SKUID, 107), ACCEPT],
-        [match(MARK, 110), match(L4PROTO, 6), ACCEPT],
-        [match(MARK, 110), match(L4PROTO, 17), match(SKUID, 110), ACCEPT],
+        # clearnet's `loopback` is false: none of its flows on lo.
+        [match(MARK, 110), NOT_LO, match(L4PROTO, 6), ACCEPT],
+        [match(MARK, 110), NOT_LO, match(L4PROTO, 17), match(SKUID, 110), ACCEPT],
         [REJECT],
     ]
 
@@ -177,8 +178,8 @@ def test_a_user_without_direct_tcp_owns_no_tcp_flow(pol: policy.Policy) -> None:
                    for r in pol.direct)  # fmt: skip
     rs = build(dataclasses.replace(pol, direct=direct))
     conntracked = rules(rs, "ip", "conntracked")
-    assert [match(MARK, 110), match(L4PROTO, 6), ACCEPT] not in conntracked
-    assert [match(MARK, 110), match(L4PROTO, 17), match(SKUID, 110), ACCEPT] in conntracked
+    assert [match(MARK, 110), NOT_LO, match(L4PROTO, 6), ACCEPT] not in conntracked
+    assert [match(MARK, 110), NOT_LO, match(L4PROTO, 17), match(SKUID, 110), ACCEPT] in conntracked
     assert rules(rs, "ip", "direct_clearnet") == [
         [OIF_LO, RETURN],
         [UDP_DPORT_53, owner(110), ACCEPT],
@@ -201,6 +202,7 @@ L4PROTO = {"meta": {"key": "l4proto"}}
 TH_DPORT = {"payload": {"protocol": "th", "field": "dport"}}
 UDP_DPORT_53 = match({"payload": {"protocol": "udp", "field": "dport"}}, 53)
 TCP_DPORT_53 = match({"payload": {"protocol": "tcp", "field": "dport"}}, 53)
+NOT_LO = match({"meta": {"key": "oif"}}, "lo", "!=")
 OIF_LO = match({"meta": {"key": "oif"}}, "lo")
 # Tails' "syn": of these four flags only SYN (a new connection), never SYN+ACK.
 SYN_ONLY = match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}},

@@ -60,6 +60,21 @@ def test_a_direct_user_removed_loses_its_marked_flows() -> None:
     assert found == [Cut(f"uid {CLEARNET} is no longer a direct user", mark=CLEARNET)]
 
 
+def with_loopback(pol: policy.Policy, user: str, loopback: bool) -> policy.Policy:
+    direct = tuple(dataclasses.replace(r, loopback=loopback) if r.user == user else r
+                   for r in pol.direct)  # fmt: skip
+    return dataclasses.replace(pol, direct=direct)
+
+
+def test_loopback_taken_away_cuts_the_owners_flows_to_127() -> None:
+    """debian-tor's `loopback` is true in the shipped policy."""
+    closed = Desired(with_loopback(SHIPPED, "debian-tor", False), FACTS)
+    assert cuts(Desired(SHIPPED, FACTS), closed) == [
+        Cut(f"uid {TOR} lost loopback", mark=TOR, network=net("127.0.0.0/8"))
+    ]
+    assert cuts(closed, Desired(SHIPPED, FACTS)) == []
+
+
 def test_tcp_taken_away_cuts_only_its_tcp_flows() -> None:
     found = cuts(Desired(SHIPPED, FACTS), Desired(with_tcp(SHIPPED, "clearnet", "none"), FACTS))
     assert found == [Cut(f"uid {CLEARNET} lost direct TCP", mark=CLEARNET, proto=TCP)]

@@ -179,6 +179,17 @@ def test_established_flows_are_their_owners(world: oracle.World) -> None:
     assert flow(1000, 121, "ipv6") == "accepted"
 
 
+def test_an_owned_flow_on_lo_lasts_only_with_loopback(world: oracle.World) -> None:
+    """clearnet (120) has `loopback = false`, Tor (121) true: a marked flow
+    on lo is one a reload that took `loopback` away left behind."""
+
+    def on_lo(uid: int) -> str:
+        packet = Packet("ipv4", uid, "127.0.0.2", TCP, 443, False, "lo", None, True, uid)
+        return oracle.decide(world, packet).verdict
+
+    assert (on_lo(121), on_lo(120)) == ("accepted", "refused")
+
+
 def test_established_classes_cover_every_mark() -> None:
     packets = [p for p in derive(prove.objects(prove_world.shipped()[0])) if p.established]
     assert {p.mark for p in packets if p.family == "ipv4"} == {0, 120, 121, 1001}
