@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Protocol
 
 from .desired import Desired
-from .droplog import DropCounters
 from .effects import RETRY_DELAY, Effect, Effects
 from .events import DnsServers, Event, updated
 from .facts import Facts
@@ -29,7 +28,7 @@ from .policy import Policy, PolicyError
 from .policy import load as load_policy
 from .report import Reporter
 from .resolv import NotRight
-from .status import Counters, NamespaceState, Status
+from .status import Counters, DropCounters, NamespaceState, Status
 
 log = logging.getLogger("tailsfwd")
 

@@ -34,7 +34,6 @@ from systemd import journal
 from .droplog import (
     DEFAULT_LIMITS,
     Budget,
-    DropCounters,
     DropKey,
     DropSummary,
     DropUser,
@@ -47,6 +46,7 @@ from .droplog import (
     summary_entry,
 )
 from .nflog import Batch, Drop, NflogSocket
+from .status import DropCounters
 
 if TYPE_CHECKING:
     from .desired import Desired

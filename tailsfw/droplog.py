@@ -23,9 +23,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
-from .nflog import Drop
+if TYPE_CHECKING:  # tailsfwctl's status reads the counters without the decoder
+    from .nflog import Drop
 
 # Fixed, so entries can be found by `journalctl MESSAGE_ID=...` (generated once).
 DROP_MESSAGE_ID = "c63dd72e5ac74463bc2680ea520cfa2f"
@@ -306,21 +307,3 @@ def _common(message_id: str, kind: str, message: str) -> Fields:
         "SYSLOG_IDENTIFIER": IDENTIFIER,
         "TAILSFW_KIND": kind,
     }
-
-
-@dataclass
-class DropCounters:
-    """What the audit has seen since it started; goes into the status."""
-
-    drops: int = 0  # refused packets decoded
-    logged: int = 0  # ... written one by one
-    suppressed: int = 0  # ... counted in summaries instead
-    summaries: int = 0
-    lost: int = 0  # refused packets the kernel could not hand over (queue full)
-    overruns: int = 0  # times the kernel's queue overflowed (ENOBUFS)
-    malformed: int = 0  # messages skipped as malformed
-    unwritten: int = 0  # entries dropped because the journal writer was behind
-    by_user: dict[str, int] = field(default_factory=dict)
-    by_reason: dict[str, int] = field(default_factory=dict)
-    bound: bool = False  # the NFLOG group is being read
-    last_error: str = ""

@@ -172,16 +172,20 @@ def guests(namespaces: Sequence[Namespace], place: NetnsPlace) -> tuple[summary.
     it (root only: a thread enters it; this thread never does) and compared
     with nsrules' as verify compares the host's tables."""
     from . import nsrules, verify
-    from .guests import read_guest
     from .netnsfiles import NETNS_DIR, in_threads, present
-    from .sysctl import sysctl_name
 
     directory = place.directory or NETNS_DIR
     files, _ = present(directory, place.prefix)
     here = [ns for ns in namespaces if ns.name in files]
-    read = in_threads(lambda ns: read_guest(directory / (place.prefix + ns.name)), here)
-    inside = dict(zip((ns.name for ns in here), read, strict=True))
-    wanted = [(sysctl_name(parts), value) for parts, value in nsrules.GUEST_SETTINGS]
+    inside: dict[str, tuple[list[dict[str, Any]], dict[str, str]] | Exception] = {}
+    wanted: list[tuple[str, str]] = []
+    if here:  # what enters and reads a guest, only when one is there
+        from .guests import read_guest
+        from .sysctl import sysctl_name
+
+        read = in_threads(lambda ns: read_guest(directory / (place.prefix + ns.name)), here)
+        inside = dict(zip((ns.name for ns in here), read, strict=True))
+        wanted = [(sysctl_name(parts), value) for parts, value in nsrules.GUEST_SETTINGS]
     found: list[summary.Guest] = []
     for ns in namespaces:
         got = inside.get(ns.name)

@@ -1,4 +1,8 @@
-"""What tailsfwd reports: counters, the status it writes, and reading it back."""
+"""What tailsfwd reports: counters, the status it writes, and reading it back.
+
+A leaf: the effects' and the audit's reports (`SysctlState`,
+`NamespaceState`, `DropCounters`) are plain values defined here, so that
+`tailsfwctl status` reads them without importing the parts that make them."""
 
 from __future__ import annotations
 
@@ -8,8 +12,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import safefile
-from .droplog import DropCounters
-from .sysctl import SysctlState
 
 # status.json is written again at least this often (seconds), even when
 # nothing changed: its `updated` time says the daemon was alive then, and
@@ -38,6 +40,38 @@ class Counters(RulesetCounters):
     reloads_refused: int = 0
     files_rewritten: int = 0  # resolv files written because they differed
     files_refused: int = 0  # writes of them that failed
+
+
+@dataclass(frozen=True)
+class SysctlState:
+    """One setting: what we want, what the kernel says after the write, and why."""
+
+    name: str
+    wanted: str | None
+    actual: str | None
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.wanted is None or self.actual == self.wanted
+
+
+@dataclass
+class DropCounters:
+    """What the audit has seen since it started; goes into the status."""
+
+    drops: int = 0  # refused packets decoded
+    logged: int = 0  # ... written one by one
+    suppressed: int = 0  # ... counted in summaries instead
+    summaries: int = 0
+    lost: int = 0  # refused packets the kernel could not hand over (queue full)
+    overruns: int = 0  # times the kernel's queue overflowed (ENOBUFS)
+    malformed: int = 0  # messages skipped as malformed
+    unwritten: int = 0  # entries dropped because the journal writer was behind
+    by_user: dict[str, int] = field(default_factory=dict)
+    by_reason: dict[str, int] = field(default_factory=dict)
+    bound: bool = False  # the NFLOG group is being read
+    last_error: str = ""
 
 
 @dataclass(frozen=True)

@@ -135,9 +135,7 @@ def _check_shapes(path: Path, data: dict[str, Any]) -> None:
 
 def status_from_json(data: dict[str, Any]) -> Status:
     """A Status from its status.json form; fields unknown to this version are left out."""
-    from .droplog import DropCounters
-    from .status import Counters, NamespaceState, Status
-    from .sysctl import SysctlState
+    from .status import Counters, DropCounters, NamespaceState, Status, SysctlState
 
     names = {f.name for f in dataclasses.fields(Status)}
     values = {k: v for k, v in data.items() if k in names}

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .status import SysctlState
 
 if TYPE_CHECKING:
     from .desired import Desired
@@ -22,20 +23,6 @@ log = logging.getLogger("tailsfwd")
 DEFAULT_ROOT = Path("/proc/sys")
 CONNTRACK_HELPER = ("net", "netfilter", "nf_conntrack_helper")
 NO_AUTO_HELPER = "kernel has no automatic helper assignment"
-
-
-@dataclass(frozen=True)
-class SysctlState:
-    """One setting: what we want, what the kernel says after the write, and why."""
-
-    name: str
-    wanted: str | None
-    actual: str | None
-    note: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.wanted is None or self.actual == self.wanted
 
 
 def sysctl_name(parts: tuple[str, ...]) -> str:

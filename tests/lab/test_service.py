@@ -21,8 +21,7 @@ from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from tailsfw import cli, service, summary
-from tailsfw.status import Counters, NamespaceState, Status
-from tailsfw.sysctl import SysctlState
+from tailsfw.status import Counters, NamespaceState, Status, SysctlState
 from tests.lab.bus import PrivateBus, private_system_bus, stall, system_policy
 from tests.lab.command import REPO, VENV_PYTHON
 from tests.lab.policies import DEFAULT_POLICY

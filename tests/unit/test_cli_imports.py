@@ -12,10 +12,11 @@ import pytest
 REPO = Path(__file__).parents[2]
 POLICY = REPO / "etc" / "tailsfw" / "policy.toml"
 # The heavy pieces: libnftables, the D-Bus library, the journal's, the event
-# loop, the daemon's event classes, and the policy and its compiler.
+# loop, the daemon's event classes, the drop audit's decoder and limiter, what
+# enters a namespace's guest side, and the policy and its compiler.
 HEAVY = (
-    "nftables", "dbus_fast", "systemd", "asyncio", "tailsfw.events", "tailsfw.policy",
-    "tailsfw.compiler",
+    "nftables", "dbus_fast", "systemd", "asyncio", "tailsfw.events", "tailsfw.nflog",
+    "tailsfw.droplog", "tailsfw.guests", "tailsfw.policy", "tailsfw.compiler",
 )  # fmt: skip
 
 
@@ -72,7 +73,8 @@ def test_reload_without_a_bus_loads_no_bus_library(tmp_path: Path) -> None:
 def test_status_as_root_compiles_and_lists_without_the_daemons_pieces(tmp_path: Path) -> None:
     """Root's status with no daemon compiles the policy and reads the kernel:
     the compiler and libnftables, never the event loop, the D-Bus or journal
-    libraries or the daemon's event classes."""
+    libraries, the daemon's event classes or the audit's parts; with no
+    application namespace present, nothing that enters one."""
     argv = [
         "status", "--policy", str(POLICY), "--bus", f"unix:path={tmp_path}/none",
         "--state-file", str(tmp_path / "n"),

@@ -12,9 +12,7 @@ from typing import Any
 import pytest
 
 from tailsfw import cli, service, summary
-from tailsfw.droplog import DropCounters
-from tailsfw.status import Counters, Status
-from tailsfw.sysctl import SysctlState
+from tailsfw.status import Counters, DropCounters, Status, SysctlState
 
 DIGEST = "0123456789ab" + "c" * 52
 STATUS = Status(
