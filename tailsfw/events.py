@@ -13,10 +13,13 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .facts import Facts
 from .links import Snapshot
+
+if TYPE_CHECKING:
+    from .netnsfiles import NetnsId
 
 
 @dataclass(frozen=True)
@@ -78,10 +81,10 @@ class KernelChecked:
 
 @dataclass(frozen=True)
 class NamespacesPresent:
-    """The network namespaces named in /run/netns, whole: (name, (dev, inode))
+    """The network namespaces named in /run/netns, whole: (name, identity)
     of each namespace file, sorted by name."""
 
-    namespaces: tuple[tuple[str, tuple[int, int]], ...] = ()
+    namespaces: tuple[tuple[str, NetnsId], ...] = ()
 
 
 Event = (

@@ -13,6 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # an annotation: the compiler does not load what enters namespaces
+    from .netnsfiles import NetnsId
 
 
 @dataclass(frozen=True)
@@ -31,8 +35,8 @@ class Facts:
     dns_known: bool = False
     # The interfaces, by index (each gets its IPv6 setting).
     interfaces: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
-    # The network namespaces in /run/netns: (name, (dev, inode)), by name.
-    netns: tuple[tuple[str, tuple[int, int]], ...] = ()
+    # The network namespaces in /run/netns: (name, identity), by name.
+    netns: tuple[tuple[str, NetnsId], ...] = ()
 
     @cached_property
     def user_names(self) -> Mapping[int, str]:

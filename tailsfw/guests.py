@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import nsrules
-from .netnsfiles import entered, in_threads
+from .netnsfiles import NetnsId, entered, in_threads
 from .nft import Nft
 from .nsrules import Guest
 from .status import NamespaceState
@@ -68,7 +68,7 @@ class GuestsEffect:
     def __init__(self, directory: Path, prefix: str = "") -> None:
         self.directory = directory
         self.prefix = prefix
-        self.done: dict[str, tuple[int, int]] = {}  # name -> identity in force
+        self.done: dict[str, NetnsId] = {}  # name -> identity in force
         self.errors: dict[str, str] = {}  # name -> why its last attempt failed
 
     def path(self, name: str) -> Path:

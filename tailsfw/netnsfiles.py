@@ -15,7 +15,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
@@ -26,11 +26,22 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+class NetnsId(NamedTuple):
+    """A namespace file's identity: its device and inode, and the watch's
+    serial of the event that made its name.  The kernel hands a freed
+    namespace's inode to the next one made, so (dev, inode) alone can name
+    two namespaces in turn; `birth` tells them apart (0: not followed)."""
+
+    dev: int
+    ino: int
+    birth: int = 0
+
+
 class ChangedError(RuntimeError):
     """The namespace file is not the namespace it was when it was listed."""
 
 
-def present(directory: Path, prefix: str = "") -> tuple[dict[str, tuple[int, int]], bool]:
+def present(directory: Path, prefix: str = "") -> tuple[dict[str, NetnsId], bool]:
     """name -> (dev, inode) of each namespace file in `directory` whose name
     starts with `prefix` (stripped), and whether an entry is not one yet.
 
@@ -39,7 +50,7 @@ def present(directory: Path, prefix: str = "") -> tuple[dict[str, tuple[int, int
     namespace on it, and the mount makes no inotify event: such an entry is
     said to be pending, and looked at again shortly.
     """
-    found: dict[str, tuple[int, int]] = {}
+    found: dict[str, NetnsId] = {}
     pending = False
     try:
         nsfs = os.stat("/proc/self/ns/net").st_dev
@@ -54,7 +65,7 @@ def present(directory: Path, prefix: str = "") -> tuple[dict[str, tuple[int, int
         except OSError:
             continue
         if st.st_dev == nsfs and stat.S_ISREG(st.st_mode):
-            found[entry[len(prefix) :]] = (st.st_dev, st.st_ino)
+            found[entry[len(prefix) :]] = NetnsId(st.st_dev, st.st_ino)
         elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
             pending = True
     return found, pending
@@ -67,14 +78,14 @@ def _setns(fd: int) -> None:
 
 
 @contextlib.contextmanager
-def entered(path: Path, identity: tuple[int, int] | None = None) -> Iterator[None]:
+def entered(path: Path, identity: NetnsId | None = None) -> Iterator[None]:
     """The calling thread inside the namespace at `path` (checked to still
     be `identity`, when given), and back home after."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
-        if identity is not None and (st.st_dev, st.st_ino) != identity:
+        if identity is not None and (st.st_dev, st.st_ino) != identity[:2]:
             raise ChangedError(f"{path} is another namespace than the one listed")
         _setns(fd)
         try:

@@ -2,11 +2,14 @@
 makes them): a source of `NamespacesPresent`.
 
 The directory's entries are followed with inotify (created, deleted, moved
-in or out); each is identified by the namespace file's (device, inode), so
-that a namespace deleted and made again under the same name is told from
-the old one.  The directory may not exist yet (no namespace made since
-boot): its parent is watched until it does.  Which names are the policy's
-is for `desired` to say; the rest are never touched.
+in or out); each is identified by the namespace file's (device, inode) and
+the serial of the event that made its name (`NetnsId.birth`), so that a
+namespace deleted and made again under the same name is told from the old
+one even when the kernel gave the new one the old one's inode (it does,
+once the old one is freed) and both changes came in one read.  The
+directory may not exist yet (no namespace made since boot): its parent is
+watched until it does.  Which names are the policy's is for `desired` to
+say; the rest are never touched.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from .inotify import (
     LOST_EVENTS,
     Inotify,
 )
-from .netnsfiles import NETNS_DIR, present
+from .netnsfiles import NETNS_DIR, NetnsId, present
 
 log = logging.getLogger("tailsfwd")
 
@@ -46,7 +49,9 @@ class NetnsWatch:
         self.prefix = prefix
 
     async def events(self) -> AsyncIterator[Event]:
-        last: dict[str, tuple[int, int]] | None = None
+        last: dict[str, NetnsId] | None = None
+        births: dict[str, int] = {}  # name -> serial of the event that made it
+        serial = 0
         while True:
             try:
                 with Inotify() as inotify:
@@ -54,9 +59,15 @@ class NetnsWatch:
                     watched = self.directory.is_dir()
                     if watched:
                         inotify.add_watch(self.directory, ENTRY_MASK | LOST_EVENTS)
+                    # Events may have been missed before this watch: every
+                    # name is taken as made anew (its guest side done again).
+                    serial += 1
+                    epoch = serial
                     wait = PENDING_FIRST
                     while True:
-                        now, pending = present(self.directory, self.prefix)
+                        found, pending = present(self.directory, self.prefix)
+                        now = {n: i._replace(birth=max(births.get(n, 0), epoch))
+                               for n, i in found.items()}  # fmt: skip
                         if now != last:
                             last = now
                             yield NamespacesPresent(tuple(sorted(now.items())))
@@ -68,6 +79,15 @@ class NetnsWatch:
                             wait = min(wait * 2, RETRY)  # a file left empty: not for ever
                             continue
                         wait = PENDING_FIRST
+                        for e in events:  # in order: a name deleted, then made again
+                            if e.wd == parent or not e.name.startswith(self.prefix):
+                                continue
+                            name = e.name.removeprefix(self.prefix)
+                            if e.mask & (IN_CREATE | IN_MOVED_TO):
+                                serial += 1
+                                births[name] = serial
+                            elif e.mask & (IN_DELETE | IN_MOVED_FROM):
+                                births.pop(name, None)
                         lost = any(e.mask & (IN_Q_OVERFLOW | LOST_EVENTS) and not e.name
                                    and e.wd != parent for e in events)  # fmt: skip
                         made = not watched and any(

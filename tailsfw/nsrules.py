@@ -25,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .nftjson import (
     ACCEPT,
@@ -44,6 +45,9 @@ from .nftjson import (
 from .nspolicy import GUEST_VETH, Namespace, Transparent
 from .policyread import RFC1918
 
+if TYPE_CHECKING:
+    from .netnsfiles import NetnsId
+
 Setting = tuple[tuple[str, ...], str]  # (/proc/sys path parts, value)
 LOOPBACK_NET = ipaddress.IPv4Network("127.0.0.0/8")
 FORWARDED_TTL = 64
@@ -53,11 +57,11 @@ REJECT: Json = {"reject": None}  # ICMP port unreachable: the application fails 
 
 @dataclass(frozen=True)
 class Guest:
-    """A policy namespace that is present, and its namespace file's identity
-    (device, inode): one made again under the same name is another guest."""
+    """A policy namespace that is present, and its namespace file's identity:
+    one made again under the same name is another guest."""
 
     ns: Namespace
-    identity: tuple[int, int]
+    identity: NetnsId
 
 
 APP_NETWORK = ipaddress.IPv4Network("10.200.1.0/24")  # Tails' namespaces' network

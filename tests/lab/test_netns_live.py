@@ -8,7 +8,10 @@ tampered guest is found by namespace, rule by rule."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from typing import Any
 import pytest
 
 from tailsfw import policy, service, summary
+from tailsfw.netnsfiles import NETNS_DIR
 from tests.lab import policies
 from tests.lab.appns import GUEST_PORT, AppNamespaces, guest_differences, netns_prefix, wait_guest
 from tests.lab.bus import PrivateBus, private_system_bus
@@ -83,6 +87,41 @@ def test_a_namespace_made_again_gets_its_rules_again(lab: Lab, daemon: DaemonPro
     finally:
         for name in (netns, other):
             subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
+
+
+def remade_with_the_same_inode(netns: str) -> None:
+    """`netns` deleted and made again until the kernel hands the new
+    namespace the old one's inode (it does once the old one is freed)."""
+    inode = os.stat(NETNS_DIR / netns).st_ino
+    for _ in range(50):
+        delete_namespace(netns)
+        time.sleep(0.1)  # the old namespace is freed after a grace period
+        subprocess.run(["ip", "netns", "add", netns], check=True)
+        if os.stat(NETNS_DIR / netns).st_ino == inode:
+            return
+    pytest.skip("the kernel gave no namespace the old one's inode again")
+
+
+def test_a_namespace_made_again_on_the_old_ones_inode_unseen_gets_its_rules(
+    lab: Lab, daemon: DaemonProcess
+) -> None:
+    """While tailsfwd is stopped, tbb is deleted and made again on the same
+    inode: it reads both changes at once, and must not take the new
+    namespace, with no guest side, for the old one."""
+    (tbb,) = [ns for ns in policy.load(daemon.policy).namespaces if ns.name == "tbb"]
+    netns = netns_prefix(lab) + "tbb"
+    try:
+        subprocess.run(["ip", "netns", "add", netns], check=True)
+        wait_guest(tbb, netns_exec(netns))
+        daemon.send(signal.SIGSTOP)
+        try:
+            remade_with_the_same_inode(netns)
+            assert guest_differences(tbb, netns_exec(netns)) is None, "the new one is empty"
+        finally:
+            daemon.send(signal.SIGCONT)
+        wait_guest(tbb, netns_exec(netns))
+    finally:
+        subprocess.run(["ip", "netns", "delete", netns], capture_output=True, check=False)
 
 
 def reported(status: dict[str, Any]) -> dict[str, list[Any]]:

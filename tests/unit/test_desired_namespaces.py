@@ -12,17 +12,23 @@ from tailsfw import policy
 from tailsfw.desired import Desired
 from tailsfw.events import NamespacesPresent, updated
 from tailsfw.facts import Facts
+from tailsfw.netnsfiles import NetnsId
 from tailsfw.sysctl import Sysctl
 
 SHIPPED = policy.load(Path(__file__).resolve().parents[2] / "etc" / "tailsfw" / "policy.toml")
 
 
 def test_only_the_policys_namespaces_present_are_guests() -> None:
-    event = NamespacesPresent((("clearnet", (4, 2)), ("notours", (4, 3)), ("tbb", (4, 1))))
+    event = NamespacesPresent(
+        (("clearnet", NetnsId(4, 2)), ("notours", NetnsId(4, 3)), ("tbb", NetnsId(4, 1)))
+    )
     facts = updated(Facts(), event)
     assert updated(facts, event) is facts
     guests = Desired(SHIPPED, facts).guests
-    assert {n: g.identity for n, g in guests.items()} == {"clearnet": (4, 2), "tbb": (4, 1)}
+    assert {n: g.identity for n, g in guests.items()} == {
+        "clearnet": NetnsId(4, 2),
+        "tbb": NetnsId(4, 1),
+    }
     assert guests["tbb"].ns.name == "tbb"
 
 

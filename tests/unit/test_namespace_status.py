@@ -19,6 +19,7 @@ from tailsfw.desired import Desired
 from tailsfw.events import NamespacesPresent, updated
 from tailsfw.facts import Facts
 from tailsfw.guests import GuestsEffect
+from tailsfw.netnsfiles import NetnsId
 from tailsfw.nsrules import Guest
 from tailsfw.status import NamespaceState
 from tests.unit.daemon_fakes import DEFAULT, drive, links, rig
@@ -53,9 +54,9 @@ def test_the_published_status_follows_the_namespaces(
         # appearing is published at once, and its guest side then again.
         await asyncio.sleep(0.25)
         for present in (
-            {"tbb": (9, 1)},
-            {"tbb": (9, 1), "tca": (9, 2), "notours": (9, 3)},
-            {"tca": (9, 2)},
+            {"tbb": NetnsId(9, 1)},
+            {"tbb": NetnsId(9, 1), "tca": NetnsId(9, 2), "notours": NetnsId(9, 3)},
+            {"tca": NetnsId(9, 2)},
         ):
             await r.feed(NamespacesPresent(tuple(sorted(present.items()))), settle=0.25)
             seen_.append(namespaces(json.loads(published.read_text())))
@@ -71,7 +72,7 @@ def test_the_published_status_follows_the_namespaces(
 
 
 def test_a_present_namespace_not_yet_done_is_being_set_up(tmp_path: Path) -> None:
-    facts = updated(Facts(), NamespacesPresent((("tbb", (1, 2)),)))
+    facts = updated(Facts(), NamespacesPresent((("tbb", NetnsId(1, 2)),)))
     (tbb, *_) = GuestsEffect(tmp_path).states(Desired(policy.load(DEFAULT), facts))
     assert tbb == NamespaceState("tbb", present=True, in_force=False, note=guests.SETTING_UP)
 
