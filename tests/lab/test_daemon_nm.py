@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,29 +78,39 @@ def test_resolv_conf_is_restored_within_100_ms(daemon: DaemonProcess) -> None:
     assert "changed by another process" in daemon.log()
 
 
+@contextmanager
+def nm_mode_daemon(
+    lab: Lab, nm_lab: NetworkManagerLab, workdir: Path, leased: str
+) -> Iterator[DaemonProcess]:
+    """tailsfwd with `dns.clearnet = "nm"`, NetworkManager leasing `leased`
+    alone (in force when it is yielded); the module's lease back after."""
+
+    def nm_mode(data: dict[str, Any]) -> None:
+        data["dns"]["clearnet"] = "nm"
+
+    policy = lab_policy(lab, workdir / "policy.toml", nm_mode)
+    nm_lab.lease([leased])
+    try:
+        args = ["--nm-bus", nm_lab.bus.address]
+        with run_daemon(lab.host_ns, policy, workdir / "d", args) as daemon:
+            daemon.wait_ready()
+            daemon.wait_status(lambda s: s["clearnet_dns"] == [leased], 15)
+            yield daemon
+    finally:
+        nm_lab.lease(LEASED)
+
+
 def test_nm_mode_lets_clearnet_reach_only_the_leased_server(
     lab: Lab, nm_lab: NetworkManagerLab, tmp_path: Path
 ) -> None:
     """`dns.clearnet = "nm"`: the clearnet user's DNS goes to the server the
     lease gave, not to another one (the peer counts what arrives)."""
     leased, other = INTERNET_V4  # both listen on port 53 in the peer
-
-    def nm_mode(data: dict[str, Any]) -> None:
-        data["dns"]["clearnet"] = "nm"
-
-    policy = lab_policy(lab, tmp_path / "policy.toml", nm_mode)
-    nm_lab.lease([leased])
-    try:
-        args = ["--nm-bus", nm_lab.bus.address]
-        with run_daemon(lab.host_ns, policy, tmp_path / "d", args) as daemon:
-            daemon.wait_ready()
-            daemon.wait_status(lambda s: s["clearnet_dns"] == [leased], 15)
-            for proto in ("udp", "tcp"):
-                probe = lab.probe("clearnet", proto, 4, leased, 53)
-                assert (probe.result, probe.arrived > 0) == ("open", True), probe
-                probe = lab.probe("clearnet", proto, 4, other, 53)
-                assert (probe.result, probe.arrived) == ("refused", 0), probe
-            # Not a DNS server: port 443 is still the clearnet user's.
-            assert lab.probe("clearnet", "tcp", 4, other, 443).result == "open"
-    finally:
-        nm_lab.lease(LEASED)
+    with nm_mode_daemon(lab, nm_lab, tmp_path, leased):
+        for proto in ("udp", "tcp"):
+            probe = lab.probe("clearnet", proto, 4, leased, 53)
+            assert (probe.result, probe.arrived > 0) == ("open", True), probe
+            probe = lab.probe("clearnet", proto, 4, other, 53)
+            assert (probe.result, probe.arrived) == ("refused", 0), probe
+        # Not a DNS server: port 443 is still the clearnet user's.
+        assert lab.probe("clearnet", "tcp", 4, other, 443).result == "open"

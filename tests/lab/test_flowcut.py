@@ -18,8 +18,9 @@ from tests.lab import policies
 from tests.lab.command import PYTHON, netns_exec
 from tests.lab.daemon_process import DaemonProcess, run_daemon
 from tests.lab.kernel import lan_networks
-from tests.lab.networkmanager import LEASED, NetworkManagerLab
+from tests.lab.networkmanager import NetworkManagerLab
 from tests.lab.test_daemon import NEW_IF, NEW_LAN, lab_policy, new_lan_peer, sighup
+from tests.lab.test_daemon_nm import nm_mode_daemon
 from tests.lab.topology import HOST_V4, INTERNET_V4, Lab, stop_process, wait_ready
 from tests.lab.wait import wait_for
 
@@ -251,25 +252,13 @@ def test_a_dns_flow_to_a_server_networkmanager_no_longer_gives_stops(
     on until a new lease names another server (a set-only commit), then
     nothing of it reaches the peer."""
     leased, other = INTERNET_V4  # both listen on port 53 in the peer
-
-    def nm_mode(data: dict[str, Any]) -> None:
-        data["dns"]["clearnet"] = "nm"
-
-    policy = policies.lab_policy(lab, tmp_path / "policy.toml", nm_mode)
-    nm_lab.lease([leased])
-    try:
-        args = ["--nm-bus", nm_lab.bus.address]
-        with run_daemon(lab.host_ns, policy, tmp_path / "d", args) as daemon:
-            daemon.wait_ready()
-            daemon.wait_status(lambda s: s["clearnet_dns"] == [leased], 15)
-            with sending(lab, "clearnet", (leased, 53), seconds=10):
-                wait_arriving(lab)
-                nm_lab.lease([other])
-                daemon.wait_status(lambda s: s["clearnet_dns"] == [other], 8)
-                arrived = arriving_after_commit(lab)
-            log = daemon.log()
-    finally:
-        nm_lab.lease(LEASED)
+    with nm_mode_daemon(lab, nm_lab, tmp_path, leased) as daemon:
+        with sending(lab, "clearnet", (leased, 53), seconds=10):
+            wait_arriving(lab)
+            nm_lab.lease([other])
+            daemon.wait_status(lambda s: s["clearnet_dns"] == [other], 8)
+            arrived = arriving_after_commit(lab)
+        log = daemon.log()
     assert arrived == 0, f"{arrived} packets of a forbidden flow reached the peer"
     uid = lab.account("clearnet").uid
     assert f"DNS server {leased} no longer NetworkManager's: uid {uid}" in log
