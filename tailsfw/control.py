@@ -220,6 +220,7 @@ class Control:
             refused=self._failures[e.ruleset.name],
             files_rewritten=e.files.rewritten if e.files is not None else 0,
             files_refused=self._failures["files"],
+            guest_tamperings=e.guests.tamperings if e.guests is not None else 0,
         )
         kernel = e.ruleset.truth.differences()
         state = self.report.state

@@ -1,17 +1,16 @@
 """tailsfwd's loop: sources -> one queue -> facts -> effects.
 
-Every source (netlink, accounts, NetworkManager, the watched files, /run/netns,
-nftables' notifications, the kernel's listing of our tables) is pumped into one
-queue; each event is folded into the `Facts`; the cheap effects (sysctls, files,
-the drops' audit, the namespaces' guests) converge at once; a change of what the ruleset reads is
-coalesced (tailsfw/coalesce.py), then the ruleset converges; tampering is
-undone at once; an effect whose converge failed is retried every RETRY_DELAY.
+Every source (netlink, accounts, NetworkManager, the watched files, /run/netns, nftables'
+notifications on the host and in the guests, the kernel's listing of our tables) is pumped into
+one queue; each event is folded into the `Facts`; the cheap effects (sysctls, files, the drops'
+audit, the namespaces' guests) converge at once; a change of what the ruleset reads is coalesced
+(tailsfw/coalesce.py), then the ruleset converges; tampering is undone at once; an effect whose
+converge failed is retried every RETRY_DELAY.
 
-The start fails closed: the policy, the boot sysctls, the first link and
-address state (and account database), the ruleset in force, and only then
-READY=1; if that fails, a tailsfw ruleset is left in force (the lockdown one
-when there is none) and the daemon exits non-zero.  SIGHUP reloads, SIGTERM
-and SIGINT exit 0; nothing, on any path, removes or loosens rules.  The
+The start fails closed: the policy, the boot sysctls, the first link and address state (and
+account database), the ruleset in force, and only then READY=1; if that fails, a tailsfw ruleset
+is left in force (the lockdown one when there is none) and the daemon exits non-zero.  SIGHUP
+reloads, SIGTERM and SIGINT exit 0; nothing, on any path, removes or loosens rules.  The
 composition root is tailsfw/tailsfwd.py; the state and `Control`, control.py.
 """
 
@@ -34,6 +33,7 @@ from .events import (
     DnsServers,
     Event,
     FileChanged,
+    GuestTouched,
     KernelChecked,
     LinksChanged,
     RulesetTouched,
@@ -92,18 +92,15 @@ class Daemon:
         sources: list[Source] = [p.netlink, truth, *accounts, *p.sources]
         pumps = {asyncio.create_task(self._pump(s), name=s.name) for s in sources}
         try:
-            return await self._run(self._stop, pumps, services)
+            return await self._run(pumps, services)
         finally:
             for task in pumps:
                 task.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
 
-    async def _run(
-        self,
-        stop: asyncio.Future[None],
-        pumps: set[asyncio.Task[None]],
-        services: Sequence[Service],
-    ) -> int:
+    async def _run(self, pumps: set[asyncio.Task[None]], services: Sequence[Service]) -> int:
+        stop = self._stop
+        assert stop is not None  # made by run(), with the loop
         starting = asyncio.create_task(self._start())
         await asyncio.wait({starting, stop, *pumps}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
@@ -217,7 +214,7 @@ class Daemon:
 
     def _handle(self, event: Event) -> None:
         c = self.control
-        ruleset, files = c.effects.ruleset, c.effects.files
+        ruleset, files, guests = c.effects.ruleset, c.effects.files, c.effects.guests
         if isinstance(event, RulesetTouched):
             if ruleset.touched(event):
                 c.converge([ruleset], "tampering")
@@ -230,6 +227,9 @@ class Daemon:
             if files is not None:
                 files.forget()
                 c.converge([files], "files")
+        elif isinstance(event, GuestTouched):
+            if guests is not None and guests.touched(event):
+                c.converge([guests], "tampering")
         else:
             self._facts(event)
 

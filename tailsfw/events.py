@@ -61,6 +61,18 @@ class RulesetTouched:
 
 
 @dataclass(frozen=True)
+class GuestTouched:
+    """Another process committed a change to a namespace's tailsfw table
+    (`pid` 0: notifications inside it were lost)."""
+
+    name: str
+    identity: NetnsId
+    pid: int
+    process: str
+    what: str
+
+
+@dataclass(frozen=True)
 class AccountsChanged:
     """The account database, whole: account name -> uid, for every account in it
     (the policy picks the ones it names, in the pure `desired`)."""
@@ -92,6 +104,7 @@ Event = (
     | DnsServers
     | FileChanged
     | RulesetTouched
+    | GuestTouched
     | AccountsChanged
     | KernelChecked
     | NamespacesPresent

@@ -15,11 +15,14 @@ is in force, or failing and why, is kept per namespace for the status
 
 from __future__ import annotations
 
+import logging
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import nsrules
+from .guestwatch import GuestWatch, guest_socket
 from .netnsfiles import NetnsId, entered, in_threads
 from .nft import Nft
 from .nsrules import Guest
@@ -28,6 +31,9 @@ from .sysctl import sysctl_name
 
 if TYPE_CHECKING:
     from .desired import Desired
+    from .events import GuestTouched
+
+log = logging.getLogger("tailsfwd")
 
 PROC_SYS = Path("/proc/sys")
 SETTING_UP = "being set up"  # present, not yet done, no failure yet
@@ -37,13 +43,15 @@ class GuestError(RuntimeError):
     """A namespace's guest side could not be put in force."""
 
 
-def put_in_force(path: Path, guest: Guest) -> None:
+def put_in_force(path: Path, guest: Guest, follow: bool) -> socket.socket | None:
     """Inside the namespace at `path` (checked to still be `guest`'s), from
-    the calling thread: the ruleset, then the settings."""
+    the calling thread: the ruleset, then the settings; then, if `follow`,
+    a socket for the changes others commit there from now on."""
     with entered(path, guest.identity):
         Nft().apply(nsrules.guest_ruleset(guest.ns).document())
         for parts, value in nsrules.GUEST_SETTINGS:
             PROC_SYS.joinpath(*parts).write_text(value + "\n")
+        return guest_socket() if follow else None
 
 
 def read_guest(path: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
@@ -61,15 +69,18 @@ def read_guest(path: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
 
 
 class GuestsEffect:
-    """Each present policy namespace's guest side, done once per identity."""
+    """Each present policy namespace's guest side, done once per identity,
+    and again when another process changes it (`watch`: see guestwatch.py)."""
 
     name = "namespaces"
 
-    def __init__(self, directory: Path, prefix: str = "") -> None:
+    def __init__(self, directory: Path, prefix: str = "", watch: GuestWatch | None = None) -> None:
         self.directory = directory
         self.prefix = prefix
+        self.watch = watch
         self.done: dict[str, NetnsId] = {}  # name -> identity in force
         self.errors: dict[str, str] = {}  # name -> why its last attempt failed
+        self.tamperings = 0  # changes by other processes, undone
 
     def path(self, name: str) -> Path:
         return self.directory / f"{self.prefix}{name}"
@@ -79,15 +90,22 @@ class GuestsEffect:
         self.done = {n: i for n, i in self.done.items() if n in wanted and wanted[n].identity == i}
         self.errors = {n: e for n, e in self.errors.items() if n in wanted}
         todo = [g for n, g in wanted.items() if self.done.get(n) != g.identity]
+        watch = self.watch
+        if watch is not None:
+            # Closed first: our own commit is never read as another's.
+            watch.unfollow_all_but(self.done)
         if not todo:
             return False
-        results = in_threads(lambda g: put_in_force(self.path(g.ns.name), g), todo)
+        follow = watch is not None
+        results = in_threads(lambda g: put_in_force(self.path(g.ns.name), g, follow), todo)
         for guest, result in zip(todo, results, strict=True):
             if isinstance(result, Exception):
                 self.errors[guest.ns.name] = str(result)
-            else:
-                self.done[guest.ns.name] = guest.identity
-                self.errors.pop(guest.ns.name, None)
+                continue
+            self.done[guest.ns.name] = guest.identity
+            self.errors.pop(guest.ns.name, None)
+            if watch is not None and result is not None:
+                watch.follow(guest.ns.name, guest.identity, result)
         if self.errors:  # every name in it was to do: the others are done
             raise GuestError(
                 "; ".join(f"namespace {n}: {e}" for n, e in sorted(self.errors.items()))
@@ -96,6 +114,23 @@ class GuestsEffect:
 
     def forget(self) -> None:
         self.done.clear()
+        if self.watch is not None:
+            self.watch.unfollow_all_but(self.done)
+
+    def touched(self, event: GuestTouched) -> bool:
+        """Another process changed a guest's table (or may have: pid 0):
+        True when that guest must be done again now."""
+        if self.done.get(event.name) != event.identity:
+            return False  # gone, or made again: being done anyway
+        if event.pid:
+            log.warning("namespace %s: ruleset changed by another process (pid %d, %s): %s; "
+                        "putting it back", event.name, event.pid, event.process or "?",
+                        event.what)  # fmt: skip
+        else:
+            log.warning("namespace %s: %s; putting its ruleset back", event.name, event.what)
+        self.tamperings += event.pid != 0
+        del self.done[event.name]
+        return True
 
     def states(self, desired: Desired) -> list[NamespaceState]:
         """Each policy namespace: present or not, its guest side in force or why not."""

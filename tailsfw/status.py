@@ -40,6 +40,7 @@ class Counters(RulesetCounters):
     reloads_refused: int = 0
     files_rewritten: int = 0  # resolv files written because they differed
     files_refused: int = 0  # writes of them that failed
+    guest_tamperings: int = 0  # changes by other processes to a namespace's ruleset, undone
 
 
 @dataclass(frozen=True)

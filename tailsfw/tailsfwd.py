@@ -17,6 +17,7 @@ from .conntrack import cut_in_background
 from .daemon import Daemon, Service
 from .dropaudit import DropAudit
 from .guests import GuestsEffect
+from .guestwatch import GuestWatch
 from .logflood import RateLimit
 from .netlink import RCVBUF, NetlinkSource
 from .netnsfiles import NETNS_DIR
@@ -112,6 +113,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
 def real_parts(options: Options, notify: Notifier) -> Parts:
     """The real outside worlds."""
     files = (options.resolv_conf, options.clearnet_conf)
+    guests = GuestWatch()
     return Parts(
         nft=Nft(),
         list_ruleset=list_in_child,
@@ -124,11 +126,12 @@ def real_parts(options: Options, notify: Notifier) -> Parts:
             NetworkManagerSource(options.nm_bus),
             NftMonitor(),
             NetnsWatch(options.netns_dir, options.netns_prefix),
+            guests,
         ],
         files=ResolvFiles(*files),
         audit=lambda group: DropAudit(group=group),
         cut_flows=cut_in_background,
-        guests=GuestsEffect(options.netns_dir, options.netns_prefix),
+        guests=GuestsEffect(options.netns_dir, options.netns_prefix, guests),
     )
 
 

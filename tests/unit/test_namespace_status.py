@@ -39,8 +39,8 @@ def test_the_published_status_follows_the_namespaces(
     namespace appearing and put in force, one failing and why, one gone."""
     refused = {"tca"}
 
-    def put_in_force(path: Path, guest: Guest) -> None:
-        assert path == tmp_path / "netns" / f"pre-{guest.ns.name}"
+    def put_in_force(path: Path, guest: Guest, follow: bool) -> None:
+        assert path == tmp_path / "netns" / f"pre-{guest.ns.name}" and not follow
         if guest.ns.name in refused:
             raise OSError(1, "setns: Operation not permitted")
 

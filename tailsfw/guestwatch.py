@@ -1,0 +1,101 @@
+"""Foreign changes to each guest's ruleset, from nftables' notifications
+inside the guest: a source of `GuestTouched`.
+
+nftables tells only the members of NFNLGRP_NFTABLES in the namespace where
+a transaction commits, so each guest needs a socket of its own, opened from
+inside it (a socket stays in the namespace it was made in).  The guests
+effect opens it right after its own commit there (`tailsfw.guests`): what
+it then reads about the `tailsfw` table is another process's doing, or
+notifications lost; either way the guest side is done again.  It closes
+the socket before it commits there again, so that its own commit is never
+read as another's.  The sockets are read by the loop (`add_reader`, non-
+blocking), decoded as nftmonitor decodes the host's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+from .events import GuestTouched
+from .netnsfiles import NetnsId
+from .nftmonitor import RECV_SIZE, Transactions, decode, open_socket, own_task
+
+log = logging.getLogger("tailsfwd")
+
+TABLE = "tailsfw"
+# A guest's table is small: room for a few replacements while the loop is busy.
+RCVBUF = 256 * 1024
+
+
+def guest_socket() -> socket.socket:
+    """From a thread inside the guest: a socket for its notifications."""
+    return open_socket(RCVBUF)
+
+
+@dataclass
+class _Followed:
+    identity: NetnsId
+    sock: socket.socket
+    transactions: Transactions
+
+
+class GuestWatch:
+    """The guests' sockets, handed over by the guests effect (`follow`,
+    `unfollow`), and what they say, as events."""
+
+    name = "guestwatch"
+
+    def __init__(self) -> None:
+        self._events: asyncio.Queue[GuestTouched] = asyncio.Queue()
+        self._followed: dict[str, _Followed] = {}
+
+    async def events(self) -> AsyncIterator[GuestTouched]:
+        while True:
+            yield await self._events.get()
+
+    def follow(self, name: str, identity: NetnsId, sock: socket.socket) -> None:
+        """Read `sock` (opened inside `name`, after our commit there)."""
+        self.unfollow(name)
+        transactions = Transactions(TABLE, own_task(os.getpid()))
+        self._followed[name] = _Followed(identity, sock, transactions)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._read, name)
+
+    def unfollow(self, name: str) -> None:
+        followed = self._followed.pop(name, None)
+        if followed is not None:
+            asyncio.get_running_loop().remove_reader(followed.sock.fileno())
+            followed.sock.close()
+
+    def unfollow_all_but(self, kept: Mapping[str, NetnsId]) -> None:
+        """Stop reading every guest but those of `kept` (name -> identity)."""
+        for name, followed in list(self._followed.items()):
+            if kept.get(name) != followed.identity:
+                self.unfollow(name)
+
+    def _read(self, name: str) -> None:
+        followed = self._followed[name]
+        try:
+            data = followed.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            # ENOBUFS: what overflowed is gone; anything else: the socket is.
+            what = "notifications lost" if e.errno == errno.ENOBUFS else f"socket: {e}"
+            self._touched(name, followed, 0, "", what)
+            return
+        for notice in decode(data):
+            event = followed.transactions.feed(notice)
+            if event is not None:
+                self._touched(name, followed, event.pid, event.process, event.what)
+                return
+
+    def _touched(self, name: str, followed: _Followed, pid: int, process: str, what: str) -> None:
+        # One is enough: the guest is done again, with a socket of its own.
+        self.unfollow(name)
+        self._events.put_nowait(GuestTouched(name, followed.identity, pid, process, what))
