@@ -10,6 +10,11 @@ and on the host `ip_forward` reads 1 (a clearnet veth exists).  Polled from
 this process through files opened in each namespace (a /proc/sys file reads
 the namespace it was opened in).  The guest ruleset is checked against
 nsrules.guest_ruleset after the first round.  p50/p99 printed.
+
+guest_restore_ms: in the first round, TAMPERINGS times, the guest's ruleset
+is flushed from a thread of this process inside it (another process, for
+tailsfwd), and timed until the guest's table is back whole (listed by the
+same thread through one libnftables context, about every millisecond).
 """
 
 from __future__ import annotations
@@ -28,12 +33,15 @@ from typing import Any
 from bench.daemon import POLICY, percentile
 from tailsfw import nsrules, policy, verify
 from tailsfw.nft import Nft
+from tailsfw.nspolicy import Namespace
 from tests.lab.command import run
 from tests.lab.daemon_process import run_daemon
 from tests.lab.names import BENCH_NS, temp_prefix
 from tests.lab.netns import delete_namespace, in_netns, scratch_namespace
 
 ROUNDS = 25
+TAMPERINGS = 25
+FLUSH = {"nftables": [{"flush": {"ruleset": None}}]}
 NAME = "clearnet"
 ROUTE_LOCALNET = "/proc/sys/net/ipv4/conf/all/route_localnet"
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
@@ -60,14 +68,31 @@ def until(check: Callable[[], bool], what: str, timeout: float = 5.0) -> float:
     return time.monotonic()
 
 
-def ready_times(host: str) -> list[float]:
+def restore_times(guest: str, ns: Namespace) -> list[float]:
+    wanted = nsrules.guest_ruleset(ns)
+
+    def inside() -> list[float]:
+        nft, times = Nft(), []
+        for i in range(TAMPERINGS):
+            start = time.monotonic()
+            nft.apply(FLUSH)
+            back = until(lambda: not verify.differences(nft.list_ruleset(), wanted), f"restore {i}")
+            times.append((back - start) * 1000)
+            time.sleep(0.02)
+        return times
+
+    return in_netns(guest, inside)
+
+
+def ready_times(host: str) -> tuple[list[float], list[float]]:
     (ns,) = [ns for ns in policy.load(POLICY).namespaces if ns.name == NAME]
     guest = f"{host}-{NAME}"
     veth = [f"link add {ns.veth} type veth peer name veth0 netns {guest}",
             f"addr add {ns.host}/30 dev {ns.veth}", f"link set {ns.veth} up"]  # fmt: skip
     inside = ["link set lo up", f"addr add {ns.guest}/30 dev veth0", "link set veth0 up",
               f"route add default via {ns.host}"]  # fmt: skip
-    times = []
+    times: list[float] = []
+    restores: list[float] = []
     forward = opened(host, IP_FORWARD)
     try:
         with tempfile.TemporaryDirectory(prefix=temp_prefix("bench-netns")) as tmp:
@@ -91,6 +116,7 @@ def ready_times(host: str) -> list[float]:
                             wrong = verify.differences(listing, nsrules.guest_ruleset(ns))
                             if wrong:
                                 raise RuntimeError(f"the guest ruleset differs: {wrong}")
+                            restores = restore_times(guest, ns)
                     finally:
                         delete_namespace(guest)
                     until(lambda: reads(forward, b"0"), "ip_forward back to 0")
@@ -98,16 +124,19 @@ def ready_times(host: str) -> list[float]:
                     raise RuntimeError(f"failing: {daemon.status()['failing']}")
     finally:
         os.close(forward)
-    return times
+    return times, restores
 
 
 def measure() -> dict[str, Any]:
     with scratch_namespace(BENCH_NS) as host:
-        times = ready_times(host)
+        times, restores = ready_times(host)
     return {
         "netns_ready_ms_p50": round(statistics.median(times), 2),
         "netns_ready_ms_p99": round(percentile(times, 99), 2),
         "netns_ready_samples": len(times),
+        "guest_restore_ms_p50": round(statistics.median(restores), 2),
+        "guest_restore_ms_p99": round(percentile(restores, 99), 2),
+        "guest_restore_samples": len(restores),
     }
 
 

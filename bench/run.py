@@ -40,6 +40,8 @@ TARGETS: dict[str, tuple[float, bool]] = {
     "policy_load_10k_ms": (1000.0, True),
     # From `ip netns add` to the guest's and the host's settings in force (bench/netns.py).
     "netns_ready_ms_p99": (50.0, True),
+    # From another process's flush of a guest's ruleset to the ruleset back whole.
+    "guest_restore_ms_p99": (50.0, True),
     # tailsfwctl as whole processes, against the bare interpreter (bench/cli.py).
     "cli_apply_vs_python": (3.5, True),
     "cli_status_vs_python": (3.5, True),

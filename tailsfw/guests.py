@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import nsrules
-from .guestwatch import GuestWatch, guest_socket
+from .guestwatch import GuestWatch, guest_socket, past_own_commit
 from .netnsfiles import NetnsId, entered, in_threads
 from .nft import Nft
 from .nsrules import Guest
@@ -45,13 +46,21 @@ class GuestError(RuntimeError):
 
 def put_in_force(path: Path, guest: Guest, follow: bool) -> socket.socket | None:
     """Inside the namespace at `path` (checked to still be `guest`'s), from
-    the calling thread: the ruleset, then the settings; then, if `follow`,
-    a socket for the changes others commit there from now on."""
+    the calling thread: the ruleset, then the settings; and, if `follow`, a
+    socket that holds what others commit there after our commit."""
     with entered(path, guest.identity):
-        Nft().apply(nsrules.guest_ruleset(guest.ns).document())
-        for parts, value in nsrules.GUEST_SETTINGS:
-            PROC_SYS.joinpath(*parts).write_text(value + "\n")
-        return guest_socket() if follow else None
+        sock = guest_socket() if follow else None
+        try:
+            Nft().apply(nsrules.guest_ruleset(guest.ns).document())
+            if sock is not None:
+                past_own_commit(sock, threading.get_native_id())
+            for parts, value in nsrules.GUEST_SETTINGS:
+                PROC_SYS.joinpath(*parts).write_text(value + "\n")
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
+        return sock
 
 
 def read_guest(path: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:

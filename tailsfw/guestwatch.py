@@ -4,12 +4,14 @@ inside the guest: a source of `GuestTouched`.
 nftables tells only the members of NFNLGRP_NFTABLES in the namespace where
 a transaction commits, so each guest needs a socket of its own, opened from
 inside it (a socket stays in the namespace it was made in).  The guests
-effect opens it right after its own commit there (`tailsfw.guests`): what
-it then reads about the `tailsfw` table is another process's doing, or
-notifications lost; either way the guest side is done again.  It closes
-the socket before it commits there again, so that its own commit is never
-read as another's.  The sockets are read by the loop (`add_reader`, non-
-blocking), decoded as nftmonitor decodes the host's.
+effect opens it just before its own commit there (`tailsfw.guests`), and
+reads it up to the end of that commit (`past_own_commit`): what the socket
+holds from then on about the `tailsfw` table is another process's doing,
+or notifications lost, and the guest side is done again.  (Opened after
+the commit, a change made in between would go unseen: a few milliseconds,
+which a flush every 20 ms hit.)  The effect closes the socket before it
+commits there again.  The sockets are read by the loop (`add_reader`,
+non-blocking), decoded as nftmonitor decodes the host's.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 from .events import GuestTouched
 from .netnsfiles import NetnsId
-from .nftmonitor import RECV_SIZE, Transactions, decode, open_socket, own_task
+from .nftmonitor import RECV_SIZE, Generation, Transactions, decode, open_socket, own_task
 
 log = logging.getLogger("tailsfwd")
 
@@ -36,6 +38,19 @@ RCVBUF = 256 * 1024
 def guest_socket() -> socket.socket:
     """From a thread inside the guest: a socket for its notifications."""
     return open_socket(RCVBUF)
+
+
+def past_own_commit(sock: socket.socket, task: int) -> None:
+    """Read `sock` up to the end of the transaction `task` (a thread's id)
+    committed: its notifications are queued before the commit returns, and
+    it replaced the table whole, so what came before it is moot."""
+    while True:
+        try:
+            data = sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            raise OSError(errno.ENOBUFS, "the commit's notifications were lost") from None
+        if any(isinstance(n, Generation) and n.pid == task for n in decode(data)):
+            return
 
 
 @dataclass
@@ -60,7 +75,7 @@ class GuestWatch:
             yield await self._events.get()
 
     def follow(self, name: str, identity: NetnsId, sock: socket.socket) -> None:
-        """Read `sock` (opened inside `name`, after our commit there)."""
+        """Read `sock` (opened inside `name`, read past our commit there)."""
         self.unfollow(name)
         transactions = Transactions(TABLE, own_task(os.getpid()))
         self._followed[name] = _Followed(identity, sock, transactions)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tailsfw import guests, policy
+from tailsfw import guests, guestwatch, policy
 from tailsfw.desired import Desired
 from tailsfw.events import GuestTouched
 from tailsfw.facts import Facts
@@ -74,6 +74,23 @@ def test_other_tables_are_not_ours_to_watch(pair: tuple[socket.socket, socket.so
 
     asyncio.run(scenario())
     assert ours.fileno() == -1
+
+
+def test_the_socket_is_read_past_our_own_commit_only(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Opened before our commit: another's change before it (which our
+    full replacement undid) and our own are read away; one after it stays."""
+    ours, kernel = pair
+    before = rule(6, IP, "output", 7) + newgen(4242)
+    own = rule(6, IP, "output", 8) + newgen(777)
+    after = rule(8, IP, "output", 8) + newgen(4243)
+    for datagram in (before, own, after):
+        kernel.send(datagram)
+    guestwatch.past_own_commit(ours, 777)
+    assert ours.recv(65536) == after
+    with pytest.raises(OSError, match="lost"):
+        guestwatch.past_own_commit(ours, 777)  # never seen: the buffer overflowed
 
 
 def test_a_touched_guest_is_done_again_and_a_stale_event_is_not(
