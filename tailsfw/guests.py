@@ -7,23 +7,24 @@ The work runs in short-lived threads, one per namespace, joined at once
 moves that thread only (the loop's thread never leaves the host's
 namespace), talks to nftables through its own libnftables context, writes
 /proc/sys (which shows the writer's namespace), and ends.  A namespace is
-done once per identity (the namespace file's device and inode): one made
-again under the same name is done again; one removed is forgotten.  What
-is in force, or failing and why, is kept per namespace for the status
-(`states`); `read_guest` reads a guest side back for tailsfwctl.
+done once per identity (`NetnsId`): one made again under the same name is
+done again; one removed is forgotten; one whose ruleset another process
+changed (`touched`, from the sockets the threads hand to
+tailsfw/guestwatch.py) is done again.  What is in force, or failing and
+why, is kept per namespace for the status (`states`); `read_guest` reads a
+guest side back for tailsfwctl.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import nsrules
-from .guestwatch import GuestWatch, guest_socket, past_own_commit
+from .guestwatch import GuestWatch, committer, guest_socket, past_own_commit
 from .netnsfiles import NetnsId, entered, in_threads
 from .nft import Nft
 from .nsrules import Guest
@@ -51,9 +52,10 @@ def put_in_force(path: Path, guest: Guest, follow: bool) -> socket.socket | None
     with entered(path, guest.identity):
         sock = guest_socket() if follow else None
         try:
+            task = committer() if sock is not None else None
             Nft().apply(nsrules.guest_ruleset(guest.ns).document())
-            if sock is not None:
-                past_own_commit(sock, threading.get_native_id())
+            if sock is not None and task is not None:
+                past_own_commit(sock, task)
             for parts, value in nsrules.GUEST_SETTINGS:
                 PROC_SYS.joinpath(*parts).write_text(value + "\n")
         except BaseException:

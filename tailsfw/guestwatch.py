@@ -20,9 +20,12 @@ import asyncio
 import errno
 import logging
 import os
+import secrets
 import socket
+import threading
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from .events import GuestTouched
 from .netnsfiles import NetnsId
@@ -40,8 +43,17 @@ def guest_socket() -> socket.socket:
     return open_socket(RCVBUF)
 
 
-def past_own_commit(sock: socket.socket, task: int) -> None:
-    """Read `sock` up to the end of the transaction `task` (a thread's id)
+def committer() -> tuple[int, str]:
+    """The calling thread, as the end of its commits will name it: its id,
+    and a name of its own given now.  Both: in a container the kernel names
+    the thread by its id outside, which the thread cannot know."""
+    name = "tfw" + secrets.token_hex(6)  # a task's name holds 15 characters
+    Path("/proc/thread-self/comm").write_text(name)
+    return threading.get_native_id(), name
+
+
+def past_own_commit(sock: socket.socket, task: tuple[int, str]) -> None:
+    """Read `sock` up to the end of the transaction `task` (`committer()`)
     committed: its notifications are queued before the commit returns, and
     it replaced the table whole, so what came before it is moot."""
     while True:
@@ -49,8 +61,9 @@ def past_own_commit(sock: socket.socket, task: int) -> None:
             data = sock.recv(RECV_SIZE)
         except BlockingIOError:
             raise OSError(errno.ENOBUFS, "the commit's notifications were lost") from None
-        if any(isinstance(n, Generation) and n.pid == task for n in decode(data)):
-            return
+        for n in decode(data):
+            if isinstance(n, Generation) and (n.pid == task[0] or n.process == task[1]):
+                return
 
 
 @dataclass

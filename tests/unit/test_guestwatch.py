@@ -87,10 +87,13 @@ def test_the_socket_is_read_past_our_own_commit_only(
     after = rule(8, IP, "output", 8) + newgen(4243)
     for datagram in (before, own, after):
         kernel.send(datagram)
-    guestwatch.past_own_commit(ours, 777)
+    guestwatch.past_own_commit(ours, (777, "tfw0"))
     assert ours.recv(65536) == after
     with pytest.raises(OSError, match="lost"):
-        guestwatch.past_own_commit(ours, 777)  # never seen: the buffer overflowed
+        guestwatch.past_own_commit(ours, (777, "tfw0"))  # never seen: the buffer overflowed
+    # In a container the kernel names our thread by its id outside: by its name, then.
+    kernel.send(rule(6, IP, "output", 9) + newgen(31337, "tfw0"))
+    guestwatch.past_own_commit(ours, (777, "tfw0"))
 
 
 def test_a_touched_guest_is_done_again_and_a_stale_event_is_not(
