@@ -47,6 +47,12 @@ class Nft:
         if rc != 0:
             raise NftError(error_text(error, rc))
 
+    def probe(self, table: str) -> None:
+        """Commit a transaction that makes table ip `table` and deletes it
+        again: nothing changes, but the commit is seen (`NftMonitor`)."""
+        made = {"table": {"family": "ip", "name": table}}
+        self.apply({"nftables": [{"add": made}, {"delete": made}]})
+
     def list_ruleset(self) -> list[dict[str, Any]]:
         rc, output, error = self._nft.cmd("list ruleset")
         if rc != 0:

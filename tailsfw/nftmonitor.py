@@ -24,6 +24,7 @@ import asyncio
 import errno
 import logging
 import os
+import secrets
 import socket
 import struct
 from collections import Counter
@@ -224,6 +225,9 @@ class Transactions:
     is_own: Callable[[int], bool]
     pending: list[Change] = field(default_factory=list)
     rules: dict[tuple[int, str], int] = field(default_factory=dict)
+    probe: str = ""  # the table our probe transaction makes and deletes (`NftMonitor`)
+    probed: set[int] = field(default_factory=set)  # the ids our probes' commits carried
+    probing: bool = False
 
     def feed(self, notice: Notice) -> RulesetTouched | None:
         if isinstance(notice, Unreadable):
@@ -232,10 +236,14 @@ class Transactions:
         if isinstance(notice, Change):
             if notice.table == self.table and notice.family in WATCHED_FAMILIES:
                 self.pending.append(notice)
+            self.probing |= bool(self.probe) and notice.table == self.probe
             return None
+        if self.probing:
+            self.probed.add(notice.pid)
+            self.probing = False
         changes, self.pending = self.pending, []
         event = None
-        if changes and not self.is_own(notice.pid):
+        if changes and not (self.is_own(notice.pid) or notice.pid in self.probed):
             event = RulesetTouched(notice.pid, notice.process, summarize(changes, self.rules))
         self._count(changes)
         return event
@@ -244,6 +252,7 @@ class Transactions:
         """Notices were lost: what is pending and every count is unknown."""
         self.pending.clear()
         self.rules.clear()
+        self.probing = False
 
     def _count(self, changes: Iterable[Change]) -> None:
         for c in changes:
@@ -347,6 +356,14 @@ class NftMonitor:
     `events()` first yields a pid-0 event ("monitor started"): changes made
     before the subscription are not seen, so the kernel must be checked
     once.  It yields pid-0 events again whenever notices were lost.
+
+    Our own commits are told by the task id they carry.  In a container the
+    kernel gives the id outside it, which this process cannot know; so, once
+    subscribed, `probe(name)` commits from the loop's thread (where the
+    ruleset's commits are made) a transaction that makes and deletes a table
+    of a random name, and the id at its end is ours too.  Without it, each
+    of our commits there read as another's, and put back, is a commit again:
+    a hundred restores a second (seen in the nspawn boot test).
     """
 
     name = "nftmonitor"
@@ -357,8 +374,10 @@ class NftMonitor:
         own_pid: int | None = None,
         rcvbuf: int = RCVBUF,
         retry_delay: float = 0.05,
+        probe: Callable[[str], None] | None = None,
     ) -> None:
         self.table = table
+        self.probe = probe
         self.own_pid = os.getpid() if own_pid is None else own_pid
         self.rcvbuf = rcvbuf
         self.retry_delay = retry_delay
@@ -381,6 +400,9 @@ class NftMonitor:
                 continue
             delay = self.retry_delay
             try:
+                if self.probe is not None:
+                    transactions.probe = f"{self.table}-probe-{secrets.token_hex(4)}"
+                    self.probe(transactions.probe)
                 yield RulesetTouched(0, "", why)
                 async for event in self._follow(sock, transactions):
                     yield event

@@ -114,8 +114,9 @@ def real_parts(options: Options, notify: Notifier) -> Parts:
     """The real outside worlds."""
     files = (options.resolv_conf, options.clearnet_conf)
     guests = GuestWatch()
+    nft = Nft()
     return Parts(
-        nft=Nft(),
+        nft=nft,
         list_ruleset=list_in_child,
         netlink=NetlinkSource(options.netlink_rcvbuf),
         sysctl=Sysctl(options.proc_sys),
@@ -124,7 +125,7 @@ def real_parts(options: Options, notify: Notifier) -> Parts:
         sources=[
             ResolvWatch(files),
             NetworkManagerSource(options.nm_bus),
-            NftMonitor(),
+            NftMonitor(probe=nft.probe),
             NetnsWatch(options.netns_dir, options.netns_prefix),
             guests,
         ],

@@ -304,3 +304,20 @@ def test_the_source_yields_events_and_reopens_after_failures(
     for ours, kernel in pairs:
         assert ours.fileno() == -1  # closed by the monitor (asyncio.run closes it at the end)
         kernel.close()
+
+
+def test_the_id_our_probe_carried_is_ours_too() -> None:
+    """In a container our commits carry the task id outside it: the probe's
+    transaction (a table of its own name made and deleted) teaches it."""
+    transactions = Transactions("tailsfw", lambda pid: pid == OWN, probe="tailsfw-probe-1")
+    ours_outside, other = 31337, 5151
+
+    def touched(*datagrams: bytes) -> list[int]:
+        notices = [n for data in datagrams for n in decode(data)]
+        return [e.pid for n in notices if (e := transactions.feed(n)) is not None]
+
+    replaced = table(NEWTABLE, IP, "tailsfw")
+    assert touched(replaced + newgen(ours_outside)) == [ours_outside]  # before the probe
+    probe = table(NEWTABLE, IP, "tailsfw-probe-1") + table(DELTABLE, IP, "tailsfw-probe-1")
+    assert touched(probe + newgen(ours_outside, "tailsfwd")) == []
+    assert touched(replaced + newgen(ours_outside), replaced + newgen(other)) == [other]
