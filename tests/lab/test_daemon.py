@@ -324,9 +324,12 @@ def test_1000_flaps_give_few_commits_and_the_right_set(
         committed = generations.drain()
     made = daemon.commits() - commits
     assert made == committed  # the daemon's counter is what the kernel saw
-    # Bounded by time, not by the number of changes: at most one commit per
-    # max delay during the storm, plus the last one.
-    assert 2 <= made <= elapsed / MAX_DELAY + 2, (made, elapsed)
+    # Bounded by time, not by the number of changes: about one commit per
+    # max delay during the storm, plus the last one.  Not exactly: when the
+    # changer stalls for more than the quiet time (2 ms, a loaded machine),
+    # that burst is committed early and the next starts its own max delay
+    # (seen: 76 commits in 1.48 s, against 74 + 2).
+    assert 2 <= made <= 1.2 * elapsed / MAX_DELAY + 2, (made, elapsed)
     print(f"1,000 flaps, in force after {elapsed * 1000:.0f} ms: {made} commits", file=sys.stderr)
     assert lan_networks(lab.host_ns) == expected
 
