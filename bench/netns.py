@@ -33,7 +33,7 @@ from typing import Any
 from bench.daemon import POLICY, percentile
 from tailsfw import nsrules, policy, verify
 from tailsfw.nft import Nft
-from tailsfw.nspolicy import Namespace
+from tests.lab.appns import restore_times
 from tests.lab.command import run
 from tests.lab.daemon_process import run_daemon
 from tests.lab.names import BENCH_NS, temp_prefix
@@ -41,7 +41,6 @@ from tests.lab.netns import delete_namespace, in_netns, scratch_namespace
 
 ROUNDS = 25
 TAMPERINGS = 25
-FLUSH = {"nftables": [{"flush": {"ruleset": None}}]}
 NAME = "clearnet"
 ROUTE_LOCALNET = "/proc/sys/net/ipv4/conf/all/route_localnet"
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
@@ -66,22 +65,6 @@ def until(check: Callable[[], bool], what: str, timeout: float = 5.0) -> float:
             raise RuntimeError(f"{what}: not within {timeout} s")
         time.sleep(0.0002)
     return time.monotonic()
-
-
-def restore_times(guest: str, ns: Namespace) -> list[float]:
-    wanted = nsrules.guest_ruleset(ns)
-
-    def inside() -> list[float]:
-        nft, times = Nft(), []
-        for i in range(TAMPERINGS):
-            start = time.monotonic()
-            nft.apply(FLUSH)
-            back = until(lambda: not verify.differences(nft.list_ruleset(), wanted), f"restore {i}")
-            times.append((back - start) * 1000)
-            time.sleep(0.02)
-        return times
-
-    return in_netns(guest, inside)
 
 
 def ready_times(host: str) -> tuple[list[float], list[float]]:
@@ -116,7 +99,7 @@ def ready_times(host: str) -> tuple[list[float], list[float]]:
                             wrong = verify.differences(listing, nsrules.guest_ruleset(ns))
                             if wrong:
                                 raise RuntimeError(f"the guest ruleset differs: {wrong}")
-                            restores = restore_times(guest, ns)
+                            restores = restore_times(guest, ns, [0.02] * TAMPERINGS)
                     finally:
                         delete_namespace(guest)
                     until(lambda: reads(forward, b"0"), "ip_forward back to 0")

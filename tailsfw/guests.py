@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import nsrules
-from .guestwatch import GuestWatch, committer, guest_socket, past_own_commit
+from .guestwatch import GuestWatch, past_own_commit, subscribed
 from .netnsfiles import NetnsId, entered, in_threads
 from .nft import Nft
 from .nsrules import Guest
@@ -48,21 +48,28 @@ class GuestError(RuntimeError):
 def put_in_force(path: Path, guest: Guest, follow: bool) -> socket.socket | None:
     """Inside the namespace at `path` (checked to still be `guest`'s), from
     the calling thread: the ruleset, then the settings; and, if `follow`, a
-    socket that holds what others commit there after our commit."""
+    socket that holds what others commit there after our commit.  A socket
+    that cannot be had is raised only once the guest side is in force."""
     with entered(path, guest.identity):
-        sock = guest_socket() if follow else None
+        watch, unwatched = None, None
+        if follow:
+            try:
+                watch = subscribed()
+            except OSError as e:
+                unwatched = e
         try:
-            task = committer() if sock is not None else None
             Nft().apply(nsrules.guest_ruleset(guest.ns).document())
-            if sock is not None and task is not None:
-                past_own_commit(sock, task)
             for parts, value in nsrules.GUEST_SETTINGS:
                 PROC_SYS.joinpath(*parts).write_text(value + "\n")
+            if watch is not None:
+                past_own_commit(*watch)
         except BaseException:
-            if sock is not None:
-                sock.close()
+            if watch is not None:
+                watch[0].close()
             raise
-        return sock
+    if unwatched is not None:
+        raise GuestError(f"in force, but not watched: {unwatched}")
+    return watch[0] if watch is not None else None
 
 
 def read_guest(path: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import logging
 import os
 import secrets
 import socket
@@ -31,29 +30,32 @@ from .events import GuestTouched
 from .netnsfiles import NetnsId
 from .nftmonitor import RECV_SIZE, Generation, Transactions, decode, open_socket, own_task
 
-log = logging.getLogger("tailsfwd")
-
 TABLE = "tailsfw"
 # A guest's table is small: room for a few replacements while the loop is busy.
 RCVBUF = 256 * 1024
 
 
-def guest_socket() -> socket.socket:
-    """From a thread inside the guest: a socket for its notifications."""
-    return open_socket(RCVBUF)
+Task = tuple[int, str]  # a committing thread: its id, and the name it took
 
 
-def committer() -> tuple[int, str]:
-    """The calling thread, as the end of its commits will name it: its id,
-    and a name of its own given now.  Both: in a container the kernel names
-    the thread by its id outside, which the thread cannot know."""
-    name = "tfw" + secrets.token_hex(6)  # a task's name holds 15 characters
-    Path("/proc/thread-self/comm").write_text(name)
-    return threading.get_native_id(), name
+def subscribed() -> tuple[socket.socket, Task]:
+    """From the thread inside the guest that is about to commit there: a
+    socket for the guest's notifications, and the thread as the end of its
+    commit will name it: its id, and a name of its own given now (in a
+    container the kernel names the thread by its id outside, which the
+    thread cannot know)."""
+    sock = open_socket(RCVBUF)
+    try:
+        name = "tfw" + secrets.token_hex(6)  # a task's name holds 15 characters
+        Path("/proc/thread-self/comm").write_text(name)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, (threading.get_native_id(), name)
 
 
-def past_own_commit(sock: socket.socket, task: tuple[int, str]) -> None:
-    """Read `sock` up to the end of the transaction `task` (`committer()`)
+def past_own_commit(sock: socket.socket, task: Task) -> None:
+    """Read `sock` up to the end of the transaction `task` (`subscribed()`)
     committed: its notifications are queued before the commit returns, and
     it replaced the table whole, so what came before it is moot."""
     while True:

@@ -400,9 +400,7 @@ class NftMonitor:
                 continue
             delay = self.retry_delay
             try:
-                if self.probe is not None:
-                    transactions.probe = f"{self.table}-probe-{secrets.token_hex(4)}"
-                    self.probe(transactions.probe)
+                self._probe(transactions)
                 yield RulesetTouched(0, "", why)
                 async for event in self._follow(sock, transactions):
                     yield event
@@ -414,6 +412,15 @@ class NftMonitor:
             finally:
                 sock.close()
             transactions.reset()
+
+    def _probe(self, transactions: Transactions) -> None:
+        if self.probe is None:
+            return
+        transactions.probe = f"{self.table}-probe-{secrets.token_hex(4)}"
+        try:
+            self.probe(transactions.probe)
+        except Exception as e:  # never the monitor's end: our own pid still tells ours
+            log.warning("nftmonitor: probe commit failed (%s); own commits known by pid only", e)
 
     def _failed(self, error: str) -> None:
         if error != self.last_error:

@@ -21,17 +21,19 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tailsfw import nsrules, policy, verify
+from tailsfw.nft import Nft
 from tailsfw.nspolicy import GUEST_VETH, Namespace
 from tailsfw.sysctl import sysctl_name
 from tests.lab.command import netns_exec, run
 from tests.lab.names import LAB_NS
-from tests.lab.netns import delete_if_present
+from tests.lab.netns import delete_if_present, in_netns
 from tests.lab.topology import HOST_V4, Lab, ProbeResult, endpoint, stop_process, wait_ready
 from tests.lab.wait import wait_for
 
@@ -103,6 +105,32 @@ def wait_guest(
     """Until tailsfwd has put `ns`'s guest ruleset in force, exactly."""
     wait_for(lambda: guest_differences(ns, inside) == [], timeout, 0.01,
              what=f"the guest ruleset of {ns.name} ({' '.join(inside)})", why=why)  # fmt: skip
+
+
+FLUSH = {"nftables": [{"flush": {"ruleset": None}}]}
+
+
+def restore_times(
+    netns: str, ns: Namespace, pauses: Sequence[float], timeout: float = 5.0
+) -> list[float]:
+    """From one thread inside `netns`: after each pause, its ruleset flushed
+    (another process's doing, for tailsfwd) and timed, in ms, until `ns`'s
+    guest table is back whole (listed through one libnftables context about
+    every millisecond)."""
+    wanted = nsrules.guest_ruleset(ns)
+
+    def inside() -> list[float]:
+        nft, times = Nft(), []
+        for i, pause in enumerate(pauses):
+            time.sleep(pause)
+            start = time.monotonic()
+            nft.apply(FLUSH)
+            wait_for(lambda: not verify.differences(nft.list_ruleset(), wanted), timeout, 0.001,
+                     what=f"the guest ruleset back after flush {i}")  # fmt: skip
+            times.append((time.monotonic() - start) * 1000)
+        return times
+
+    return in_netns(netns, inside)
 
 
 @dataclass

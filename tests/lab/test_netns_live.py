@@ -19,19 +19,24 @@ from typing import Any
 
 import pytest
 
-from tailsfw import nsrules, policy, service, summary, verify
+from tailsfw import policy, service, summary
 from tailsfw.events import NamespacesPresent
 from tailsfw.netnsfiles import NETNS_DIR, NetnsId
 from tailsfw.netnswatch import NetnsWatch
-from tailsfw.nft import Nft
-from tailsfw.nspolicy import Namespace
 from tests.lab import policies
-from tests.lab.appns import GUEST_PORT, AppNamespaces, guest_differences, netns_prefix, wait_guest
+from tests.lab.appns import (
+    GUEST_PORT,
+    AppNamespaces,
+    guest_differences,
+    netns_prefix,
+    restore_times,
+    wait_guest,
+)
 from tests.lab.bus import PrivateBus, private_system_bus
 from tests.lab.command import AS_NOBODY, netns_exec, run, tailsfwctl_in
 from tests.lab.daemon_process import DaemonProcess, run_daemon
 from tests.lab.kernel import remove_tailsfw_tables
-from tests.lab.netns import delete_namespace, in_netns
+from tests.lab.netns import delete_namespace
 from tests.lab.topology import Lab
 from tests.lab.wait import wait_for
 
@@ -94,24 +99,6 @@ def test_a_namespace_made_again_gets_its_rules_again(lab: Lab, daemon: DaemonPro
             subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
 
 
-def flushed_as_soon_as_back(netns: str, ns: Namespace, rounds: int = 30) -> int:
-    """From a thread inside `netns`: its ruleset flushed again 0-9 ms after
-    each time tailsfwd has put it back (even while it still writes the
-    settings), each back within 2 s; how many flushes."""
-    wanted = nsrules.guest_ruleset(ns)
-
-    def inside() -> int:
-        nft = Nft()
-        for i in range(rounds):
-            time.sleep(0.003 * (i % 4))
-            nft.apply({"nftables": [{"flush": {"ruleset": None}}]})
-            wait_for(lambda: not verify.differences(nft.list_ruleset(), wanted), 2.0, 0.001,
-                     what=f"the guest ruleset back after flush {i}")  # fmt: skip
-        return rounds
-
-    return in_netns(netns, inside)
-
-
 def test_a_guest_ruleset_changed_by_another_process_is_put_back(
     lab: Lab, daemon: DaemonProcess
 ) -> None:
@@ -134,7 +121,8 @@ def test_a_guest_ruleset_changed_by_another_process_is_put_back(
         run([*inside, "nft", "delete", "rule", "ip", "tailsfw", chain, "handle", str(handle)])
         wait_guest(tbb, inside, timeout=2.0)
         assert daemon.log().count("namespace tbb: ruleset changed by another process") == 2
-        flushes = flushed_as_soon_as_back(netns, tbb)
+        # Flushed again 0-9 ms after each restore (even while it still writes the settings).
+        flushes = len(restore_times(netns, tbb, [0.003 * (i % 4) for i in range(30)], 2.0))
         time.sleep(0.5)  # a loop on our own commits would show by now (warnings are summarised)
         daemon.wait_status(lambda s: s["counters"]["guest_tamperings"] == 2 + flushes)
     finally:
