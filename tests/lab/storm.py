@@ -81,6 +81,20 @@ def settled_at(namespace: str, clock: CommitClock, expected: set[Net], limit: fl
     )
 
 
+def right_at(namespace: str, clock: CommitClock, expected: set[Net], limit: float) -> float | None:
+    """The time of the first commit after which the (collapsed) LAN set is
+    `expected`; None if none came within `limit` seconds.  Commits the storm
+    still causes may come first (seen in CI: one 0.2 s after a pause)."""
+    deadline = time.monotonic() + limit
+    while (left := deadline - time.monotonic()) > 0:
+        at = clock.next(left)
+        if at is None:
+            return None
+        if collapsed(lan_networks(namespace)) == expected:
+            return at
+    return None
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
