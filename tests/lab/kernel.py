@@ -84,12 +84,22 @@ def reset_host(
     try:
         yield
     finally:
+        abort_connections(namespace)
         remove_tailsfw_tables(namespace)
         # `all` first: writing it also writes every interface.
         order = sorted(before, key=lambda n: (".all." not in n, n))
         ns_run(namespace, ["sysctl", "-q", *(f"{n}={before[n]}" for n in order)])
         if restore is not None:
             restore()
+
+
+def abort_connections(*namespaces: str) -> None:
+    """Test hygiene, while the rules are still in force: aborts every TCP
+    connection left in the namespaces.  A flow whose rights a test took away
+    is left retransmitting for minutes (both ends in FIN-WAIT-1, seen after
+    test_flowcut), and would reach the peer's counter once the rules go."""
+    for namespace in namespaces:
+        ns_run(namespace, ["ss", "-K", "-tH", "state", "connected"])
 
 
 def remove_tailsfw_tables(namespace: str) -> None:
@@ -109,7 +119,10 @@ def lab_host_put_back(lab: Lab) -> Iterator[None]:
     """On exit, the lab's host as the other lab tests expect it: no
     ruleset, its sysctls as on entry, IPv6 on."""
     with reset_host(lab.host_ns, LAB_HOST_SYSCTLS, restore=lambda: restore_lab_ipv6(lab)):
-        yield
+        try:
+            yield
+        finally:
+            abort_connections(lab.peer_ns)  # its ends answer too, once the rules go
 
 
 class Changer:
